@@ -1,0 +1,143 @@
+"""The project's checkpoint directory format.
+
+A checkpoint is a directory::
+
+    config.json         {"format": "hrm-checkpoint", "format_version": 1,
+                         "model": {ModelConfig fields}, "meta": {free-form: tokenizer, step, ...}}
+    model.safetensors   the model's state dict (parameters and the z_L_init buffer)
+    ema.safetensors     optional: the parameter EMA, same keys
+    ...                 optional extra files (training writes its optimizer/loader state)
+
+Directories are written atomically: everything goes into a temporary sibling that is
+renamed into place at the end, so a reader never sees a half-written checkpoint and a
+kill at any moment leaves the previous one intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from hrm.config import ModelConfig
+from hrm.errors import CheckpointError, HrmError
+
+FORMAT = "hrm-checkpoint"
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+EMA_FILE = "ema.safetensors"
+
+
+def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+
+
+def write_dir_atomically(path: str | os.PathLike, fill: Callable[[Path], None], *, overwrite: bool = False) -> Path:
+    """Create directory ``path`` by calling ``fill(tmp_dir)`` and renaming ``tmp_dir`` into place.
+
+    An existing ``path`` is an error unless ``overwrite``; then it is replaced only after
+    the new directory is complete.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite and (not path.is_dir() or any(path.iterdir())):
+        raise CheckpointError(f"{path} already exists and is not empty; refusing to overwrite it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        fill(tmp)
+        old = None
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def save_checkpoint(path: str | os.PathLike, config: ModelConfig, state_dict: dict[str, torch.Tensor], *,
+                    ema_state_dict: dict[str, torch.Tensor] | None = None, meta: dict[str, Any] | None = None,
+                    extra: Callable[[Path], None] | None = None, overwrite: bool = False) -> Path:
+    """Write a checkpoint directory atomically; ``extra(tmp_dir)`` may add more files."""
+
+    def fill(tmp: Path) -> None:
+        doc = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": config.to_dict(), "meta": meta or {}}
+        (tmp / CONFIG_FILE).write_text(json.dumps(doc, indent=2) + "\n")
+        save_file(_contiguous(state_dict), str(tmp / WEIGHTS_FILE))
+        if ema_state_dict is not None:
+            save_file(_contiguous(ema_state_dict), str(tmp / EMA_FILE))
+        if extra is not None:
+            extra(tmp)
+
+    return write_dir_atomically(path, fill, overwrite=overwrite)
+
+
+def read_config(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, Any]]:
+    """``(config, meta)`` of the checkpoint directory ``path``."""
+    file = Path(path) / CONFIG_FILE
+    if not file.is_file():
+        raise CheckpointError(f"{path} is not an hrm checkpoint: {CONFIG_FILE} is missing")
+    try:
+        doc = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise CheckpointError(f"{file}: not an hrm checkpoint config (expected \"format\": \"{FORMAT}\")")
+    if doc.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{file}: unsupported format_version {doc.get('format_version')!r}")
+    try:
+        config = ModelConfig.from_dict(doc["model"])
+    except (TypeError, KeyError) as e:
+        raise CheckpointError(f"{file}: bad model config ({e})") from None
+    except HrmError as e:
+        raise CheckpointError(f"{file}: {e}") from None
+    return config, doc.get("meta", {})
+
+
+def check_state_dict(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], where: str) -> None:
+    """Raise :class:`CheckpointError` unless ``state`` has exactly ``expected``'s keys and shapes."""
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing:
+        raise CheckpointError(f"{where}: missing tensor(s) {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
+    if unexpected:
+        raise CheckpointError(f"{where}: unexpected tensor(s) {', '.join(unexpected[:3])}"
+                              f"{' ...' if len(unexpected) > 3 else ''}")
+    for key, ref in expected.items():
+        if tuple(state[key].shape) != tuple(ref.shape):
+            raise CheckpointError(f"{where}: tensor {key!r} has shape {tuple(state[key].shape)} but the config "
+                                  f"expects {tuple(ref.shape)}")
+
+
+def load_state(path: str | os.PathLike, *, ema: bool = False) -> dict[str, torch.Tensor]:
+    file = Path(path) / (EMA_FILE if ema else WEIGHTS_FILE)
+    if not file.is_file():
+        raise CheckpointError(f"{path}: {file.name} is missing")
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{file}: cannot read safetensors ({e})") from None
+
+
+def load_model(path: str | os.PathLike, *, ema: bool = False, backend: str | None = "torch",
+               dtype: torch.dtype = torch.float32):
+    """Build the model a checkpoint describes and load its (or its EMA's) weights."""
+    from hrm.model import HRMText
+
+    config, _ = read_config(path)
+    model = HRMText(config, backend=backend).to(dtype)
+    state = load_state(path, ema=ema)
+    check_state_dict(state, model.state_dict(), str(path))
+    model.load_state_dict(state)
+    return model

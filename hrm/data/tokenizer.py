@@ -1,0 +1,153 @@
+"""Tokenizers: the built-in byte tokenizer and a wrapper around Hugging Face ``tokenizers``.
+
+Every tokenizer exposes the same interface (:class:`Tokenizer`): plain ``encode`` /
+``decode`` plus the framing used by the training objective, where an instruction is
+``[boi] + tokens + [eoi]`` and a response is ``tokens + [eoa]``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol, Sequence
+
+from hrm.errors import DataError
+
+#: Names of the special tokens an :class:`HFTokenizer` looks up (or adds) in its vocab.
+HF_SPECIAL_TOKENS = {"pad": "<|pad|>", "boi": "<|boi|>", "eoi": "<|eoi|>", "eoa": "<|eoa|>"}
+
+
+class Tokenizer(Protocol):
+    """What the data pipeline needs from a tokenizer."""
+
+    pad_id: int
+    boi_id: int
+    eoi_id: int
+    eoa_id: int
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    @property
+    def spec(self) -> str: ...
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+    def encode_instruction(self, text: str) -> list[int]: ...
+
+    def encode_response(self, text: str) -> list[int]: ...
+
+
+def _utf8(text: str) -> bytes:
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataError(f"text is not encodable as UTF-8 ({e.reason} at character {e.start})") from None
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens.
+
+    Ids ``0..255`` are the bytes; ``256`` pad, ``257`` begin of instruction, ``258`` end of
+    instruction, ``259`` end of answer; ``vocab_size`` is 260.
+    """
+
+    pad_id = 256
+    boi_id = 257
+    eoi_id = 258
+    eoa_id = 259
+
+    @property
+    def vocab_size(self) -> int:
+        return 260
+
+    @property
+    def spec(self) -> str:
+        return "byte"
+
+    def encode(self, text: str) -> list[int]:
+        """The UTF-8 bytes of ``text``, no special tokens."""
+        return list(_utf8(text))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text from byte ids; special ids are dropped, invalid UTF-8 becomes U+FFFD."""
+        return bytes(int(i) for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
+
+    def encode_instruction(self, text: str) -> list[int]:
+        """``[boi] + encode(text) + [eoi]``."""
+        return [self.boi_id, *self.encode(text), self.eoi_id]
+
+    def encode_response(self, text: str) -> list[int]:
+        """``encode(text) + [eoa]``."""
+        return [*self.encode(text), self.eoa_id]
+
+    def __repr__(self) -> str:
+        return "ByteTokenizer()"
+
+
+class HFTokenizer:
+    """A Hugging Face ``tokenizer.json`` with the pipeline's special tokens.
+
+    The tokens named in :data:`HF_SPECIAL_TOKENS` are looked up in the vocab and added as
+    special tokens when absent, so ``vocab_size`` (including added tokens) may exceed the
+    file's own vocab.
+    """
+
+    def __init__(self, path: str | Path):
+        try:
+            from tokenizers import AddedToken, Tokenizer as _HFTokenizer
+        except ImportError:
+            raise DataError("the Hugging Face tokenizer needs the 'tokenizers' package: "
+                            "pip install tokenizers") from None
+        self._path = str(path)
+        if not Path(path).is_file():
+            raise DataError(f"{path}: tokenizer file not found")
+        try:
+            self._tok = _HFTokenizer.from_file(self._path)
+        except Exception as e:  # tokenizers raises a bare Exception on malformed files
+            raise DataError(f"{path}: cannot load tokenizer: {str(e).splitlines()[0]}") from None
+        missing = [name for name in HF_SPECIAL_TOKENS.values() if self._tok.token_to_id(name) is None]
+        if missing:
+            self._tok.add_special_tokens([AddedToken(name, special=True) for name in missing])
+        ids = {key: self._tok.token_to_id(name) for key, name in HF_SPECIAL_TOKENS.items()}
+        self.pad_id, self.boi_id, self.eoi_id, self.eoa_id = (ids["pad"], ids["boi"], ids["eoi"],
+                                                              ids["eoa"])
+        self._special = frozenset(ids.values())
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def spec(self) -> str:
+        return self._path
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` without any template or special tokens."""
+        _utf8(text)  # the same error as the byte tokenizer for unencodable text
+        return list(self._tok.encode(text, add_special_tokens=False).ids)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text from ids; the pipeline's special ids (and other special tokens) are dropped."""
+        return self._tok.decode([int(i) for i in ids if i not in self._special], skip_special_tokens=True)
+
+    def encode_instruction(self, text: str) -> list[int]:
+        """``[boi] + encode(text) + [eoi]``."""
+        return [self.boi_id, *self.encode(text), self.eoi_id]
+
+    def encode_response(self, text: str) -> list[int]:
+        """``encode(text) + [eoa]``."""
+        return [*self.encode(text), self.eoa_id]
+
+    def __repr__(self) -> str:
+        return f"HFTokenizer({self._path!r})"
+
+
+def load_tokenizer(spec: str) -> ByteTokenizer | HFTokenizer:
+    """``"byte"`` gives a :class:`ByteTokenizer`; anything else is a path to a ``tokenizer.json``."""
+    if spec == "byte":
+        return ByteTokenizer()
+    if not Path(spec).is_file():
+        raise DataError(f"{spec}: tokenizer file not found (use 'byte' or a path to tokenizer.json)")
+    return HFTokenizer(spec)
