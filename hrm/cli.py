@@ -1,0 +1,47 @@
+"""The ``hrm`` command line (also ``python -m hrm``).
+
+Each feature area adds its own subcommands through a ``register(subparsers)`` function
+(``hrm.training.commands``, ``hrm.inference_commands``, ``hrm.interop.commands``);
+this module only wires them and turns user errors (:class:`~hrm.errors.HrmError`) into one
+line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Sequence
+
+from hrm.errors import HrmError
+
+_COMMAND_MODULES = ("hrm.training.commands", "hrm.inference_commands", "hrm.interop.commands")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import importlib
+
+    parser = argparse.ArgumentParser(prog="hrm", description="Train, run and convert HRM-Text models.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log which backends and settings are used")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in _COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except HrmError as e:
+        print(f"hrm {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"hrm {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
