@@ -141,3 +141,25 @@ def load_model(path: str | os.PathLike, *, ema: bool = False, backend: str | Non
     check_state_dict(state, model.state_dict(), str(path))
     model.load_state_dict(state)
     return model
+
+
+LATEST_FILE = "latest"
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """``path`` itself if it is a checkpoint; for a training run directory, its latest checkpoint.
+
+    A run directory keeps ``checkpoints/step_XXXXXXXX/`` and a text file
+    ``checkpoints/latest`` naming the newest complete one.
+    """
+    path = Path(path)
+    if (path / CONFIG_FILE).is_file():
+        return path
+    latest = path / "checkpoints" / LATEST_FILE
+    if latest.is_file():
+        ckpt = latest.parent / latest.read_text().strip()
+        if (ckpt / CONFIG_FILE).is_file():
+            return ckpt
+        raise CheckpointError(f"{latest} names {ckpt.name}, which is not a complete checkpoint")
+    raise CheckpointError(f"{path} is neither a checkpoint (no {CONFIG_FILE}) nor a run directory with "
+                          f"checkpoints/{LATEST_FILE}")

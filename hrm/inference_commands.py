@@ -1,0 +1,94 @@
+"""``hrm generate`` and ``hrm eval``: talk to a checkpoint and measure exact-match."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from hrm.checkpoint import load_model, read_config, resolve_checkpoint
+from hrm.data import load_tokenizer, read_jsonl, task_samples
+from hrm.errors import HrmError
+from hrm.inference import exact_match, generate
+
+_FORMATTER = argparse.ArgumentDefaultsHelpFormatter
+
+
+def _load(path: str, ema: bool, backend: str | None):
+    """``(model, tokenizer, meta)`` of a checkpoint or run directory."""
+    ckpt = resolve_checkpoint(path)
+    _, meta = read_config(ckpt)
+    tokenizer = load_tokenizer(meta.get("tokenizer", "byte"))
+    model = load_model(ckpt, ema=ema, backend=backend).eval()
+    if tokenizer.vocab_size > model.config.padded_vocab_size:
+        raise HrmError(f"{ckpt}: tokenizer has {tokenizer.vocab_size} ids but the model only "
+                       f"{model.config.padded_vocab_size}")
+    return model, tokenizer, meta
+
+
+def _generate(args: argparse.Namespace) -> int:
+    if args.temperature < 0:
+        raise HrmError(f"--temperature must be >= 0, got {args.temperature}")
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        try:
+            prompts += [line.rstrip("\n") for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise HrmError(f"cannot read --prompts-file {args.prompts_file}: {e}") from None
+    if not prompts or any(not p for p in prompts):
+        raise HrmError("give at least one non-empty --prompt (or --prompts-file)")
+    model, tok, _ = _load(args.checkpoint, args.ema, args.backend)
+    generator = torch.Generator().manual_seed(args.seed)
+    answers = generate(model, [tok.encode_instruction(p) for p in prompts], max_new_tokens=args.max_new_tokens,
+                       eos_id=tok.eoa_id, temperature=args.temperature, generator=generator)
+    for prompt, answer in zip(prompts, answers):
+        print(f"{prompt} -> {tok.decode(answer)}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    model, tok, meta = _load(args.checkpoint, args.ema, args.backend)
+    if args.data:
+        samples, _ = read_jsonl(args.data, tok)
+        samples = samples[: args.samples]
+        source = args.data
+    else:
+        task = args.task or meta.get("task")
+        if not task:
+            raise HrmError("the checkpoint does not record a task; pass --task NAME or --data FILE.jsonl")
+        samples = task_samples(task, args.samples, "heldout", tok, seed=args.seed)
+        source = f"task {task} (held-out)"
+    if not samples:
+        raise HrmError(f"no samples to evaluate in {source}")
+    score = exact_match(model, samples, eos_id=tok.eoa_id, batch_size=args.batch_size)
+    print(f"exact-match on {len(samples)} samples of {source}: {score:.4f}")
+    return 0
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="a checkpoint directory, or a training run's --out directory (uses its latest)")
+    p.add_argument("--ema", action="store_true", help="use the EMA weights")
+    p.add_argument("--backend", default="auto", help="kernel backend: auto, torch, compile, cpu, triton, cuda")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    g = sub.add_parser("generate", help="answer instructions with a trained model", formatter_class=_FORMATTER)
+    _common(g)
+    g.add_argument("--prompt", action="append", default=[], help="an instruction (repeat for a batch)")
+    g.add_argument("--prompts-file", help="a text file with one instruction per line")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed")
+    g.set_defaults(func=_generate)
+
+    e = sub.add_parser("eval", help="exact-match of greedy answers on a task or a JSONL file",
+                       formatter_class=_FORMATTER)
+    _common(e)
+    src = e.add_mutually_exclusive_group()
+    src.add_argument("--task", help="a built-in task (its held-out split); default: the task the model was trained on")
+    src.add_argument("--data", help="a JSONL file of {\"instruction\", \"response\"} objects")
+    e.add_argument("--samples", type=int, default=500, help="how many samples to evaluate")
+    e.add_argument("--seed", type=int, default=0, help="seed of the held-out task split")
+    e.add_argument("--batch-size", type=int, default=64)
+    e.set_defaults(func=_eval)

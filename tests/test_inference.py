@@ -1,0 +1,70 @@
+"""KV-cache generation equals full recomputation; sampling; exact-match."""
+
+import pytest
+import torch
+
+from hrm import HRMText, ModelConfig
+from hrm.data import Sample
+from hrm.inference import exact_match, generate, generate_uncached
+
+CONFIGS = [
+    ModelConfig(vocab_size=40, vocab_multiple=8, hidden_size=32, num_heads=2, n_layers=4),
+    ModelConfig(vocab_size=40, vocab_multiple=8, hidden_size=24, num_heads=3, n_layers=2, H_cycles=1, L_cycles=2),
+    ModelConfig(vocab_size=40, vocab_multiple=8, hidden_size=32, num_heads=4, n_layers=3, arch="transformer"),
+]
+PROMPTS = [[1, 5, 7, 9], [2], [3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13]]
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=["hrm", "hrm-1x2", "transformer"])
+def test_kv_cache_generation_equals_recomputation(cfg):
+    torch.manual_seed(1)
+    model = HRMText(cfg).double().eval()
+    eos = 39
+    cached = generate(model, PROMPTS, max_new_tokens=10, eos_id=eos)
+    for prompt, tokens in zip(PROMPTS, cached):
+        assert tokens == generate_uncached(model, prompt, max_new_tokens=10, eos_id=eos)
+
+
+def boost_logits(model, columns):
+    """Make ``columns`` of the LM head's output win every argmax."""
+    def hook(module, inputs, output):
+        output[..., columns] += 1e4
+        return output
+
+    return model.lm_head.register_forward_hook(hook)
+
+
+def test_generation_stops_at_eos_and_never_emits_vocab_padding():
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=10, vocab_multiple=64, hidden_size=16, num_heads=2, n_layers=2)
+    model = HRMText(cfg).eval()
+    with boost_logits(model, slice(10, None)):  # padding rows would win an unmasked argmax
+        out = generate(model, PROMPTS, max_new_tokens=6, eos_id=9)
+    assert all(t < 10 for seq in out for t in seq) and sum(map(len, out)) > 0
+    with boost_logits(model, 9):  # now the end token always wins
+        assert generate(model, PROMPTS, max_new_tokens=6, eos_id=9) == [[], [], []]
+
+
+def test_sampling_is_seeded():
+    model = HRMText(CONFIGS[0]).eval()
+
+    def sample(seed):
+        return generate(model, PROMPTS, max_new_tokens=8, eos_id=39, temperature=1.0,
+                        generator=torch.Generator().manual_seed(seed))
+
+    assert sample(3) == sample(3)
+    assert sample(3) != sample(4)
+
+
+def test_exact_match_counts_whole_answers():
+    torch.manual_seed(0)
+    model = HRMText(CONFIGS[0]).double().eval()
+    prompts = PROMPTS[:2]
+    answers = generate(model, prompts, max_new_tokens=3, eos_id=39)
+    right = [Sample(p, a[:3] + [39]) for p, a in zip(prompts, answers)]
+    # the model never stops within 3 tokens, so the first answer cannot match "a then stop";
+    # the cut answer matches only if the model emitted eos exactly there
+    assert exact_match(model, right, eos_id=39) == 0.0
+    with boost_logits(model, 39):  # always stop at once: the empty answer is right
+        assert exact_match(model, [Sample(p, [39]) for p in prompts], eos_id=39) == 1.0
+        assert exact_match(model, [Sample(prompts[0], [5, 39]), Sample(prompts[1], [39])], eos_id=39) == 0.5
