@@ -128,8 +128,7 @@ def _load_json_object(path: Path) -> dict:
     return obj
 
 
-def _metadata_vocab_size(path: Path) -> int:
-    meta = _load_json_object(path)
+def _metadata_vocab_size(meta: dict, path: Path) -> int:
     info = meta.get("tokenizer_info") or {}
     vocab = info.get("vocab_size") if isinstance(info, dict) else None
     if vocab is None:
@@ -165,16 +164,16 @@ def read_pretokenized(directory: str | Path, epoch: int = 0,
     root = Path(directory)
     if not root.is_dir():
         raise DataError(f"{root}: pre-tokenized dataset directory not found")
+    meta_path = root / "metadata.json"
+    meta = _load_json_object(meta_path)
     if vocab_size is None:
-        vocab_size = _metadata_vocab_size(root / "metadata.json")
-    else:
-        _load_json_object(root / "metadata.json")
+        vocab_size = _metadata_vocab_size(meta, meta_path)
     tokens_path = root / "tokens.npy"
     tokens = _load_int_array(tokens_path)
 
     epoch_dir = root / f"epoch_{epoch}"
     if not epoch_dir.is_dir():
-        have = sorted(p.name for p in root.glob("epoch_*") if p.is_dir())
+        have = sorted((p.name for p in root.glob("epoch_*") if p.is_dir()), key=lambda name: (len(name), name))
         raise DataError(f"{epoch_dir}: epoch directory not found (have: {', '.join(have) or 'none'})")
     index = {name: _load_int_array(epoch_dir / f"{name}.npy").astype(np.int64) for name in _INDEX_FIELDS}
     n = len(index["inst_start"])

@@ -91,7 +91,8 @@ class HFTokenizer:
 
     The tokens named in :data:`HF_SPECIAL_TOKENS` are looked up in the vocab and added as
     special tokens when absent, so ``vocab_size`` (including added tokens) may exceed the
-    file's own vocab.
+    file's own vocab. ``encode`` never produces special ids: a special token's name inside
+    the text is tokenized as ordinary text, as with the byte tokenizer.
     """
 
     def __init__(self, path: str | Path):
@@ -107,6 +108,7 @@ class HFTokenizer:
             self._tok = _HFTokenizer.from_file(self._path)
         except Exception as e:  # tokenizers raises a bare Exception on malformed files
             raise DataError(f"{path}: cannot load tokenizer: {str(e).splitlines()[0]}") from None
+        self._tok.encode_special_tokens = True  # special-token strings in text stay plain text
         missing = [name for name in HF_SPECIAL_TOKENS.values() if self._tok.token_to_id(name) is None]
         if missing:
             self._tok.add_special_tokens([AddedToken(name, special=True) for name in missing])
@@ -130,7 +132,8 @@ class HFTokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text from ids; the pipeline's special ids (and other special tokens) are dropped."""
-        return self._tok.decode([int(i) for i in ids if i not in self._special], skip_special_tokens=True)
+        kept = [int(i) for i in ids]
+        return self._tok.decode([i for i in kept if i not in self._special], skip_special_tokens=True)
 
     def encode_instruction(self, text: str) -> list[int]:
         """``[boi] + encode(text) + [eoi]``."""

@@ -1,0 +1,25 @@
+"""Training data: tokenizers, sources (JSONL, the reference's pre-tokenized layout, the
+built-in synthetic tasks) and packing into fixed-size PrefixLM rows.
+
+Typical use::
+
+    tok = load_tokenizer("byte")
+    samples, stats = read_jsonl("train.jsonl", tok)        # or task_samples(...)
+    loader = PackedLoader(samples, budget=2048, seed=0, pad_id=tok.pad_id, num_rows=world)
+    for step in loader:                                     # endless
+        batch = step[rank]                                  # a PackedBatch
+"""
+
+from hrm.data.packing import IGNORE_INDEX, PackedBatch, PackedLoader, fit_to_budget, multipack, pack_row
+from hrm.data.sample import Sample, encode_pair
+from hrm.data.sources import SourceStats, read_jsonl, read_pretokenized
+from hrm.data.tasks import SPLITS, TASKS, Task, is_heldout, make_task, task_samples
+from hrm.data.tokenizer import HF_SPECIAL_TOKENS, ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer
+
+__all__ = [
+    "IGNORE_INDEX", "PackedBatch", "PackedLoader", "fit_to_budget", "multipack", "pack_row",
+    "Sample", "encode_pair",
+    "SourceStats", "read_jsonl", "read_pretokenized",
+    "SPLITS", "TASKS", "Task", "is_heldout", "make_task", "task_samples",
+    "HF_SPECIAL_TOKENS", "ByteTokenizer", "HFTokenizer", "Tokenizer", "load_tokenizer",
+]
