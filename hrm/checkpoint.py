@@ -83,15 +83,38 @@ def save_checkpoint(path: str | os.PathLike, config: ModelConfig, state_dict: di
     return write_dir_atomically(path, fill, overwrite=overwrite)
 
 
+def read_json(file: Path) -> Any:
+    """The JSON document in ``file``; unreadable JSON raises :class:`CheckpointError`."""
+    try:
+        return json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+
+
+def read_safetensors(file: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """All tensors of one ``.safetensors`` file; a missing or unreadable file raises :class:`CheckpointError`."""
+    if not Path(file).is_file():
+        raise CheckpointError(f"{file}: file not found")
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{file}: cannot read safetensors ({e})") from None
+
+
+def model_shapes(config: ModelConfig) -> dict[str, torch.Tensor]:
+    """The state dict a model of ``config`` has, as meta tensors: expected keys, shapes and dtypes."""
+    from hrm.model import HRMText
+
+    with torch.device("meta"):
+        return HRMText(config).state_dict()
+
+
 def read_config(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, Any]]:
     """``(config, meta)`` of the checkpoint directory ``path``."""
     file = Path(path) / CONFIG_FILE
     if not file.is_file():
         raise CheckpointError(f"{path} is not an hrm checkpoint: {CONFIG_FILE} is missing")
-    try:
-        doc = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+    doc = read_json(file)
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise CheckpointError(f"{file}: not an hrm checkpoint config (expected \"format\": \"{FORMAT}\")")
     if doc.get("format_version") != FORMAT_VERSION:
@@ -121,13 +144,11 @@ def check_state_dict(state: dict[str, torch.Tensor], expected: dict[str, torch.T
 
 
 def load_state(path: str | os.PathLike, *, ema: bool = False) -> dict[str, torch.Tensor]:
+    """The weights (or, with ``ema``, the EMA weights) of checkpoint ``path``."""
     file = Path(path) / (EMA_FILE if ema else WEIGHTS_FILE)
     if not file.is_file():
         raise CheckpointError(f"{path}: {file.name} is missing")
-    try:
-        return load_file(str(file))
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{file}: cannot read safetensors ({e})") from None
+    return read_safetensors(file)
 
 
 def load_model(path: str | os.PathLike, *, ema: bool = False, backend: str | None = "torch",
