@@ -1,0 +1,114 @@
+"""``hrm train``: argument parsing and wiring only (the loop is :func:`hrm.training.loop.train`).
+
+Every option maps to a :class:`~hrm.training.config.TrainConfig` field. Options are
+``None`` unless given, so that ``--resume DIR`` can start from the run's saved config and
+apply only what the command line states (a changed setting that a resumed run may not
+change is an error naming it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from typing import Any
+
+from hrm.config import PRESETS
+from hrm.data import TASKS
+from hrm.training.config import DEFAULT_TASK, TrainConfig, parse_override
+
+_DEFAULTS = TrainConfig()
+_SOURCES = ("task", "data", "pretokenized")
+
+
+def _option(parser: argparse._ActionGroup, field: str, help: str, **kwargs: Any) -> None:
+    """``--field-name`` for TrainConfig ``field``; the help shows the dataclass default."""
+    default = getattr(_DEFAULTS, field)
+    shown = " ".join(map(str, default)) if isinstance(default, tuple) else "none" if default is None else default
+    parser.add_argument("--" + field.replace("_", "-"), dest=field, default=None,
+                        help=f"{help} (default: {shown})", **kwargs)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "train", help="train a model (single process or under torchrun)",
+        description="Train an HRM-Text model. Writes metrics.jsonl, metrics.png and checkpoints to --out; "
+                    "the last line printed is the held-out exact match. Under torchrun every rank takes one "
+                    "packed row per step.")
+    model = p.add_argument_group("model")
+    _option(model, "preset", f"model size: {', '.join(PRESETS)}")
+    model.add_argument("--override", dest="model_overrides", action="append", metavar="FIELD=VALUE",
+                       help="set a ModelConfig field over the preset, e.g. hidden_size=128 (repeatable)")
+    _option(model, "tokenizer", "'byte' or a path to a tokenizer.json")
+    _option(model, "backend", "kernel backend (torch, compile, triton, cuda, auto)")
+
+    data = p.add_argument_group("data (one source; the default is the task " + DEFAULT_TASK + ")")
+    _option(data, "task", f"built-in task: {', '.join(TASKS)}")
+    _option(data, "data", "JSONL file of {\"instruction\", \"response\"} objects", metavar="FILE")
+    _option(data, "pretokenized", "directory in the reference's pre-tokenized layout", metavar="DIR")
+    _option(data, "eval_data", "held-out JSONL file or pre-tokenized directory (a task uses its held-out split)",
+            metavar="PATH")
+    _option(data, "train_samples", "samples drawn from a task", type=int)
+    _option(data, "too_long", "what to do with a sample longer than a row", choices=["skip", "truncate"])
+
+    opt = p.add_argument_group("optimisation")
+    _option(opt, "steps", "optimizer steps", type=int)
+    _option(opt, "batch_tokens", "tokens per packed row (per data-parallel rank)", type=int)
+    _option(opt, "lr", "peak learning rate", type=float)
+    _option(opt, "min_lr_ratio", "final learning rate as a fraction of --lr (cosine decay)", type=float)
+    _option(opt, "warmup_steps", "linear learning-rate warmup steps", type=int)
+    _option(opt, "weight_decay", "decoupled weight decay on matrices", type=float)
+    _option(opt, "betas", "Adam-atan2 betas", type=float, nargs=2, metavar=("B1", "B2"))
+    _option(opt, "ema_decay", "parameter EMA decay (evaluation and export use the EMA)", type=float)
+    _option(opt, "grad_clip", "max gradient norm (0: no clipping)", type=float)
+    _option(opt, "precision", "fp32, or bf16 autocast with fp32 master weights", choices=["fp32", "bf16"])
+    _option(opt, "seed", "seed for initialisation, task data and data order", type=int)
+
+    run = p.add_argument_group("run")
+    _option(run, "out", "output directory", metavar="DIR")
+    _option(run, "log_every", "write a metrics line every N steps", type=int, metavar="N")
+    _option(run, "eval_every", "evaluate on held-out data every N steps (0: only at the end)", type=int,
+            metavar="N")
+    _option(run, "eval_samples", "held-out samples per evaluation", type=int, metavar="N")
+    _option(run, "save_every", "checkpoint every N steps (0: only at the end)", type=int, metavar="N")
+    run.add_argument("--resume", metavar="DIR", default=None,
+                     help="continue the run in DIR from its latest checkpoint (default: start a new run)")
+    p.set_defaults(func=run_train)
+
+
+def build_config(args: argparse.Namespace) -> TrainConfig:
+    """The TrainConfig the arguments describe (on ``--resume``: the saved one, updated)."""
+    from hrm.training.loop import resume_config
+
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+             if getattr(args, f.name, None) is not None}
+    if "model_overrides" in given:
+        given["model_overrides"] = dict(parse_override(text) for text in given["model_overrides"])
+    if any(k in given for k in _SOURCES):
+        given.update({k: None for k in _SOURCES if k not in given})
+    if args.resume is None:
+        return TrainConfig(**given)
+    given.setdefault("out", args.resume)
+    return resume_config(args.resume).replace(**given)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from hrm.training.loop import train
+
+    cfg = build_config(args)
+    result = train(cfg, resume=args.resume)
+    if result["rank"] == 0:
+        print(f"ran {result['steps_run']} steps in {result['seconds']:.0f} s; final loss {result['loss']:.4f}, "
+              f"token accuracy {result['accuracy']:.4f}; checkpoint {result['checkpoint']}; metrics and plot in "
+              f"{cfg.out}")
+        if "eval_exact_match" in result:
+            print(f"held-out exact-match: {result['eval_exact_match']:.4f}")
+        else:
+            print("held-out exact-match: n/a (no held-out data; pass --eval-data)")
+    if result["world_size"] > 1:
+        # gloo can abort in its teardown at interpreter exit; the process group is already destroyed
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+    return 0

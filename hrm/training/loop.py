@@ -1,0 +1,393 @@
+"""The thin training loop: one process, or one process per rank under ``torchrun``.
+
+Each step: take this rank's packed row, ``bp = bp_steps_at(...)``, forward with labels,
+backward, clip, Adam-atan2 step, EMA update; the learning rate follows :func:`lr_at`.
+
+Output directory::
+
+    OUT/train_config.json, model_config.json   the run's TrainConfig and resolved ModelConfig
+    OUT/metrics.jsonl                           see hrm.training.metrics
+    OUT/metrics.png                             loss / accuracy / exact-match against step
+    OUT/checkpoints/step_NNNNNNNN/              hrm checkpoints (model, EMA, config + meta)
+                     .../train_state.pt         optimizer, EMA count, loader, RNG, metric window
+    OUT/checkpoints/latest                      the name of the newest complete checkpoint
+
+A checkpoint is written to a temporary directory and renamed into place, then ``latest``
+is replaced atomically, then all but the newest ``KEEP_CHECKPOINTS`` are deleted: a kill at
+any moment leaves a complete checkpoint. Resuming restores everything the next step
+depends on, so on the CPU a resumed run's losses equal an uninterrupted run's bit for bit.
+
+Data parallel: under ``torchrun`` (``WORLD_SIZE`` > 1) the loop joins the process group
+(NCCL on GPUs, gloo on CPUs), wraps the model in DDP, feeds rank ``r`` row ``r`` of every
+step, divides each rank's loss sum by the mean supervised count of the step's rows and
+lets rank 0 alone write files and progress.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from hrm.checkpoint import LATEST_FILE, check_state_dict, load_state, read_config, resolve_checkpoint, \
+    save_checkpoint
+from hrm.config import bp_steps_at
+from hrm.data import PackedLoader, Sample, load_tokenizer, multipack, pack_row, read_jsonl, read_pretokenized, \
+    task_samples
+from hrm.errors import CheckpointError, ConfigError, HrmError
+from hrm.inference import exact_match
+from hrm.model import HRMText
+from hrm.training.config import RESUMABLE_CHANGES, TrainConfig
+from hrm.training.metrics import MetricsLog, plot_metrics
+from hrm.training.optim import EMA, AdamAtan2, lr_at, param_groups
+
+CHECKPOINTS = "checkpoints"
+TRAIN_STATE = "train_state.pt"
+KEEP_CHECKPOINTS = 2
+
+
+# -- processes -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in the run: its rank, the number of ranks and its device."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed() -> Dist:
+    """Join the process group ``torchrun`` describes (if any) and pick this rank's device."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available()
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return Dist(rank, dist.get_world_size() if dist.is_initialized() else 1, device)
+
+
+def parallelize(model: HRMText, env: Dist) -> torch.nn.Module:
+    """The module the loop runs forward and backward through: ``model`` itself, or wrapped in
+    DDP when there are several ranks. Truncated backprop leaves the embedding without a
+    gradient while ``bp_steps`` is 2, hence ``find_unused_parameters``."""
+    if env.world_size == 1:
+        return model
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[env.device.index] if env.device.type == "cuda" else None, find_unused_parameters=True)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state(legacy=False)
+    np_state["state"]["key"] = np_state["state"]["key"].tolist()  # plain lists load with weights_only
+    state = {"python": random.getstate(), "numpy": np_state, "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np_state = dict(state["numpy"])
+    np_state["state"] = {**np_state["state"], "key": np.array(np_state["state"]["key"], dtype=np.uint32)}
+    np.random.set_state(np_state)
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# -- data ----------------------------------------------------------------------------------
+
+
+def load_samples(cfg: TrainConfig, tokenizer, vocab_size: int) -> tuple[list[Sample], list[Sample], str]:
+    """``(train, heldout, description)``; ``heldout`` is empty when the source has none."""
+    kind, value = cfg.source
+    if kind == "task":
+        train = task_samples(value, cfg.train_samples, "train", tokenizer, seed=cfg.seed)
+        heldout = task_samples(value, cfg.eval_samples, "heldout", tokenizer, seed=cfg.seed)
+        return train, heldout, f"task {value!r}"
+    if kind == "data":
+        train, stats = read_jsonl(value, tokenizer)
+    else:
+        train, stats = read_pretokenized(value, 0, vocab_size)
+    skipped = f", {stats.skipped_empty_response} with an empty response skipped" if stats.skipped_empty_response else ""
+    heldout: list[Sample] = []
+    if cfg.eval_data is not None:
+        heldout, _ = (read_pretokenized(cfg.eval_data, 0, vocab_size) if Path(cfg.eval_data).is_dir()
+                      else read_jsonl(cfg.eval_data, tokenizer))
+        heldout = heldout[:cfg.eval_samples]
+    return train, heldout, f"{value} ({stats.read} records{skipped})"
+
+
+# -- checkpoints ---------------------------------------------------------------------------
+
+
+def latest_checkpoint(out: str | os.PathLike) -> Path | None:
+    """The checkpoint ``OUT/checkpoints/latest`` names, or ``None`` before the first one."""
+    return resolve_checkpoint(out) if (Path(out) / CHECKPOINTS / LATEST_FILE).is_file() else None
+
+
+def resume_config(out: str | os.PathLike) -> TrainConfig:
+    """The TrainConfig of the run in ``out``, from its latest checkpoint."""
+    path = latest_checkpoint(out)
+    if path is None:
+        raise CheckpointError(f"{out}: no checkpoint to resume from ({CHECKPOINTS}/{LATEST_FILE} is missing)")
+    _, meta = read_config(path)
+    if "train_config" not in meta:
+        raise CheckpointError(f"{path}: not a training checkpoint (its meta has no train_config)")
+    return TrainConfig.from_dict(meta["train_config"])
+
+
+def check_resumable(saved: TrainConfig, cfg: TrainConfig) -> None:
+    """ConfigError naming the first setting that a resumed run may not change."""
+    if saved.source != cfg.source:
+        raise ConfigError(f"cannot resume: the data source is --{cfg.source[0]} {cfg.source[1]} but the checkpoint "
+                          f"was trained on --{saved.source[0]} {saved.source[1]}")
+    for f in dataclasses.fields(TrainConfig):
+        old, new = getattr(saved, f.name), getattr(cfg, f.name)
+        if f.name not in RESUMABLE_CHANGES and old != new:
+            raise ConfigError(f"cannot resume: {f.name} is {new!r} but the checkpoint was trained with {old!r}")
+
+
+def write_latest(checkpoints: Path, name: str) -> None:
+    tmp = checkpoints / f".{LATEST_FILE}.tmp-{os.getpid()}"
+    tmp.write_text(name + "\n")
+    os.replace(tmp, checkpoints / LATEST_FILE)
+
+
+def prune_checkpoints(checkpoints: Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` checkpoints and temporaries left by a kill."""
+    for leftover in checkpoints.glob(".step_*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    for old in sorted(checkpoints.glob("step_*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# -- evaluation ----------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def evaluate(model: HRMText, samples: list[Sample], *, budget: int, pad_id: int, eos_id: int) -> dict[str, float]:
+    """Held-out loss and token accuracy (teacher forcing, every recurrence step) and greedy
+    exact match (:func:`hrm.inference.exact_match`), with the model as it is."""
+    device = next(model.parameters()).device
+    fitting = [s for s in samples if s.packed_len <= budget]
+    loss_sum, supervised, correct = 0.0, 0, 0
+    for step in multipack([s.packed_len for s in fitting], budget):
+        batch = pack_row([fitting[i] for i in step[0]], budget, pad_id).to(device)
+        _, m = model(batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.prefix_lens, batch.labels)
+        loss_sum += float(m["loss_sum"])
+        supervised += int(m["num_supervised"])
+        correct += int(m["num_correct"])
+    return {"eval_loss": loss_sum / max(supervised, 1), "eval_accuracy": correct / max(supervised, 1),
+            "eval_exact_match": exact_match(model, samples, eos_id=eos_id)}
+
+
+# -- the loop ------------------------------------------------------------------------------
+
+
+class _Window:
+    """Metric sums since the last logged step (saved in checkpoints so resumed logs match)."""
+
+    KEYS = ("loss_sum", "num_supervised", "num_correct", "num_sequences", "num_exact")
+
+    def __init__(self, sums: dict[str, float] | None = None) -> None:
+        self.sums = dict(sums) if sums else dict.fromkeys(self.KEYS, 0.0)
+
+    def add(self, values: list[float]) -> None:
+        for k, v in zip(self.KEYS, values):
+            self.sums[k] += v
+
+    def summary(self) -> dict[str, float]:
+        s = self.sums
+        return {"loss": s["loss_sum"] / max(s["num_supervised"], 1),
+                "accuracy": s["num_correct"] / max(s["num_supervised"], 1),
+                "exact_accuracy": s["num_exact"] / max(s["num_sequences"], 1)}
+
+
+def train(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Run (or, with ``resume`` = the run's directory, continue) training; see the module docstring.
+
+    Returns, on rank 0, the last metrics line (``step``, ``loss``, ``accuracy``, ...), the
+    final evaluation (``eval_*``, when there is held-out data), ``checkpoint``,
+    ``steps_run``, ``seconds``, ``rank`` and ``world_size``; on other ranks only the last two.
+    """
+    out = Path(cfg.out)
+    ckpt_path = None
+    if resume is not None:
+        if Path(resume).resolve() != out.resolve():
+            raise ConfigError(f"--resume {resume} and --out {cfg.out} must name the same directory")
+        check_resumable(resume_config(out), cfg)
+        ckpt_path = latest_checkpoint(out)
+        if read_config(ckpt_path)[1]["step"] >= cfg.steps:
+            raise HrmError(f"{out}: the run already finished its {cfg.steps} steps; nothing to resume")
+    elif (out / CHECKPOINTS / LATEST_FILE).exists():
+        raise ConfigError(f"{out} already holds a training run; continue it with --resume {out} or pick another --out")
+
+    env = setup_distributed()
+    try:
+        return _train(cfg, out, ckpt_path, env)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _restore(path: Path, model: HRMText, optimizer: AdamAtan2, ema: EMA, loader: PackedLoader,
+             device: torch.device) -> tuple[int, _Window]:
+    """Load a training checkpoint into the run's objects; returns ``(step, metric window)``."""
+    saved_model_cfg, meta = read_config(path)
+    if saved_model_cfg != model.config:
+        field = next(k for k, v in model.config.to_dict().items() if saved_model_cfg.to_dict()[k] != v)
+        raise ConfigError(f"cannot resume: model {field} is {getattr(model.config, field)!r} but the checkpoint "
+                          f"has {getattr(saved_model_cfg, field)!r}")
+    weights = load_state(path)
+    check_state_dict(weights, model.state_dict(), str(path))
+    model.load_state_dict(weights)
+    state = torch.load(path / TRAIN_STATE, map_location=device, weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    ema.load_state_dict({k: v.to(device) for k, v in load_state(path, ema=True).items()}, state["ema_updates"])
+    loader.load_state_dict(state["loader"])
+    set_rng_state(state["rng"])
+    return int(meta["step"]), _Window(state["window"])
+
+
+def _train(cfg: TrainConfig, out: Path, ckpt_path: Path | None, env: Dist) -> dict[str, Any]:
+    seed_everything(cfg.seed)
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    model_cfg = cfg.model_config(tokenizer.vocab_size)
+    train_samples, heldout, described = load_samples(cfg, tokenizer, model_cfg.vocab_size)
+    loader = PackedLoader(train_samples, cfg.batch_tokens, seed=cfg.seed, pad_id=tokenizer.pad_id,
+                          num_rows=env.world_size, too_long=cfg.too_long)
+    model = HRMText(model_cfg, backend=cfg.backend).to(env.device)
+    optimizer = AdamAtan2(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas,
+                          weight_decay=cfg.weight_decay)
+    ema = EMA(model, cfg.ema_decay)
+    start, window = 0, _Window()
+    if ckpt_path is not None:
+        start, window = _restore(ckpt_path, model, optimizer, ema, loader, env.device)
+
+    net = parallelize(model, env)
+
+    log = progress = None
+    if env.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        (out / "model_config.json").write_text(json.dumps(model_cfg.to_dict(), indent=2) + "\n")
+        log = MetricsLog(out / "metrics.jsonl", keep_through=start)
+        print(f"hrm train: {cfg.preset} ({model.num_parameters() / 1e6:.2f}M parameters), {described}: "
+              f"{loader.num_samples} samples in rows of {cfg.batch_tokens} tokens "
+              f"({loader.packing_efficiency:.1%} full, {loader.stats.skipped_too_long} too long), "
+              f"{env.world_size} x {env.device.type}, backend {model.backend}"
+              + (f"; resuming after step {start}" if start else ""), file=sys.stderr)
+        progress = tqdm(total=cfg.steps, initial=start, file=sys.stderr, unit="step", dynamic_ncols=True,
+                        disable=None)
+
+    checkpoints = out / CHECKPOINTS
+
+    def save(step: int) -> None:
+        train_state = {"step": step, "optimizer": optimizer.state_dict(), "ema_updates": ema.num_updates,
+                       "loader": loader.state_dict(), "window": window.sums, "rng": rng_state()}
+        meta = {"step": step, "tokenizer": tokenizer.spec, "task": cfg.task, "train_config": cfg.to_dict()}
+        name = f"step_{step:08d}"
+        save_checkpoint(checkpoints / name, model_cfg, model.state_dict(), ema_state_dict=ema.state_dict(),
+                        meta=meta, extra=lambda tmp: torch.save(train_state, tmp / TRAIN_STATE), overwrite=True)
+        write_latest(checkpoints, name)
+        prune_checkpoints(checkpoints, KEEP_CHECKPOINTS)
+
+    def stop(step: int, what: str) -> None:
+        last = latest_checkpoint(out)
+        raise HrmError(f"non-finite {what} at step {step}; last good checkpoint: {last or 'none (none written yet)'}")
+
+    autocast = torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    begin = timer = time.perf_counter()
+    timer_tokens = 0
+    record: dict[str, Any] = {}
+    last_eval: dict[str, float] = {}
+    for step in range(start, cfg.steps):
+        done = step + 1
+        rows = next(loader)
+        batch = rows[env.rank].to(env.device, non_blocking=True)
+        bp = bp_steps_at(model_cfg, step, cfg.steps)
+        lr = lr_at(step, cfg.steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        divisor = sum(r.num_supervised for r in rows) / env.world_size
+        with autocast:
+            loss, m = net(batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.prefix_lens, batch.labels,
+                          bp_steps=bp, loss_divisor=divisor)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
+        stats = torch.stack([m[k].to(torch.float64) for k in _Window.KEYS]
+                            + [loss.detach().to(torch.float64), grad_norm.to(torch.float64)])
+        if env.world_size > 1:
+            dist.all_reduce(stats)
+        *values, loss_value, grad_norm_sum = stats.tolist()
+        if not math.isfinite(loss_value):
+            stop(done, "loss")
+        if not math.isfinite(grad_norm_sum):
+            stop(done, "gradient norm")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        ema.update()
+
+        if env.is_main:
+            window.add(values)
+            timer_tokens += sum(r.num_tokens for r in rows)
+            if done % cfg.log_every == 0 or done == cfg.steps:
+                now = time.perf_counter()
+                record = {"step": done, **window.summary(), "lr": lr, "bp_steps": bp,
+                          "tokens_per_s": timer_tokens / (now - timer),
+                          "grad_norm": grad_norm_sum / env.world_size, "epoch": loader.epoch}
+                log.write(record)
+                progress.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}", bp=bp,
+                                     refresh=False)
+                window, timer, timer_tokens = _Window(), now, 0
+            progress.update()
+            if heldout and (done == cfg.steps or cfg.eval_every and done % cfg.eval_every == 0):
+                with ema.swapped(model):
+                    last_eval = evaluate(model, heldout, budget=cfg.batch_tokens, pad_id=tokenizer.pad_id,
+                                         eos_id=tokenizer.eoa_id)
+                log.write({"step": done, **last_eval})
+                progress.write(f"step {done}: held-out loss {last_eval['eval_loss']:.4f}, exact-match "
+                               f"{last_eval['eval_exact_match']:.4f} (EMA)", file=sys.stderr)
+        if done == cfg.steps or cfg.save_every and done % cfg.save_every == 0:
+            if env.is_main:
+                save(done)
+            if env.world_size > 1:
+                dist.barrier()
+
+    if not env.is_main:
+        return {"rank": env.rank, "world_size": env.world_size}
+    progress.close()
+    log.close()
+    plot_metrics(out / "metrics.jsonl", out / "metrics.png")
+    return {**record, **last_eval, "checkpoint": str(latest_checkpoint(out)), "steps_run": cfg.steps - start,
+            "seconds": time.perf_counter() - begin, "rank": env.rank, "world_size": env.world_size}

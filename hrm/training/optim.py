@@ -1,0 +1,167 @@
+"""Optimizer, parameter EMA and learning-rate schedule (DESIGN.md, "Optimizer").
+
+* :class:`AdamAtan2`: Adam whose update is ``atan2(m_hat, sqrt(v_hat))`` -- bounded by
+  ``pi/2`` per element and scale invariant, so it needs no epsilon -- with decoupled weight
+  decay. Multi-tensor (``torch._foreach_*``); :func:`adam_atan2_reference` is the same step
+  written per tensor, for reading and for the tests.
+* :class:`EMA`: an exponential moving average of a model's parameters (and a copy of its
+  buffers), in ``model.state_dict()`` key order so it saves as ``ema.safetensors``.
+* :func:`lr_at`: linear warmup, then cosine decay to ``min_lr_ratio * lr``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Iterable, Iterator
+
+import torch
+from torch import nn
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices (``dim >= 2``: projections, embedding, LM head); never 1-d tensors."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+
+
+def adam_atan2_reference(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+                         step: int, *, lr: float, betas: tuple[float, float], weight_decay: float) -> None:
+    """One Adam-atan2 step on one tensor, in place (``step`` counts from 1)::
+
+        m = b1 * m + (1 - b1) * g;        v = b2 * v + (1 - b2) * g**2
+        p = p - lr * wd * p                                   (decoupled weight decay)
+        p = p - lr * atan2(m / (1 - b1**step), sqrt(v / (1 - b2**step)))
+    """
+    beta1, beta2 = betas
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    param.mul_(1 - lr * weight_decay)
+    m_hat = exp_avg / (1 - beta1 ** step)
+    v_hat = exp_avg_sq / (1 - beta2 ** step)
+    param.add_(torch.atan2(m_hat, v_hat.sqrt()), alpha=-lr)
+
+
+class AdamAtan2(torch.optim.Optimizer):
+    """Adam-atan2 with decoupled weight decay, one multi-tensor pass per parameter group.
+
+    The math is :func:`adam_atan2_reference`'s. State per parameter: ``step`` (its own count,
+    for the bias corrections), ``exp_avg``, ``exp_avg_sq``. Parameters without a gradient
+    are left alone, state included.
+    """
+
+    def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.95),
+                 weight_decay: float = 0.1) -> None:
+        if not lr >= 0:
+            raise ValueError(f"lr must be >= 0, got {lr}")
+        if not all(0 <= b < 1 for b in betas):
+            raise ValueError(f"betas must be in [0, 1), got {betas}")
+        if not weight_decay >= 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        super().__init__(params, {"lr": lr, "betas": tuple(betas), "weight_decay": weight_decay})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            lr, (beta1, beta2), wd = group["lr"], group["betas"], group["weight_decay"]
+            states = []
+            for p in params:
+                state = self.state[p]
+                if not state:
+                    state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+                state["step"] += 1
+                states.append(state)
+            grads = [p.grad for p in params]
+            exp_avgs = [s["exp_avg"] for s in states]
+            exp_avg_sqs = [s["exp_avg_sq"] for s in states]
+
+            torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+            torch._foreach_mul_(exp_avg_sqs, beta2)
+            torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+            if wd != 0:
+                torch._foreach_mul_(params, 1 - lr * wd)
+            m_hat = torch._foreach_div(exp_avgs, [1 - beta1 ** s["step"] for s in states])
+            denom = torch._foreach_div(exp_avg_sqs, [1 - beta2 ** s["step"] for s in states])
+            torch._foreach_sqrt_(denom)
+            updates = [torch.atan2(m, d) for m, d in zip(m_hat, denom)]  # torch has no foreach atan2
+            torch._foreach_add_(params, updates, alpha=-lr)
+        return loss
+
+
+class EMA:
+    """Exponential moving average of ``model``'s parameters; buffers are copied as they are.
+
+    ``update()`` after each optimizer step does ``shadow = d * shadow + (1 - d) * param`` with
+    ``d = min(decay, (1 + n) / (10 + n))`` at the ``n``-th update: the warmup keeps a short run
+    from averaging in its random initialisation (with ``decay = 0.9999`` a full-strength
+    average needs tens of thousands of steps). :meth:`state_dict` has the model's keys in the
+    model's order; :meth:`swapped` puts the average into the model for evaluation or export.
+    """
+
+    def __init__(self, model: nn.Module, decay: float = 0.9999) -> None:
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
+        self.decay = decay
+        self.num_updates = 0
+        self.model = model
+        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        param_names = {name for name, _ in model.named_parameters()}
+        self._param_keys = [k for k in self.shadow if k in param_names]
+        self._buffer_keys = [k for k in self.shadow if k not in param_names]
+
+    def current_decay(self) -> float:
+        """The decay the next :meth:`update` uses."""
+        n = self.num_updates
+        return min(self.decay, (1 + n) / (10 + n))
+
+    @torch.no_grad()
+    def update(self) -> None:
+        weight = 1.0 - self.current_decay()
+        state = self.model.state_dict()
+        torch._foreach_lerp_([self.shadow[k] for k in self._param_keys], [state[k] for k in self._param_keys], weight)
+        for k in self._buffer_keys:
+            self.shadow[k].copy_(state[k])
+        self.num_updates += 1
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return dict(self.shadow)
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, torch.Tensor], num_updates: int) -> None:
+        for k, v in self.shadow.items():
+            v.copy_(state[k])
+        self.num_updates = num_updates
+
+    @contextlib.contextmanager
+    def swapped(self, model: nn.Module | None = None) -> Iterator[nn.Module]:
+        """Within the block, ``model`` (default: the tracked one) holds the averaged weights."""
+        model = model if model is not None else self.model
+        backup = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        model.load_state_dict(self.shadow)
+        try:
+            yield model
+        finally:
+            model.load_state_dict(backup)
+
+
+def lr_at(step: int, total_steps: int, lr: float, warmup_steps: int, min_lr_ratio: float = 0.1) -> float:
+    """Learning rate for 0-based ``step``: ``lr * step / warmup_steps`` during warmup, then
+    ``lr * (r + (1 - r) * (1 + cos(pi * progress)) / 2)`` with ``r = min_lr_ratio`` and
+    ``progress`` going from 0 at the end of warmup to 1 at ``total_steps``."""
+    if step < warmup_steps:
+        return lr * step / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+__all__ = ["AdamAtan2", "EMA", "adam_atan2_reference", "lr_at", "param_groups"]
