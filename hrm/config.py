@@ -135,6 +135,26 @@ PRESETS: dict[str, ModelConfig] = {
 }
 
 
+@dataclass(frozen=True)
+class BenchConfig:
+    """A benchmark workload: a model and one packed row of ``tokens`` tokens, about
+    ``supervised_fraction`` of them supervised, trained with ``bp_steps`` truncated-backprop
+    steps (see :func:`hrm.bench.workloads.train_batch`)."""
+
+    model: ModelConfig
+    tokens: int
+    supervised_fraction: float = 0.5
+    bp_steps: int = 5
+    median_seq_len: int = 270  # packed sequence lengths are log-normal around this
+
+
+BENCH_CONFIGS: dict[str, BenchConfig] = {
+    # The train-step benchmark: a 32K vocabulary, where the LM head dominates memory.
+    "bench": BenchConfig(ModelConfig(vocab_size=32000, hidden_size=256, num_heads=4, n_layers=4, max_seq_len=4096),
+                         tokens=4096),
+}
+
+
 def get_preset(name: str, **overrides: Any) -> ModelConfig:
     """The named preset, with ``overrides`` applied (validated)."""
     if name not in PRESETS:
@@ -142,4 +162,4 @@ def get_preset(name: str, **overrides: Any) -> ModelConfig:
     return PRESETS[name].replace(**overrides) if overrides else PRESETS[name]
 
 
-__all__ = ["ModelConfig", "PRESETS", "get_preset", "bp_steps_at", "round_up"]
+__all__ = ["BENCH_CONFIGS", "BenchConfig", "ModelConfig", "PRESETS", "get_preset", "bp_steps_at", "round_up"]

@@ -68,9 +68,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, ctx: Packing, slot: int) -> torch.Tensor:
         T = x.shape[0]
         gqkv = self.gqkv_proj(x).view(T, 4 * self.num_heads, self.head_dim)  # [T, 4*nh, hd]
-        gate, q, k, v = gqkv.split(self.num_heads, dim=1)  # each [T, nh, hd]
-        q = ops.rope(q, ctx.cos, ctx.sin, backend=ctx.backend)
-        k = ops.rope(k, ctx.cos, ctx.sin, backend=ctx.backend)
+        gate, q, k, v = ops.split_rope(gqkv, ctx.cos, ctx.sin, backend=ctx.backend)  # each [T, nh, hd]; q, k rotated
         if ctx.cache is not None:
             o = ctx.cache.attend(slot, q, k, v, gate)
         else:
@@ -89,7 +87,12 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm block: ``x += Attn(rms(x)); x += MLP(rms(x))``."""
+    """Pre-norm block: ``x += Attn(rms(x)); x += MLP(rms(x))``.
+
+    Every add is fused with the norm that follows it, so the block takes the residual
+    stream with its norm ``n = rms(x)`` and leaves its last add pending: it returns
+    ``(x + Attn(n), MLP(rms(x + Attn(n))))`` and the caller adds the second part.
+    """
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -97,9 +100,9 @@ class Block(nn.Module):
         self.attn = Attention(config)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, ctx: Packing, slot: int) -> torch.Tensor:
-        x = x + self.attn(ops.rms_norm(x, self.eps, backend=ctx.backend), ctx, slot)
-        return x + self.mlp(ops.rms_norm(x, self.eps, backend=ctx.backend), ctx)
+    def forward(self, x: torch.Tensor, n: torch.Tensor, ctx: Packing, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, n = ops.add_rms_norm(self.attn(n, ctx, slot), x, self.eps, backend=ctx.backend)
+        return x, self.mlp(n, ctx)
 
 
 class Stack(nn.Module):
@@ -111,10 +114,21 @@ class Stack(nn.Module):
         self.layers = nn.ModuleList(Block(config) for _ in range(config.layers_per_stack))
 
     def forward(self, x: torch.Tensor, ctx: Packing, call: int) -> torch.Tensor:
-        """``call`` numbers the stack invocations of one forward; it names KV-cache slots."""
+        """``rms(blocks(x))``; ``call`` numbers the stack invocations of one forward (it names
+        KV-cache slots)."""
+        x, delta = self.run(x, ops.rms_norm(x, self.eps, backend=ctx.backend), ctx, call)
+        return ops.add_rms_norm(delta, x, self.eps, backend=ctx.backend)[1]
+
+    def run(self, x: torch.Tensor, n: torch.Tensor, ctx: Packing, call: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The blocks on the residual stream ``x`` with ``n = rms(x)``. Returns ``(x, delta)``:
+        the stream before the last block's MLP add, and that MLP's output. The caller fuses
+        ``rms(x + delta)`` (the exit norm) with whatever comes next."""
+        delta = None
         for i, layer in enumerate(self.layers):
-            x = layer(x, ctx, call * len(self.layers) + i)
-        return ops.rms_norm(x, self.eps, backend=ctx.backend)
+            if delta is not None:
+                x, n = ops.add_rms_norm(delta, x, self.eps, backend=ctx.backend)
+            x, delta = layer(x, n, ctx, call * len(self.layers) + i)
+        return x, delta
 
 
 def grad_steps(config: ModelConfig, bp_steps: int | None) -> tuple[int, int]:
@@ -185,21 +199,40 @@ class HRMText(nn.Module):
     def _recurrence(self, x: torch.Tensor, ctx: Packing, bp_steps: int | None) -> torch.Tensor:
         """``for h: (repeat L: z_L = L(z_L + z_H)); z_H = H(z_H + z_L)`` with truncated backprop:
         only the last ``L_bp`` L-steps and last ``H_bp`` H-steps (counted over the whole
-        forward) run with gradients."""
-        cfg = self.config
+        forward) run with gradients; the others run forward-only under no-grad.
+
+        Each seam between two stack calls is one fused MagicNorm transition: the finished
+        stack's last residual add and exit norm, the next injection add and the next
+        block's pre-norm. A transition runs with gradients when either side does; the new
+        state is cut from the graph when its own step had none, the next input when the
+        next step has none.
+        """
+        cfg, eps, backend = self.config, self.config.norm_eps, ctx.backend
         h_bp, l_bp = grad_steps(cfg, bp_steps)
         grad = torch.is_grad_enabled()
-        z_H, z_L = x, self.z_L_init.to(x.dtype)  # z_L broadcasts over tokens until the first step
-        call = 0
+        steps: list[tuple[str, bool]] = []  # (level, runs with gradients), in call order
         for h in range(cfg.H_cycles):
-            for l in range(cfg.L_cycles):
-                with torch.set_grad_enabled(grad and h * cfg.L_cycles + l >= cfg.H_cycles * cfg.L_cycles - l_bp):
-                    z_L = self.L_level(z_L + z_H, ctx, call)
-                call += 1
-            with torch.set_grad_enabled(grad and h >= cfg.H_cycles - h_bp):
-                z_H = self.H_level(z_H + z_L, ctx, call)
-            call += 1
-        return z_H
+            steps += [("L", grad and h * cfg.L_cycles + l >= cfg.H_cycles * cfg.L_cycles - l_bp)
+                      for l in range(cfg.L_cycles)]
+            steps.append(("H", grad and h >= cfg.H_cycles - h_bp))
+        z = {"H": x, "L": self.z_L_init.to(x.dtype).expand_as(x)}  # z_L broadcasts over tokens
+        with torch.set_grad_enabled(steps[0][1]):
+            u, n = ops.add_rms_norm(z["L"], z["H"], eps, backend=backend)  # first injection and pre-norm
+        for call, (level, with_grad) in enumerate(steps):
+            stack = self.L_level if level == "L" else self.H_level
+            with torch.set_grad_enabled(with_grad):
+                x, delta = stack.run(u, n, ctx, call)
+            if call == len(steps) - 1:
+                break
+            next_grad = steps[call + 1][1]
+            other = z["H" if level == "L" else "L"]
+            with torch.set_grad_enabled(with_grad or next_grad):
+                new, u, n = ops.magicnorm_transition(x, delta, other, eps, backend=backend)
+            z[level] = new if with_grad else new.detach()
+            if not next_grad:
+                u, n = u.detach(), n.detach()
+        with torch.set_grad_enabled(steps[-1][1]):
+            return ops.add_rms_norm(delta, x, eps, backend=backend)[1]  # the last H step's exit norm: z_H
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cu_seqlens: torch.Tensor,
                 prefix_lens: torch.Tensor, labels: torch.Tensor | None = None, *, bp_steps: int | None = None,
@@ -211,26 +244,27 @@ class HRMText(nn.Module):
 
     def loss(self, z: torch.Tensor, labels: torch.Tensor, cu_seqlens: torch.Tensor,
              loss_divisor: torch.Tensor | float | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Response-only loss: the LM head runs on supervised rows only."""
-        rows = (labels != IGNORE_INDEX).nonzero().squeeze(1)  # [S]
-        targets = labels[rows]
-        logits = self.lm_head(z[rows])  # [S, V]
-        loss_sum = ops.cross_entropy(logits, targets, reduction="sum", backend=self.backend)
-        count = rows.numel()
-        divisor = loss_divisor if loss_divisor is not None else max(count, 1)
+        """Response-only loss: the LM head runs on supervised rows only (fused with the
+        cross-entropy, in token chunks, on the fused backends)."""
+        loss_sum, pred = ops.linear_cross_entropy(z, self.lm_head.weight, labels, backend=self.backend)
+        supervised = labels != IGNORE_INDEX  # [T]
+        count = supervised.sum()
+        divisor = loss_divisor if loss_divisor is not None else count.clamp(min=1)
         with torch.no_grad():
-            correct = logits.argmax(-1) == targets
-            seq = torch.searchsorted(cu_seqlens[1:].to(rows.dtype), rows, right=True)  # sequence of each row
+            correct = supervised & (pred == labels)
             n_seq = cu_seqlens.numel() - 1
-            supervised = torch.zeros(n_seq, dtype=torch.long, device=z.device).index_add_(0, seq, torch.ones_like(seq))
-            right = torch.zeros_like(supervised).index_add_(0, seq, correct.long())
-            has = supervised > 0
+            positions = torch.arange(labels.numel(), device=z.device)
+            seq = torch.searchsorted(cu_seqlens[1:].to(positions.dtype), positions, right=True)  # padding: n_seq
+            per_seq = torch.zeros(n_seq + 1, dtype=torch.long, device=z.device)
+            sup_per_seq = per_seq.index_add(0, seq, supervised.long())[:n_seq]
+            right_per_seq = per_seq.index_add(0, seq, correct.long())[:n_seq]
+            has = sup_per_seq > 0
             metrics = {
                 "loss_sum": loss_sum.detach().float(),
-                "num_supervised": torch.tensor(count, device=z.device),
+                "num_supervised": count,
                 "num_correct": correct.sum(),
                 "num_sequences": has.sum(),
-                "num_exact": ((right == supervised) & has).sum(),
+                "num_exact": ((right_per_seq == sup_per_seq) & has).sum(),
             }
         return loss_sum / divisor, metrics
 

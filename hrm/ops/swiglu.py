@@ -1,19 +1,192 @@
-"""SwiGLU on the fused ``[gate | up]`` projection output: ``silu(gate) * up``."""
+"""SwiGLU on the fused ``[gate | up]`` projection output.
+
+For ``gate_up = [g | u]`` (each half ``I`` wide) and ``s = sigmoid(g)``:
+
+    y  = silu(g) * u = g * s * u
+    dg = dy * u * s * (1 + g * (1 - s))
+    du = dy * g * s
+
+computed in fp32 and stored in the input dtype. Only ``gate_up`` is saved for backward;
+``silu(g)`` is recomputed there rather than stored.
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
+from hrm.ops.common import (TRITON_TYPES, cdiv, compiled, gpu_tiles, jit, needs_grad, next_pow2, pointers, rows_2d,
+                             rows_per_program, tl, whole_tensor_tiles)
 from hrm.ops.dispatch import get_impl, register
+from hrm.ops.rmsnorm import compute_dtype
 
 
 @register("swiglu", "torch")
-def swiglu_reference(gate_up: torch.Tensor) -> torch.Tensor:
+def swiglu_reference(gate_up: Tensor) -> Tensor:
     """``gate_up``: ``[..., 2I]`` laid out ``[gate | up]``; returns ``[..., I]``."""
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
 
 
-def swiglu(gate_up: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
+# -- Triton kernels ------------------------------------------------------------------------
+@jit
+def _swiglu_fwd_kernel(GU, Y, n_rows, n_cols, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+    """``y = g * sigmoid(g) * u`` for a tile of rows ``[g | u]`` (``2 * n_cols`` wide); fp32 math."""
+    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    cols = tl.program_id(1) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    gate_offs = rows[:, None].to(tl.int64) * (2 * n_cols) + cols[None, :]
+    g = tl.load(GU + gate_offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(GU + gate_offs + n_cols, mask=mask, other=0.0).to(tl.float32)
+    y = g * tl.sigmoid(g) * u
+    tl.store(Y + rows[:, None].to(tl.int64) * n_cols + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+
+
+@jit
+def _swiglu_bwd_kernel(GU, DY, DGU, n_rows, n_cols, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+    """``dg = dy * u * s * (1 + g * (1 - s))``, ``du = dy * g * s`` with ``s = sigmoid(g)``
+    recomputed from the saved input; writes ``[dg | du]``."""
+    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    cols = tl.program_id(1) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    gate_offs = rows[:, None].to(tl.int64) * (2 * n_cols) + cols[None, :]
+    g = tl.load(GU + gate_offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(GU + gate_offs + n_cols, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(DY + rows[:, None].to(tl.int64) * n_cols + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    s = tl.sigmoid(g)
+    dg = dy * u * s * (1.0 + g * (1.0 - s))
+    du = dy * g * s
+    tl.store(DGU + gate_offs, dg.to(DGU.dtype.element_ty), mask=mask)
+    tl.store(DGU + gate_offs + n_cols, du.to(DGU.dtype.element_ty), mask=mask)
+
+
+# Columns per program on a GPU; the interpreter takes whole rows (see hrm.ops.common).
+_BLOCK_COLS_GPU = 1024
+
+
+def _tiles(n_rows: int, n_cols: int) -> tuple[tuple[int, int], int, int, int]:
+    block_cols = next_pow2(n_cols) if whole_tensor_tiles() else min(next_pow2(n_cols), _BLOCK_COLS_GPU)
+    block_rows = rows_per_program(n_rows, block_cols)
+    num_warps = min(8, max(4, block_rows * block_cols // 512))
+    return (cdiv(n_rows, block_rows), cdiv(n_cols, block_cols)), block_rows, block_cols, num_warps
+
+
+# -- launchers -----------------------------------------------------------------------------
+def swiglu_forward(gate_up: Tensor) -> Tensor:
+    gu = rows_2d(gate_up)
+    n_rows, n_cols = gu.shape[0], gu.shape[1] // 2
+    y = gu.new_empty(n_rows, n_cols)
+    if n_rows:
+        grid, block_rows, block_cols, num_warps = _tiles(n_rows, n_cols)
+        _swiglu_fwd_kernel[grid](gu, y, n_rows, n_cols, BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols,
+                                 num_warps=num_warps)
+    return y.view(*gate_up.shape[:-1], n_cols)
+
+
+def swiglu_backward(gate_up: Tensor, dy: Tensor) -> Tensor:
+    gu, dy2 = rows_2d(gate_up), rows_2d(dy)
+    n_rows, n_cols = dy2.shape
+    dgu = torch.empty_like(gu)
+    if n_rows:
+        grid, block_rows, block_cols, num_warps = _tiles(n_rows, n_cols)
+        _swiglu_bwd_kernel[grid](gu, dy2, dgu, n_rows, n_cols, BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols,
+                                 num_warps=num_warps)
+    return dgu.view(gate_up.shape)
+
+
+# -- custom ops (the triton backend) ------------------------------------------------------
+@torch.library.custom_op("hrm::swiglu", mutates_args=())
+def _swiglu_op(gate_up: Tensor) -> Tensor:
+    return swiglu_forward(gate_up)
+
+
+@_swiglu_op.register_fake
+def _(gate_up):
+    return gate_up.new_empty(*gate_up.shape[:-1], gate_up.shape[-1] // 2)
+
+
+@torch.library.custom_op("hrm::swiglu_backward", mutates_args=())
+def _swiglu_backward_op(gate_up: Tensor, dy: Tensor) -> Tensor:
+    return swiglu_backward(gate_up, dy)
+
+
+@_swiglu_backward_op.register_fake
+def _(gate_up, dy):
+    return gate_up.new_empty(gate_up.shape)
+
+
+def _swiglu_setup(ctx, inputs, output) -> None:
+    ctx.save_for_backward(inputs[0])
+
+
+def _swiglu_op_backward(ctx, dy):
+    (gate_up,) = ctx.saved_tensors
+    return _swiglu_backward_op(gate_up, dy)
+
+
+_swiglu_op.register_autograd(_swiglu_op_backward, setup_context=_swiglu_setup)
+
+
+@register("swiglu", "triton")
+def swiglu_triton(gate_up: Tensor) -> Tensor:
+    return _swiglu_op(gate_up)
+
+
+def aot_specs(intermediate_size: int, dtype: torch.dtype, rows: int = 8192) -> list:
+    """Both kernels at the tiles the launchers pick on a GPU, as :class:`hrm.ops.aot.KernelSpec` s."""
+    from hrm.ops.aot import KernelSpec
+
+    with gpu_tiles():
+        _, block_rows, block_cols, num_warps = _tiles(rows, intermediate_size)
+    tiles = {"BLOCK_ROWS": block_rows, "BLOCK_COLS": block_cols}
+    sizes = {"n_rows": "i32", "n_cols": "i32"}
+    aligned_cols = ("n_cols",) if intermediate_size % 16 == 0 else ()
+    tag, where = f"I={intermediate_size} {TRITON_TYPES[dtype]}", f"{__name__}:"
+    return [KernelSpec(f"swiglu_fwd {tag}", where + "_swiglu_fwd_kernel", {**pointers(dtype, "GU", "Y"), **sizes},
+                       tiles, num_warps, 1, ("GU", "Y", *aligned_cols)),
+            KernelSpec(f"swiglu_bwd {tag}", where + "_swiglu_bwd_kernel",
+                       {**pointers(dtype, "GU", "DY", "DGU"), **sizes}, tiles, num_warps, 1,
+                       ("GU", "DY", "DGU", *aligned_cols))]
+
+
+# -- compile backend -----------------------------------------------------------------------
+def _swiglu_forward_math(gate_up: Tensor) -> Tensor:
+    g, u = gate_up.to(compute_dtype(gate_up.dtype)).chunk(2, dim=-1)
+    return (F.silu(g) * u).to(gate_up.dtype)
+
+
+def _swiglu_backward_math(gate_up: Tensor, dy: Tensor) -> Tensor:
+    dt = compute_dtype(gate_up.dtype)
+    g, u = gate_up.to(dt).chunk(2, dim=-1)
+    dy = dy.to(dt)
+    s = torch.sigmoid(g)
+    return torch.cat([dy * u * s * (1 + g * (1 - s)), dy * g * s], dim=-1).to(gate_up.dtype)
+
+
+_swiglu_fwd_compiled = compiled(_swiglu_forward_math)
+_swiglu_bwd_compiled = compiled(_swiglu_backward_math)
+
+
+class _SwiGLUCompiled(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate_up: Tensor) -> Tensor:
+        ctx.save_for_backward(gate_up)
+        return _swiglu_fwd_compiled(gate_up)
+
+    @staticmethod
+    def backward(ctx, dy: Tensor) -> Tensor:
+        (gate_up,) = ctx.saved_tensors
+        return _swiglu_bwd_compiled(gate_up, dy)
+
+
+@register("swiglu", "compile")
+def swiglu_compile(gate_up: Tensor) -> Tensor:
+    gu = gate_up.reshape(-1, gate_up.shape[-1])  # one compiled graph for every rank
+    y = _SwiGLUCompiled.apply(gu) if needs_grad(gate_up) else _swiglu_fwd_compiled(gu)
+    return y.view(*gate_up.shape[:-1], y.shape[-1])
+
+
+def swiglu(gate_up: Tensor, *, backend: str | None = None) -> Tensor:
+    """``silu(gate) * up`` for ``gate_up = [gate | up]`` on the last dimension."""
     return get_impl("swiglu", backend)(gate_up)

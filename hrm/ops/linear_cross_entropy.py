@@ -1,0 +1,258 @@
+"""Response-only fused linear cross-entropy: the LM head and its loss without ``[T, V]`` logits.
+
+For hidden states ``z [T, d]``, head weight ``W [V, d]`` and ``labels [T]`` (``-100`` =
+not supervised), over the supervised rows ``S = {t : labels[t] != -100}``:
+
+    logits_t = W z_t                       (in z's dtype, as the LM head computes it)
+    loss     = sum_{t in S} lse(logits_t) - logits_t[labels_t]      (fp32; fp64 for fp64)
+    pred_t   = argmax logits_t (first maximum) for t in S, -100 elsewhere
+
+The supervised rows are gathered and processed in chunks of ``chunk_rows`` tokens: one
+``[chunk, V]`` logits buffer at a time, never ``[T, V]`` (nor ``[S, V]``). Gradients are
+computed in the forward (the loss is a scalar, so its backward only scales them):
+``g_t = softmax(logits_t) - onehot(labels_t)``, ``dz_t = g_t W`` (rows outside ``S`` get
+0) and ``dW = sum_t g_t^T z_t`` (accumulated in fp32 for low-precision weights). Saved for
+backward: ``dz`` and ``dW``; the backward returns them times the loss gradient.
+
+Backends: ``torch`` (the reference: ``F.linear`` on the supervised rows then
+:func:`~hrm.ops.cross_entropy.cross_entropy_reference`; materialises ``[S, V]``),
+``compile`` (the chunk loop below with each chunk's softmax/loss compiled by inductor),
+``triton`` (the same loop with the chunk's loss, argmax and gradient in one Triton kernel
+that overwrites the logits with their gradient: an online log-sum-exp over vocabulary
+blocks, then a second pass for the gradient). Matmuls go to the BLAS/cuBLAS of the device.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from hrm.ops.common import (TRITON_TYPES, compiled, gpu_tiles, jit, needs_grad, next_pow2, pointers, tile_elems, tl,
+                             whole_tensor_tiles)
+from hrm.ops.cross_entropy import IGNORE_INDEX, cross_entropy_reference
+from hrm.ops.dispatch import get_impl, register
+from hrm.ops.rmsnorm import compute_dtype
+
+# fp32 bytes of one chunk's logits: bounds the op's working memory (32 MiB = 256 tokens of a
+# 32K vocabulary); chunks are a power of two, at least 16 tokens.
+LOGITS_CHUNK_BYTES = 32 << 20
+
+
+def default_chunk_rows(vocab: int) -> int:
+    rows = max(LOGITS_CHUNK_BYTES // (4 * vocab), 16)
+    return 1 << (rows.bit_length() - 1)
+
+
+@register("linear_cross_entropy", "torch")
+def linear_cross_entropy_reference(z: Tensor, weight: Tensor, labels: Tensor,
+                                   chunk_rows: int | None = None) -> tuple[Tensor, Tensor]:
+    """``(loss_sum, pred)``; ``chunk_rows`` is ignored: the reference has no chunks."""
+    rows = (labels != IGNORE_INDEX).nonzero().squeeze(1)  # [S]
+    logits = F.linear(z[rows], weight)  # [S, V]
+    loss = cross_entropy_reference(logits, labels[rows], "sum")
+    pred = torch.full_like(labels, IGNORE_INDEX).index_copy(0, rows, logits.detach().argmax(-1).to(labels.dtype))
+    return loss, pred
+
+
+# -- Triton kernel -------------------------------------------------------------------------
+@jit
+def _ce_chunk_kernel(LOGITS, TARGETS, LOSS, PRED, n_rows, n_cols,
+                     WRITE_GRAD: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_V: tl.constexpr):
+    """For a tile of rows of ``[n_rows, n_cols]`` logits: one pass over vocabulary blocks keeps
+    the running max ``m``, ``s = sum exp(l - m)`` and the first argmax; then
+    ``loss = m + log(s) - l[target]``. With WRITE_GRAD (a constexpr: evaluation compiles
+    without the second pass) the logits are overwritten with ``softmax(l) - onehot(target)``."""
+    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    row_ok = rows < n_rows
+    base = LOGITS + rows.to(tl.int64)[:, None] * n_cols
+    m = tl.full((BLOCK_ROWS,), float("-inf"), dtype=tl.float32)
+    s = tl.zeros((BLOCK_ROWS,), dtype=tl.float32)
+    best = tl.zeros((BLOCK_ROWS,), dtype=tl.int32)
+    for start in range(0, n_cols, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        mask = row_ok[:, None] & (cols[None, :] < n_cols)
+        x = tl.load(base + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
+        block_max = tl.max(x, axis=1)
+        block_arg = tl.min(tl.where(x == block_max[:, None], cols[None, :], n_cols), axis=1)
+        best = tl.where(block_max > m, block_arg, best)
+        m_new = tl.where(row_ok, tl.maximum(m, block_max), 0.0)
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, None]), axis=1)
+        m = m_new
+    lse = m + tl.log(tl.where(row_ok, s, 1.0))  # padding rows of the tile: keep them finite
+    target = tl.load(TARGETS + rows, mask=row_ok, other=0)
+    x_target = tl.load(LOGITS + rows.to(tl.int64) * n_cols + target, mask=row_ok, other=0.0).to(tl.float32)
+    tl.store(LOSS + rows, lse - x_target, mask=row_ok)
+    tl.store(PRED + rows, best.to(PRED.dtype.element_ty), mask=row_ok)
+    if WRITE_GRAD:
+        for start in range(0, n_cols, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            mask = row_ok[:, None] & (cols[None, :] < n_cols)
+            x = tl.load(base + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            g = tl.exp(x - lse[:, None]) - tl.where(cols[None, :] == target[:, None], 1.0, 0.0)
+            tl.store(base + cols[None, :], g.to(LOGITS.dtype.element_ty), mask=mask)
+
+
+# Vocabulary block per row on a GPU (one row per program); the interpreter takes as many
+# rows and columns per program as fit 2**18 elements (see hrm.ops.common).
+_BLOCK_V_GPU = 4096
+
+
+def _ce_tiles(n_rows: int, n_cols: int) -> tuple[tuple[int], int, int, int]:
+    if whole_tensor_tiles():
+        block_rows = next_pow2(n_rows)
+        block_v = max(16, min(next_pow2(n_cols), tile_elems() // block_rows))
+        return (1,), block_rows, block_v, 4
+    block_v = min(next_pow2(n_cols), _BLOCK_V_GPU)
+    return (n_rows,), 1, block_v, 8
+
+
+def ce_chunk_forward(logits: Tensor, targets: Tensor, write_grad: bool, *,
+                     block_v: int | None = None) -> tuple[Tensor, Tensor]:
+    """Per-row ``(loss fp32, argmax)`` of contiguous ``logits [C, V]``; with ``write_grad``
+    the logits now hold ``softmax - onehot``. ``block_v`` overrides the vocabulary block."""
+    n_rows, n_cols = logits.shape
+    loss = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
+    pred = torch.empty(n_rows, dtype=targets.dtype, device=logits.device)
+    if n_rows:
+        grid, block_rows, bv, num_warps = _ce_tiles(n_rows, n_cols)
+        _ce_chunk_kernel[grid](logits, targets.contiguous(), loss, pred, n_rows, n_cols, WRITE_GRAD=write_grad,
+                               BLOCK_ROWS=block_rows, BLOCK_V=block_v or bv, num_warps=num_warps)
+    return loss, pred
+
+
+def _ce_chunk_triton(logits: Tensor, targets: Tensor, with_grad: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    loss, pred = ce_chunk_forward(logits, targets, with_grad)
+    return loss, pred, (logits if with_grad else None)
+
+
+def aot_specs(vocab: int, dtype: torch.dtype) -> list:
+    """The chunk kernel (with and without the gradient pass) at the tiles the launcher picks on
+    a GPU, as :class:`hrm.ops.aot.KernelSpec` s."""
+    from hrm.ops.aot import KernelSpec
+
+    with gpu_tiles():
+        _, block_rows, block_v, num_warps = _ce_tiles(default_chunk_rows(vocab), vocab)
+    sig = {**pointers(dtype, "LOGITS"), "TARGETS": "*i64", **pointers(torch.float32, "LOSS"), "PRED": "*i64",
+           "n_rows": "i32", "n_cols": "i32"}
+    aligned = ("LOGITS", "TARGETS", "LOSS", "PRED", *(("n_cols",) if vocab % 16 == 0 else ()))
+    return [KernelSpec(f"ce_chunk{'+grad' if grad else ''} V={vocab} {TRITON_TYPES[dtype]}",
+                       f"{__name__}:_ce_chunk_kernel", sig,
+                       {"WRITE_GRAD": grad, "BLOCK_ROWS": block_rows, "BLOCK_V": block_v}, num_warps, 1, aligned)
+            for grad in (False, True)]
+
+
+# -- compile backend: the chunk's loss and gradient in torch, compiled by inductor ---------
+def _ce_chunk_math(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    lf = logits.to(compute_dtype(logits.dtype))
+    loss = torch.logsumexp(lf, -1) - lf.gather(1, targets[:, None]).squeeze(1)
+    return loss, lf.argmax(-1)
+
+
+def _ce_chunk_grad_math(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    lf = logits.to(compute_dtype(logits.dtype))
+    lse = torch.logsumexp(lf, -1)
+    loss = lse - lf.gather(1, targets[:, None]).squeeze(1)
+    onehot = torch.arange(lf.shape[1], device=lf.device)[None, :] == targets[:, None]
+    grad = torch.exp(lf - lse[:, None]) - onehot.to(lf.dtype)
+    return loss, lf.argmax(-1), grad.to(logits.dtype)
+
+
+_ce_chunk_compiled = compiled(_ce_chunk_math)
+_ce_chunk_grad_compiled = compiled(_ce_chunk_grad_math)
+
+
+def _ce_chunk_compile(logits: Tensor, targets: Tensor, with_grad: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    if with_grad:
+        return _ce_chunk_grad_compiled(logits, targets)
+    return (*_ce_chunk_compiled(logits, targets), None)
+
+
+# -- the chunk loop (both fused backends) ----------------------------------------------------
+ChunkCE = Callable[[Tensor, Tensor, bool], tuple[Tensor, Tensor, "Tensor | None"]]
+
+
+def linear_cross_entropy_chunked(z: Tensor, weight: Tensor, labels: Tensor, chunk_rows: int, ce_chunk: ChunkCE,
+                                 with_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(loss_sum, pred, dz, dW)`` (the gradients are empty without ``with_grad``);
+    ``ce_chunk(logits, targets, with_grad) -> (loss_rows, pred_rows, dlogits)``."""
+    rows = (labels != IGNORE_INDEX).nonzero().squeeze(1)  # [S]
+    loss = torch.zeros((), dtype=compute_dtype(z.dtype), device=z.device)
+    pred = torch.full(labels.shape, IGNORE_INDEX, dtype=labels.dtype, device=labels.device)
+    dz = torch.zeros(z.shape, dtype=z.dtype, device=z.device) if with_grad else z.new_empty(0)
+    dw = torch.zeros(weight.shape, dtype=compute_dtype(weight.dtype), device=weight.device) if with_grad \
+        else weight.new_empty(0)
+    for start in range(0, rows.numel(), chunk_rows):
+        r = rows[start:start + chunk_rows]
+        x = z[r]  # [C, d]
+        logits = x @ weight.t()  # [C, V]
+        loss_rows, pred_rows, g = ce_chunk(logits, labels[r], with_grad)
+        loss += loss_rows.sum()
+        pred[r] = pred_rows.to(pred.dtype)
+        if with_grad:
+            g = g.to(z.dtype)
+            dz[r] = g @ weight  # [C, d]
+            if dw.dtype == g.dtype:
+                dw.addmm_(g.t(), x)
+            else:
+                dw += (g.t() @ x).to(dw.dtype)
+    return loss, pred, dz, (dw.to(weight.dtype) if with_grad else dw)
+
+
+def _define_op(name: str, ce_chunk: ChunkCE):
+    """The chunk loop as a ``torch.library`` custom op (opaque to ``torch.compile``, so that its
+    data-dependent row selection does not break graphs) with its fake and autograd."""
+
+    @torch.library.custom_op(f"hrm::{name}", mutates_args=())
+    def op(z: Tensor, weight: Tensor, labels: Tensor, chunk_rows: int,
+           with_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return linear_cross_entropy_chunked(z, weight, labels, chunk_rows, ce_chunk, with_grad)
+
+    @op.register_fake
+    def _(z, weight, labels, chunk_rows, with_grad):
+        loss = z.new_empty((), dtype=compute_dtype(z.dtype))
+        if not with_grad:
+            return loss, labels.new_empty(labels.shape), z.new_empty(0), weight.new_empty(0)
+        return loss, labels.new_empty(labels.shape), z.new_empty(z.shape), weight.new_empty(weight.shape)
+
+    def setup_context(ctx, inputs, output) -> None:
+        _, pred, dz, dw = output
+        ctx.mark_non_differentiable(pred, dz, dw)
+        ctx.save_for_backward(dz, dw)
+
+    def backward(ctx, dloss, _dpred, _ddz, _ddw):
+        dz, dw = ctx.saved_tensors
+        return dloss * dz, dloss * dw, None, None, None
+
+    op.register_autograd(backward, setup_context=setup_context)
+    return op
+
+
+_lce_compile_op = _define_op("linear_cross_entropy_compile", _ce_chunk_compile)
+_lce_triton_op = _define_op("linear_cross_entropy_triton", _ce_chunk_triton)
+
+
+@register("linear_cross_entropy", "compile")
+def linear_cross_entropy_compile(z: Tensor, weight: Tensor, labels: Tensor,
+                                 chunk_rows: int | None = None) -> tuple[Tensor, Tensor]:
+    loss, pred, _, _ = _lce_compile_op(z, weight, labels, chunk_rows or default_chunk_rows(weight.shape[0]),
+                                       needs_grad(z, weight))
+    return loss, pred
+
+
+@register("linear_cross_entropy", "triton")
+def linear_cross_entropy_triton(z: Tensor, weight: Tensor, labels: Tensor,
+                                chunk_rows: int | None = None) -> tuple[Tensor, Tensor]:
+    loss, pred, _, _ = _lce_triton_op(z, weight, labels, chunk_rows or default_chunk_rows(weight.shape[0]),
+                                      needs_grad(z, weight))
+    return loss, pred
+
+
+def linear_cross_entropy(z: Tensor, weight: Tensor, labels: Tensor, *, chunk_rows: int | None = None,
+                         backend: str | None = None) -> tuple[Tensor, Tensor]:
+    """``(loss_sum, pred)`` of the LM head ``weight [V, d]`` on the supervised rows of
+    ``z [T, d]`` (``labels [T]``, ``-100`` = ignore): the summed cross-entropy and the
+    argmax prediction per row (``-100`` on unsupervised rows)."""
+    return get_impl("linear_cross_entropy", backend)(z, weight, labels, chunk_rows)

@@ -1,0 +1,280 @@
+"""Fused ops (``compile``, ``triton`` under the interpreter) against an fp64 evaluation of
+their ``torch`` references: every output and every input gradient.
+
+Tolerance rule (flash-attention's): a backend's error against the fp64 oracle may be at
+most ``2 x`` the error of the ``torch`` reference run in the same dtype, plus a floor of
+``FLOOR[dtype] * max(1, |oracle|)``. Shapes are odd on purpose: hidden sizes that are not
+powers of two, row counts that are not multiples of any tile, vocabularies that are not
+multiples of the vocabulary block or the token chunk, rows with no supervised token.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hrm import ops
+from hrm.ops import common
+from hrm.ops.linear_cross_entropy import ce_chunk_forward
+from hrm.ops.rope import rope_cos_sin
+
+FLOOR = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+K_REF = 2.0
+# The interpreter mishandles bf16 arithmetic, so triton runs fp32 and fp16; the compile
+# backend runs fp32 and bf16 (the dtype the model trains in). Every shape runs in fp32;
+# the low-precision cases take the first shape of each test (each new dtype costs the
+# compile backend one inductor compilation per function).
+CASES = [("compile", torch.float32), ("triton", torch.float32)]
+LOW_PRECISION = [("compile", torch.bfloat16), ("triton", torch.float16)]
+FUSED = ["compile", "triton"]
+
+
+def cases(shapes):
+    """``(backend, dtype, shape)``: every shape in fp32, the first one in low precision too."""
+    runs = [(b, dt, s) for s in shapes for b, dt in CASES] + [(b, dt, shapes[0]) for b, dt in LOW_PRECISION]
+    return [pytest.param(b, dt, s, id=f"{b}-{str(dt)[6:]}-{'x'.join(map(str, s))}") for b, dt, s in runs]
+
+
+def _cast(args, dtype, grad):
+    """Copies of the float tensors of ``args`` in ``dtype`` (leaves requiring grad when ``grad``)."""
+    out = []
+    for a in args:
+        if isinstance(a, torch.Tensor) and a.is_floating_point():
+            a = a.detach().to(dtype).requires_grad_(grad and a.requires_grad)
+        out.append(a)
+    return out
+
+
+def _run(fn, args, backend, dtype, upstream):
+    """Outputs of ``fn(*args, backend=...)`` in ``dtype`` and the gradients of its float outputs,
+    weighted by ``upstream``, with respect to every input that requires grad."""
+    xs = _cast(args, dtype, grad=True)
+    out = fn(*xs, backend=backend)
+    out = out if isinstance(out, tuple) else (out,)
+    leaves = [x for x in xs if isinstance(x, torch.Tensor) and x.requires_grad]
+    pairs = [(o, u) for o, u in zip(out, upstream) if u is not None]
+    grads = torch.autograd.grad([o for o, _ in pairs], leaves, [u.to(o.dtype) for o, u in pairs])
+    return [o.detach() for o in out], list(grads)
+
+
+def check_against_oracle(fn, args, backend, dtype):
+    """``args``: fp64 tensors (``requires_grad`` marks the differentiable inputs) and others."""
+    oracle_out = fn(*_cast(args, torch.float64, grad=False), backend="torch")
+    oracle_out = oracle_out if isinstance(oracle_out, tuple) else (oracle_out,)
+    g = torch.Generator().manual_seed(1)
+    upstream = [torch.randn(o.shape, dtype=torch.float64, generator=g) if o.is_floating_point() else None
+                for o in oracle_out]
+    oracle = _run(fn, args, "torch", torch.float64, upstream)
+    ref = _run(fn, args, "torch", dtype, upstream)
+    got = _run(fn, args, backend, dtype, upstream)
+    for kind in (0, 1):  # outputs, then gradients
+        for i, (o, r, x) in enumerate(zip(oracle[kind], ref[kind], got[kind])):
+            what = f"{'output' if kind == 0 else 'gradient'} {i} ({backend}, {dtype})"
+            assert x.shape == o.shape and x.dtype == r.dtype, what
+            if not o.is_floating_point():  # argmax: the same logits give the same index
+                assert torch.equal(x, r), what
+                continue
+            err = (x.double() - o).abs().max().item() if o.numel() else 0.0
+            ref_err = (r.double() - o).abs().max().item() if o.numel() else 0.0
+            bound = K_REF * ref_err + FLOOR[dtype] * max(1.0, o.abs().max().item() if o.numel() else 0.0)
+            assert err <= bound, f"{what}: error {err:.3g} > {bound:.3g} (reference in {dtype}: {ref_err:.3g})"
+
+
+def randn(*shape, scale=1.0, grad=True):
+    return (torch.randn(*shape, dtype=torch.float64) * scale).requires_grad_(grad)
+
+
+# -- RMSNorm, residual add + RMSNorm, MagicNorm transition -----------------------------------
+NORM_SHAPES = [(37, 24), (2, 65, 100), (3, 123)]
+
+
+@pytest.mark.parametrize("backend,dtype,shape", cases(NORM_SHAPES))
+def test_rms_norm(backend, dtype, shape):
+    check_against_oracle(lambda x, backend: ops.rms_norm(x, 1e-6, backend=backend), [randn(*shape, scale=3)],
+                         backend, dtype)
+
+
+@pytest.mark.parametrize("backend,dtype,shape", cases(NORM_SHAPES))
+def test_add_rms_norm(backend, dtype, shape):
+    check_against_oracle(lambda x, r, backend: ops.add_rms_norm(x, r, 1e-6, backend=backend),
+                         [randn(*shape), randn(*shape, scale=2)], backend, dtype)
+
+
+@pytest.mark.parametrize("backend,dtype,shape", cases(NORM_SHAPES))
+def test_magicnorm_transition(backend, dtype, shape):
+    check_against_oracle(lambda x, d, o, backend: ops.magicnorm_transition(x, d, o, 1e-6, backend=backend),
+                         [randn(*shape, scale=2), randn(*shape), randn(*shape)], backend, dtype)
+
+
+def test_magicnorm_transition_with_outputs_that_get_no_gradient():
+    """After a grad step followed by a no-grad step only ``z`` carries a gradient (``u``, ``n``
+    are cut); the fused backward must then skip the missing ones."""
+    x, d, o = randn(19, 40), randn(19, 40), randn(19, 40)
+    z_ref = ops.magicnorm_transition(x, d, o, backend="torch")[0]
+    want = torch.autograd.grad(z_ref.sum(), (x, d, o), allow_unused=True)
+    for backend in FUSED:
+        xs = _cast([x, d, o], torch.float32, grad=True)
+        z = ops.magicnorm_transition(*xs, backend=backend)[0]
+        got = torch.autograd.grad(z.sum(), xs)
+        torch.testing.assert_close(got[0].double(), want[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got[1].double(), want[1], rtol=1e-5, atol=1e-5)
+        assert torch.all(got[2] == 0)
+
+
+# -- SwiGLU ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend,dtype,shape", cases([(37, 2 * 40), (2, 9, 2 * 123)]))
+def test_swiglu(backend, dtype, shape):
+    check_against_oracle(lambda gu, backend: ops.swiglu(gu, backend=backend), [randn(*shape, scale=2)],
+                         backend, dtype)
+
+
+# -- RoPE on the fused [gate | q | k | v] projection -------------------------------------------
+def _positions(lengths):
+    return torch.cat([torch.arange(n) for n in lengths])
+
+
+@pytest.mark.parametrize("backend,dtype,shape", cases([(37, 3, 8, False), (23, 2, 6, False), (17, 2, 10, True)]))
+def test_split_rope(backend, dtype, shape):
+    T, H, hd, general = shape
+    if general:  # arbitrary cos/sin halves: the kernels must not assume the duplicated-frequency layout
+        cos, sin = torch.rand(T, hd) * 2 - 1, torch.rand(T, hd) * 2 - 1
+    else:  # positions restart per packed sequence
+        cos, sin = rope_cos_sin(_positions([5, 1, T - 6]), hd, 10000.0)
+    check_against_oracle(lambda gqkv, backend: ops.split_rope(gqkv, cos, sin, backend=backend),
+                         [randn(T, 4 * H, hd)], backend, dtype)
+
+
+# -- response-only linear cross-entropy -------------------------------------------------------
+def _labels(T, V, every=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, V, (T,), generator=g)
+    labels[::every] = -100
+    return labels
+
+
+def _lce(labels, chunk_rows):
+    return lambda z, w, backend: ops.linear_cross_entropy(z, w, labels, chunk_rows=chunk_rows, backend=backend)
+
+
+@pytest.mark.parametrize("backend,dtype,shape", cases([(37, 24, 300, 8), (50, 40, 1000, 7)]))
+def test_linear_cross_entropy(backend, dtype, shape):
+    T, d, V, chunk = shape
+    check_against_oracle(_lce(_labels(T, V), chunk), [randn(T, d), randn(V, d, scale=0.3)], backend, dtype)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_linear_cross_entropy_without_supervised_rows(backend):
+    z, w = randn(11, 24), randn(260, 24)
+    labels = torch.full((11,), -100)
+    check_against_oracle(_lce(labels, 4), [z, w], backend, torch.float32)
+    loss, pred = ops.linear_cross_entropy(z.float(), w.float(), labels, backend=backend)
+    assert loss.item() == 0 and torch.all(pred == -100)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_linear_cross_entropy_default_chunks_and_no_grad(backend):
+    z, w, labels = randn(64, 32), randn(700, 32, scale=0.3), _labels(64, 700, every=2)
+    ref_loss, ref_pred = ops.linear_cross_entropy(z.detach(), w.detach(), labels, backend="torch")
+    with torch.no_grad():
+        loss, pred = ops.linear_cross_entropy(z.float(), w.float(), labels, backend=backend)
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-4)
+    assert torch.equal(pred, ref_pred)
+
+
+@pytest.mark.parametrize("block_v", [16, 64, 512])
+def test_cross_entropy_chunk_kernel_vocabulary_blocks(block_v):
+    """The online log-sum-exp across vocabulary blocks (the last one partial), ties resolved to
+    the first maximum as ``argmax`` does, and the in-place gradient."""
+    logits = torch.randn(13, 300, dtype=torch.float64) * 4
+    logits[3, [7, 200]] = 50.0  # a tie across two blocks: the first index wins
+    targets = _labels(13, 300, every=100)
+    targets[0] = 0
+    targets[targets < 0] = 299
+    lse = torch.logsumexp(logits, -1)
+    want_loss = lse - logits.gather(1, targets[:, None]).squeeze(1)
+    want_grad = torch.softmax(logits, -1) - torch.nn.functional.one_hot(targets, 300)
+    buf = logits.float().contiguous()
+    loss, pred = ce_chunk_forward(buf, targets, True, block_v=block_v)
+    torch.testing.assert_close(loss.double(), want_loss, rtol=1e-5, atol=1e-5)
+    assert torch.equal(pred, logits.argmax(-1)) and pred[3] == 7
+    torch.testing.assert_close(buf.double(), want_grad, rtol=1e-5, atol=1e-6)
+
+
+# -- the GPU tiling (many programs, partial tiles) under the interpreter ------------------------
+def test_gpu_tiling_matches_reference():
+    """The launchers' GPU tile sizes: several programs per op, the last tile partial, a
+    vocabulary spread over several blocks."""
+    with common.gpu_tiles():
+        check_against_oracle(lambda x, r, backend: ops.add_rms_norm(x, r, backend=backend),
+                             [randn(70, 100), randn(70, 100)], "triton", torch.float32)
+        check_against_oracle(lambda x, d, o, backend: ops.magicnorm_transition(x, d, o, backend=backend),
+                             [randn(70, 100), randn(70, 100), randn(70, 100)], "triton", torch.float32)
+        check_against_oracle(lambda gu, backend: ops.swiglu(gu, backend=backend), [randn(9, 2 * 1100)],
+                             "triton", torch.float32)
+        cos, sin = rope_cos_sin(torch.arange(70), 16, 10000.0)
+        check_against_oracle(lambda g, backend: ops.split_rope(g, cos, sin, backend=backend), [randn(70, 4 * 3, 16)],
+                             "triton", torch.float32)
+        check_against_oracle(_lce(_labels(9, 4500), 4), [randn(9, 16), randn(4500, 16, scale=0.3)], "triton",
+                             torch.float32)
+
+
+# -- forward-only without gradients; what the backward keeps -----------------------------------
+def _saved_bytes(fn):
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_saved_tensors(backend):
+    T, d, I, H, hd = 16, 32, 48, 2, 8
+    x, r = torch.randn(T, d, requires_grad=True), torch.randn(T, d, requires_grad=True)
+    gu = torch.randn(T, 2 * I, requires_grad=True)
+    gqkv = torch.randn(T, 4 * H, hd, requires_grad=True)
+    cos, sin = rope_cos_sin(torch.arange(T), hd, 10000.0)
+    rows = T * 4  # one fp32 rstd per row
+    # SwiGLU keeps only its input; RoPE only cos/sin; the norms their output and rstd
+    assert _saved_bytes(lambda: ops.swiglu(gu, backend=backend)) == gu.numel() * 4
+    assert _saved_bytes(lambda: ops.split_rope(gqkv, cos, sin, backend=backend)) == 2 * cos.numel() * 4
+    assert _saved_bytes(lambda: ops.add_rms_norm(x, r, backend=backend)) == x.numel() * 4 + rows
+    assert _saved_bytes(lambda: ops.magicnorm_transition(x, r, x, backend=backend)) == 2 * x.numel() * 4 + 2 * rows
+    with torch.no_grad():  # forward-only: nothing is kept
+        for fn in (lambda: ops.swiglu(gu, backend=backend), lambda: ops.add_rms_norm(x, r, backend=backend),
+                   lambda: ops.magicnorm_transition(x, r, x, backend=backend),
+                   lambda: ops.split_rope(gqkv, cos, sin, backend=backend),
+                   lambda: ops.linear_cross_entropy(x, gu[:, :d].contiguous(), _labels(T, T), backend=backend)):
+            assert _saved_bytes(fn) == 0
+
+
+# -- custom-op registrations -------------------------------------------------------------------
+def _opcheck_cases():
+    T, d, H, hd, V = 9, 12, 2, 6, 40
+    x, r, o = (torch.randn(T, d, requires_grad=True) for _ in range(3))
+    gu = torch.randn(T, 2 * d, requires_grad=True)
+    cos, sin = rope_cos_sin(torch.arange(T), hd, 10000.0)
+    gqkv = torch.randn(T, 4 * H, hd, requires_grad=True)
+    w = torch.randn(V, d, requires_grad=True)
+    labels = _labels(T, V)
+    hrm = torch.ops.hrm
+    return [
+        (hrm.rms_norm, (x, 1e-6)),
+        (hrm.add_rms_norm, (x, r, 1e-6)),
+        (hrm.magicnorm_transition, (x, r, o, 1e-6)),
+        (hrm.swiglu, (gu,)),
+        (hrm.split_rope, (gqkv, cos, sin)),
+        (hrm.linear_cross_entropy_triton, (x, w, labels, 4, True)),
+        (hrm.linear_cross_entropy_compile, (x, w, labels, 4, True)),
+    ]
+
+
+@pytest.mark.parametrize("case", range(7))
+def test_custom_op_registrations(case):
+    op, args = _opcheck_cases()[case]
+    torch.library.opcheck(op, args)
