@@ -264,9 +264,7 @@ def test_reference_errors(bf16_exact_model: HRMText, tmp_path: Path) -> None:
 
 # -- CLI --------------------------------------------------------------------------------------
 @pytest.fixture
-def cli(monkeypatch: pytest.MonkeyPatch):
-    """``hrm.cli.main`` with only this feature's subcommands registered."""
-    monkeypatch.setattr(hrm.cli, "_COMMAND_MODULES", ("hrm.interop.commands",))
+def cli():
     return hrm.cli.main
 
 

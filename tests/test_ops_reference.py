@@ -10,30 +10,9 @@ from hypothesis import strategies as st
 from hrm import ops
 from hrm.errors import BackendUnavailable, HrmError
 from hrm.ops import dispatch
-from hrm.ops.prefixlm_attention import prefixlm_attention_reference, prefixlm_dense_mask
+from hrm.ops.prefixlm_attention import prefixlm_attention_reference
 
-
-def packing(draw, max_seqs=6, max_len=40, pad=True):
-    """(cu_seqlens, prefix_lens, T) with one-token sequences, causal length 0, padding."""
-    n = draw(st.integers(1, max_seqs))
-    lens = [draw(st.integers(1, max_len)) for _ in range(n)]
-    prefixes = [draw(st.sampled_from([1, L, draw(st.integers(1, L))])) for L in lens]
-    cu = [0]
-    for L in lens:
-        cu.append(cu[-1] + L)
-    T = cu[-1] + (draw(st.integers(0, 7)) if pad else 0)
-    return torch.tensor(cu, dtype=torch.int32), torch.tensor(prefixes, dtype=torch.int32), T
-
-
-def dense_attention(q, k, v, cu, pl, gate):
-    """fp64 softmax over the dense [T, T] PrefixLM mask; padding rows are zero."""
-    T, H, D = q.shape
-    mask = prefixlm_dense_mask(cu, pl, T)
-    s = torch.einsum("thd,shd->hts", q, k) / math.sqrt(D)
-    s = s.masked_fill(~mask[None], float("-inf"))
-    p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # padding rows: all masked -> 0
-    out = torch.einsum("hts,shd->thd", p, v)
-    return torch.sigmoid(gate) * out
+from attention_oracle import dense_attention, packing
 
 
 @settings(max_examples=40, deadline=None)

@@ -1,0 +1,54 @@
+"""The fp64 PrefixLM attention oracle and packing generators shared by the attention tests.
+
+``dense_attention`` is independent of every backend: it builds the dense ``[T, T]`` mask
+and takes a plain softmax. ``packing`` draws random packings for hypothesis;
+``DEGENERATE`` lists the packings every backend must survive.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from hypothesis import strategies as st
+
+from hrm.ops.prefixlm_attention import prefixlm_dense_mask
+
+
+def packing(draw, max_seqs=6, max_len=40, pad=True, max_pad=7):
+    """(cu_seqlens, prefix_lens, T) with one-token sequences, causal length 0, padding."""
+    n = draw(st.integers(1, max_seqs))
+    lens = [draw(st.integers(1, max_len)) for _ in range(n)]
+    prefixes = [draw(st.sampled_from([1, L, draw(st.integers(1, L))])) for L in lens]
+    return make_packing(lens, prefixes, draw(st.integers(0, max_pad)) if pad else 0)
+
+
+def make_packing(lengths, prefixes, pad=0):
+    """(cu_seqlens, prefix_lens, T) for the given sequence lengths and prefix lengths."""
+    cu = [0]
+    for L in lengths:
+        cu.append(cu[-1] + L)
+    return torch.tensor(cu, dtype=torch.int32), torch.tensor(prefixes, dtype=torch.int32), cu[-1] + pad
+
+
+def dense_attention(q, k, v, cu, pl, gate=None):
+    """fp64 softmax over the dense [T, T] PrefixLM mask; padding rows are zero."""
+    T, H, D = q.shape
+    mask = prefixlm_dense_mask(cu, pl, T)
+    s = torch.einsum("thd,shd->hts", q, k) / math.sqrt(D)
+    s = s.masked_fill(~mask[None], float("-inf"))
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # padding rows: all masked -> 0
+    out = torch.einsum("hts,shd->thd", p, v)
+    return out if gate is None else torch.sigmoid(gate) * out
+
+
+# name -> (lengths, prefixes, trailing padding); tile edges at 4 (CPU micro-blocks), 16
+# (interpreter tiles) and 64 (CPU work items, GPU tiles).
+DEGENERATE = {
+    "one_token_sequences": ([1, 1, 5, 1, 1, 3], [1, 1, 2, 1, 1, 3], 0),
+    "no_causal_part": ([7, 9, 16, 1], [7, 9, 16, 1], 3),
+    "ends_on_tile_edges": ([16, 16, 32, 64], [3, 16, 5, 1], 0),
+    "single_sequence_fills_row": ([96], [31], 0),
+    "many_tiny_sequences": ([1, 2, 3, 2, 1] * 8, [1, 1, 2, 2, 1] * 8, 0),
+    "trailing_padding": ([10, 21], [4, 5], 13),
+}

@@ -1,0 +1,204 @@
+"""PrefixLM attention: tile classification, the CPU backend against the fp64 oracle, the
+custom ops (opcheck, torch.compile) and backend selection.
+
+Tolerance rule (flash-attention's): for the output and every gradient,
+``max|kernel - fp64| <= K * max|torch reference in the same dtype - fp64| + FLOOR[dtype]``.
+"""
+
+import importlib
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hrm import ops
+from hrm.errors import BackendUnavailable
+from hrm.ops import dispatch
+
+from attention_oracle import DEGENERATE, dense_attention, make_packing, packing
+
+pa = importlib.import_module("hrm.ops.prefixlm_attention")
+
+K = 2.0
+FLOOR = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
+
+needs_cpu_kernel = pytest.mark.skipif(dispatch.unavailable_reason("cpu") is not None,
+                                      reason=f"cpu backend: {dispatch.unavailable_reason('cpu')}")
+
+
+def attention_errors(run, cu, pl, T, H, D, dtype, gated=True, seed=0):
+    """Max abs errors vs the fp64 oracle of ``run`` and of the torch reference, both in
+    ``dtype``, for (out, dq, dk, dv[, dgate]); also returns the kernel's output."""
+    g = torch.Generator().manual_seed(seed)
+    x64 = [torch.randn(T, H, D, dtype=torch.float64, generator=g) for _ in range(4 if gated else 3)]
+    go = torch.randn(T, H, D, dtype=torch.float64, generator=g)
+    leaves = [x.clone().requires_grad_() for x in x64]
+    ref = dense_attention(*leaves[:3], cu, pl, leaves[3] if gated else None)
+    want = [ref.detach(), *torch.autograd.grad(ref, leaves, go)]
+
+    def errors(fn):
+        xs = [x.to(dtype).requires_grad_() for x in x64]
+        out = fn(*xs[:3], cu, pl, xs[3] if gated else None)
+        got = [out.detach(), *torch.autograd.grad(out, xs, go.to(dtype))]
+        assert all(a.dtype == dtype for a in got)
+        return [(a.double() - b).abs().max().item() for a, b in zip(got, want)], out.detach()
+
+    err, out = errors(run)
+    err_torch, _ = errors(pa.prefixlm_attention_reference)
+    return err, err_torch, out
+
+
+def assert_within(err, err_torch, dtype):
+    names = ["out", "dq", "dk", "dv", "dgate"]
+    for name, e, et in zip(names, err, err_torch):
+        assert e <= K * et + FLOOR[dtype], f"{name}: error {e:.3g} vs torch {et:.3g} ({dtype})"
+
+
+def run_cpu(q, k, v, cu, pl, gate):
+    return ops.prefixlm_attention(q, k, v, cu, pl, gate=gate, backend="cpu")
+
+
+# -- tile classification ---------------------------------------------------------------------
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_tile_ranges_classify_every_tile(data):
+    cu, pl, T = packing(data.draw, max_seqs=8, max_len=50, max_pad=20)
+    bm, bn = data.draw(st.sampled_from([(16, 16), (16, 32), (32, 16), (64, 64), (4, 8)]))
+    mask = pa.prefixlm_dense_mask(cu, pl, T)
+    lo, hi = pa.row_intervals(cu, pl, T)
+    # the intervals are the mask
+    cols = torch.arange(T)
+    assert torch.equal(mask, (cols[None, :] >= lo[:, None].long()) & (cols[None, :] < hi[:, None].long()))
+    col_lo, col_hi = pa.col_intervals(lo, hi)
+    assert torch.equal(mask.T, (cols[None, :] >= col_lo[:, None].long()) & (cols[None, :] < col_hi[:, None].long()))
+    for ranges, m, b_rows, b_cols in ((pa.tile_ranges(lo, hi, bm, bn), mask, bm, bn),
+                                      (pa.tile_ranges(col_lo, col_hi, bn, bm), mask.T, bn, bm)):
+        for blk, (first, full_first, full_end, end) in enumerate(ranges.tolist()):
+            assert first <= full_first <= full_end <= end
+            for other in range(-(-T // b_cols)):
+                tile = m[blk * b_rows:(blk + 1) * b_rows, other * b_cols:(other + 1) * b_cols]
+                whole = tile.shape == (b_rows, b_cols)
+                if not first <= other < end:
+                    assert not tile.any(), "an empty tile must be skipped, never a non-empty one"
+                elif full_first <= other < full_end:
+                    assert whole and tile.all(), "a tile classified full must be entirely visible"
+                else:
+                    assert tile.any() and not (whole and tile.all()), "partial means partly visible"
+    counts = pa.tile_counts(cu, pl, T, bm, bn)
+    assert counts["empty"] + counts["full"] + counts["partial"] == counts["total"]
+
+
+def test_tile_ranges_find_full_tiles():
+    # one sequence of 64 with a 32-token prefix, 16 x 16 tiles: every row sees the prefix
+    # (full tiles); the response's diagonal tiles are partial, the tiles above them empty.
+    cu, pl, T = make_packing([64], [32])
+    lo, hi = pa.row_intervals(cu, pl, T)
+    assert pa.tile_ranges(lo, hi, 16, 16).tolist() == [[0, 0, 2, 2], [0, 0, 2, 2], [0, 0, 2, 3], [0, 0, 3, 4]]
+    assert pa.tile_counts(cu, pl, T, 16, 16) == {"total": 16, "empty": 5, "full": 9, "partial": 2}
+
+
+# -- CPU backend parity ------------------------------------------------------------------------
+@needs_cpu_kernel
+@settings(max_examples=25, deadline=None)
+@given(st.data())
+def test_cpu_matches_fp64(data):
+    cu, pl, T = packing(data.draw, max_seqs=8, max_len=80)
+    H, D = data.draw(st.sampled_from([(1, 8), (2, 16), (3, 24), (2, 64)]))
+    dtype = data.draw(st.sampled_from([torch.float32, torch.float16, torch.bfloat16]))
+    err, err_torch, out = attention_errors(run_cpu, cu, pl, T, H, D, dtype, gated=data.draw(st.booleans()),
+                                           seed=data.draw(st.integers(0, 2**16)))
+    assert_within(err, err_torch, dtype)
+    assert torch.all(out[int(cu[-1]):] == 0)
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("name", sorted(DEGENERATE))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cpu_degenerate_packings(name, dtype):
+    cu, pl, T = make_packing(*DEGENERATE[name])
+    err, err_torch, out = attention_errors(run_cpu, cu, pl, T, 2, 32, dtype)
+    assert_within(err, err_torch, dtype)
+    assert torch.all(out[int(cu[-1]):] == 0)
+
+
+@needs_cpu_kernel
+def test_cpu_strided_inputs_and_head_dim_128():
+    # q, k, v, gate as the model makes them: views into one [T, 4 * heads, hd] projection
+    cu, pl, T = make_packing([70, 1, 57], [20, 1, 57], 5)
+    gqkv = torch.randn(T, 4 * 2, 128, dtype=torch.float64)
+    gate, q, k, v = gqkv.split(2, dim=1)
+    want = dense_attention(q, k, v, cu, pl, gate)
+    got = ops.prefixlm_attention(*(x.float() for x in (q, k, v)), cu, pl, gate=gate.float(), backend="cpu")
+    f = gqkv.float()
+    got_strided = ops.prefixlm_attention(*f.split(2, dim=1)[1:], cu, pl, gate=f.split(2, dim=1)[0], backend="cpu")
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=2e-6)
+    torch.testing.assert_close(got_strided, got, rtol=0, atol=0)
+
+
+# -- custom ops ----------------------------------------------------------------------------------
+@needs_cpu_kernel
+@pytest.mark.parametrize("gated", [False, True])
+def test_cpu_custom_ops_opcheck(gated):
+    cu, pl, T = make_packing([9, 1, 14], [3, 1, 14], 4)
+    q, k, v, gate = (torch.randn(T, 2, 16, requires_grad=True) for _ in range(4))
+    args = (q, k, v, cu, pl, gate if gated else None, "cpu")
+    torch.library.opcheck(torch.ops.hrm.prefixlm_attention_fwd.default, args)
+    out, lse = torch.ops.hrm.prefixlm_attention_fwd(*args)
+    bwd_args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), cu, pl,
+                gate.detach() if gated else None, "cpu")
+    torch.library.opcheck(torch.ops.hrm.prefixlm_attention_bwd.default, bwd_args)
+
+
+@needs_cpu_kernel
+def test_model_compiles_fullgraph_with_cpu_attention():
+    from hrm.config import get_preset
+    from hrm.model import HRMText
+
+    cu, pl, T = make_packing([11, 1, 17], [4, 1, 6], 3)
+    pos = torch.cat([torch.arange(L) for L in (11, 1, 17)] + [torch.zeros(3, dtype=torch.long)])
+    ids = torch.randint(0, 250, (T,))
+    model = HRMText(get_preset("tiny"), backend="cpu")
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(ids, pos, cu, pl), model(ids, pos, cu, pl), rtol=1e-5, atol=1e-5)
+
+    def attention_loss(q, k, v, gate):
+        return ops.prefixlm_attention(q, k, v, cu, pl, gate=gate, backend="cpu").square().sum()
+
+    xs = [torch.randn(T, 2, 16, requires_grad=True) for _ in range(4)]
+    grads = torch.autograd.grad(torch.compile(attention_loss, fullgraph=True, backend="aot_eager")(*xs), xs)
+    for a, b in zip(grads, torch.autograd.grad(attention_loss(*xs), xs)):
+        torch.testing.assert_close(a, b)
+
+
+# -- backend selection ---------------------------------------------------------------------------
+def test_auto_never_picks_triton_without_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert "triton" not in dispatch._auto_candidates()
+    assert ops.resolve_backend(None) != "triton"
+
+
+@needs_cpu_kernel
+def test_auto_uses_the_cpu_kernel_on_cpu():
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device prefers the GPU backends")
+    assert dispatch.get_impl("prefixlm_attention", None) is pa.prefixlm_attention_cpu
+    # the model passes the resolved name to every op: ops without a CPU kernel fall back to
+    # the compile backend (where it has them), not to the slow references
+    for op, impls in dispatch._IMPLS.items():
+        if "cpu" not in impls and "compile" in impls and dispatch.unavailable_reason("compile") is None:
+            assert dispatch.get_impl(op, "cpu") is impls["compile"]
+
+
+def test_cpu_probe_reports_a_missing_compiler(monkeypatch):
+    monkeypatch.setenv("CXX", "no-such-compiler-hrm")
+    assert "no C++ compiler" in pa._cpu_toolchain_missing()
+
+
+def test_triton_on_cpu_tensors_needs_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    cu, pl, T = make_packing([4], [2])
+    q = torch.randn(T, 1, 16)
+    lo, hi = pa.row_intervals(cu, pl, T)
+    with pytest.raises(BackendUnavailable, match="CUDA tensors"):
+        pa.prefixlm_attention_triton_forward(q, q, q, lo, hi)
