@@ -193,7 +193,7 @@ def linear_cross_entropy_chunked(z: Tensor, weight: Tensor, labels: Tensor, chun
         pred[r] = pred_rows.to(pred.dtype)
         if with_grad:
             g = g.to(z.dtype)
-            dz[r] = g @ weight  # [C, d]
+            dz[r] = (g @ weight).to(dz.dtype)  # [C, d]; autocast may have made the product bf16
             if dw.dtype == g.dtype:
                 dw.addmm_(g.t(), x)
             else:
