@@ -15,7 +15,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from hrm import ops
+from hrm import ops, profiling
 from hrm.config import ModelConfig
 from hrm.errors import ConfigError
 from hrm.ops.cross_entropy import IGNORE_INDEX
@@ -66,6 +66,10 @@ class Attention(nn.Module):
         self.o_proj = Linear(width, config.hidden_size)
 
     def forward(self, x: torch.Tensor, ctx: Packing, slot: int) -> torch.Tensor:
+        with profiling.range("attn"):
+            return self._forward(x, ctx, slot)
+
+    def _forward(self, x: torch.Tensor, ctx: Packing, slot: int) -> torch.Tensor:
         T = x.shape[0]
         gqkv = self.gqkv_proj(x).view(T, 4 * self.num_heads, self.head_dim)  # [T, 4*nh, hd]
         gate, q, k, v = ops.split_rope(gqkv, ctx.cos, ctx.sin, backend=ctx.backend)  # each [T, nh, hd]; q, k rotated
@@ -83,7 +87,8 @@ class MLP(nn.Module):
         self.down_proj = Linear(config.intermediate_size, config.hidden_size)
 
     def forward(self, x: torch.Tensor, ctx: Packing) -> torch.Tensor:
-        return self.down_proj(ops.swiglu(self.gate_up_proj(x), backend=ctx.backend))
+        with profiling.range("mlp"):
+            return self.down_proj(ops.swiglu(self.gate_up_proj(x), backend=ctx.backend))
 
 
 class Block(nn.Module):
@@ -101,7 +106,9 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor, n: torch.Tensor, ctx: Packing, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
-        x, n = ops.add_rms_norm(self.attn(n, ctx, slot), x, self.eps, backend=ctx.backend)
+        a = self.attn(n, ctx, slot)
+        with profiling.range("norm"):
+            x, n = ops.add_rms_norm(a, x, self.eps, backend=ctx.backend)
         return x, self.mlp(n, ctx)
 
 
@@ -116,8 +123,11 @@ class Stack(nn.Module):
     def forward(self, x: torch.Tensor, ctx: Packing, call: int) -> torch.Tensor:
         """``rms(blocks(x))``; ``call`` numbers the stack invocations of one forward (it names
         KV-cache slots)."""
-        x, delta = self.run(x, ops.rms_norm(x, self.eps, backend=ctx.backend), ctx, call)
-        return ops.add_rms_norm(delta, x, self.eps, backend=ctx.backend)[1]
+        with profiling.range("norm"):
+            n = ops.rms_norm(x, self.eps, backend=ctx.backend)
+        x, delta = self.run(x, n, ctx, call)
+        with profiling.range("norm"):
+            return ops.add_rms_norm(delta, x, self.eps, backend=ctx.backend)[1]
 
     def run(self, x: torch.Tensor, n: torch.Tensor, ctx: Packing, call: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The blocks on the residual stream ``x`` with ``n = rms(x)``. Returns ``(x, delta)``:
@@ -126,7 +136,8 @@ class Stack(nn.Module):
         delta = None
         for i, layer in enumerate(self.layers):
             if delta is not None:
-                x, n = ops.add_rms_norm(delta, x, self.eps, backend=ctx.backend)
+                with profiling.range("norm"):
+                    x, n = ops.add_rms_norm(delta, x, self.eps, backend=ctx.backend)
             x, delta = layer(x, n, ctx, call * len(self.layers) + i)
         return x, delta
 
@@ -190,10 +201,12 @@ class HRMText(nn.Module):
                       prefix_lens: torch.Tensor, *, bp_steps: int | None = None,
                       cache: AttentionCache | None = None) -> torch.Tensor:
         """The final state ``z_H`` ``[T, d]`` (the LM head's input)."""
-        ctx = self.packing(position_ids, cu_seqlens, prefix_lens, cache)
-        x = self.embed_tokens(input_ids) * (1.0 / self.config.embed_std)  # [T, d]
+        with profiling.range("embed"):
+            ctx = self.packing(position_ids, cu_seqlens, prefix_lens, cache)
+            x = self.embed_tokens(input_ids) * (1.0 / self.config.embed_std)  # [T, d]
         if self.config.arch == "transformer":
-            return self.H_level(x, ctx, 0)
+            with profiling.range("H0"):
+                return self.H_level(x, ctx, 0)
         return self._recurrence(x, ctx, bp_steps)
 
     def _recurrence(self, x: torch.Tensor, ctx: Packing, bp_steps: int | None) -> torch.Tensor:
@@ -216,31 +229,33 @@ class HRMText(nn.Module):
                       for l in range(cfg.L_cycles)]
             steps.append(("H", grad and h >= cfg.H_cycles - h_bp))
         z = {"H": x, "L": self.z_L_init.to(x.dtype).expand_as(x)}  # z_L broadcasts over tokens
-        with torch.set_grad_enabled(steps[0][1]):
+        with torch.set_grad_enabled(steps[0][1]), profiling.range("norm"):
             u, n = ops.add_rms_norm(z["L"], z["H"], eps, backend=backend)  # first injection and pre-norm
         for call, (level, with_grad) in enumerate(steps):
             stack = self.L_level if level == "L" else self.H_level
-            with torch.set_grad_enabled(with_grad):
+            name = profiling.stack_range_name(level, call, cfg.L_cycles)  # L0.0 .. L0.2, H0, L1.0, ...
+            with torch.set_grad_enabled(with_grad), profiling.range(name):
                 x, delta = stack.run(u, n, ctx, call)
             if call == len(steps) - 1:
                 break
             next_grad = steps[call + 1][1]
             other = z["H" if level == "L" else "L"]
-            with torch.set_grad_enabled(with_grad or next_grad):
+            with torch.set_grad_enabled(with_grad or next_grad), profiling.range("norm"):
                 new, u, n = ops.magicnorm_transition(x, delta, other, eps, backend=backend)
             z[level] = new if with_grad else new.detach()
             if not next_grad:
                 u, n = u.detach(), n.detach()
-        with torch.set_grad_enabled(steps[-1][1]):
+        with torch.set_grad_enabled(steps[-1][1]), profiling.range("norm"):
             return ops.add_rms_norm(delta, x, eps, backend=backend)[1]  # the last H step's exit norm: z_H
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cu_seqlens: torch.Tensor,
                 prefix_lens: torch.Tensor, labels: torch.Tensor | None = None, *, bp_steps: int | None = None,
                 loss_divisor: torch.Tensor | float | None = None) -> Any:
         z = self.hidden_states(input_ids, position_ids, cu_seqlens, prefix_lens, bp_steps=bp_steps)
-        if labels is None:
-            return self.lm_head(z)
-        return self.loss(z, labels, cu_seqlens, loss_divisor)
+        with profiling.range("loss"):
+            if labels is None:
+                return self.lm_head(z)
+            return self.loss(z, labels, cu_seqlens, loss_divisor)
 
     def loss(self, z: torch.Tensor, labels: torch.Tensor, cu_seqlens: torch.Tensor,
              loss_divisor: torch.Tensor | float | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

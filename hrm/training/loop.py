@@ -42,6 +42,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from hrm import profiling
 from hrm.checkpoint import LATEST_FILE, check_state_dict, load_state, read_config, resolve_checkpoint, \
     save_checkpoint
 from hrm.config import bp_steps_at
@@ -354,9 +355,10 @@ def _train(cfg: TrainConfig, out: Path, ckpt_path: Path | None, env: Dist) -> di
             stop(done, "loss")
         if not math.isfinite(grad_norm_sum):
             stop(done, "gradient norm")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        ema.update()
+        with profiling.range("optimizer"):
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            ema.update()
 
         if env.is_main:
             window.add(values)

@@ -1,0 +1,1 @@
+"""Benchmark suites, their report and the profiler (``hrm bench``, ``hrm profile``)."""

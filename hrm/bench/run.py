@@ -1,0 +1,82 @@
+"""``hrm bench``: measure this device's peaks, run the suites, write the results and the report."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from hrm.bench import suites
+from hrm.bench.device import device_info, device_slug
+from hrm.bench.report import Row, derive, markdown_table, plot, write_results
+from hrm.bench.timing import copy_bandwidth_gbps, matmul_peak_gflops
+from hrm.config import BENCH_CONFIGS, BenchConfig
+from hrm.errors import ConfigError
+
+
+def measure_peaks(device: torch.device, quick: bool) -> dict[str, float]:
+    """This device's practical matmul peak per dtype and its copy bandwidth (best of a few)."""
+    reps = 3 if quick else 5
+    return {"matmul_gflops_float32": matmul_peak_gflops(torch.float32, device, reps=reps),
+            "matmul_gflops_bfloat16": matmul_peak_gflops(torch.bfloat16, device, reps=reps),
+            "copy_gbps": copy_bandwidth_gbps(device, reps=reps)}
+
+
+def quick_ops_config(bench: BenchConfig) -> BenchConfig:
+    """The op shapes of ``--quick``: the same model, a shorter row."""
+    tokens = min(bench.tokens, suites.QUICK_OP_TOKENS)
+    return BenchConfig(bench.model, tokens, bench.supervised_fraction, bench.bp_steps,
+                       min(bench.median_seq_len, tokens // 4))
+
+
+def run_bench(suite: str = "all", *, config: str | BenchConfig = "bench", quick: bool = False,
+              out: str | os.PathLike = "bench/results", reps: int | None = None, backends: list[str] | None = None,
+              ops_config: BenchConfig | None = None, device: torch.device | str | None = None,
+              train_warmup: int = 1, op_min_time: float = suites.OP_MIN_TIME,
+              plots: bool = True) -> dict[str, Path]:
+    """Run ``suite`` (``ops``, ``train`` or ``all``) and write ``OUT/<device-slug>.{json,md,png}``.
+
+    ``config`` names a :data:`~hrm.config.BENCH_CONFIGS` entry (or is one); ``ops_config``
+    overrides the op shapes (``quick`` shrinks them otherwise). Each train step is timed
+    after its first step (which compiles) and ``train_warmup`` more.
+    """
+    if isinstance(config, str):
+        if config not in BENCH_CONFIGS:
+            raise ConfigError(f"unknown bench config {config!r}; known: {', '.join(BENCH_CONFIGS)}")
+        name, bench = config, BENCH_CONFIGS[config]
+    else:
+        name, bench = "custom", config
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    reps = reps or (2 if quick else 5)
+    load_before = os.getloadavg()[0]
+    started = time.perf_counter()
+    info = device_info(device)
+    peaks = measure_peaks(device, quick)
+    rows: list[Row] = []
+    if suite in ("ops", "all"):
+        op_bench = ops_config or (quick_ops_config(bench) if quick else bench)
+        rows += suites.run_ops(op_bench, reps=reps, device=device, backends=backends, min_time=op_min_time)
+    if suite in ("train", "all"):
+        rows += suites.run_train(name, bench, reps=reps, warmup=train_warmup, device=device, backends=backends)
+    derive(rows, peaks)
+    out = Path(out)
+    stem = out / device_slug(info)
+    settings = {"suite": suite, "config": name, "bench": suites.bench_to_dict(bench), "quick": quick, "reps": reps,
+                "threads": torch.get_num_threads(), "load_average_before": load_before,
+                "load_average_after": os.getloadavg()[0],
+                "backends": suites.bench_backends(), "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+                "seconds": time.perf_counter() - started}
+    paths = {"json": write_results(stem.with_suffix(".json"), info, peaks, rows, settings)}
+    report = markdown_table(info, peaks, rows)
+    if any(r.suite == "train" for r in rows):
+        report += "\n".join(suites.target_lines(rows)) + "\n"
+    report += (f"\n{'quick' if quick else 'full'} run, {reps} reps, {torch.get_num_threads()} threads, "
+               f"{settings['seconds']:.0f} s; load average {load_before:.1f} before, "
+               f"{settings['load_average_after']:.1f} after (other processes on these cores slow every row)\n")
+    paths["md"] = stem.with_suffix(".md")
+    paths["md"].write_text(report)
+    if plots:
+        paths["png"] = plot(rows, stem.with_suffix(".png"))
+    return paths

@@ -1,0 +1,377 @@
+"""The benchmark suites behind ``hrm bench``: every op, and the end-to-end train step.
+
+``ops``: each fused op at the shapes of a benchmark config (:data:`hrm.config.BENCH_CONFIGS`,
+fp32), forward (no grad), backward alone and forward + backward, on every backend that
+implements it here, next to the ``torch`` reference timed in the same run; each row
+carries the op's useful FLOPs / unavoidable bytes and the max error of its outputs and
+gradients against the fp64 oracle (relative to the oracle's largest magnitude).
+
+``train``: one optimizer step of the config under one precision policy for every variant
+(bf16 autocast, fp32 master weights, Adam-atan2): the forward with the config's
+``bp_steps``, loss, backward, optimizer step. Variants: every backend, plus the reference
+model's forward + loss under ``torch.compile`` (``torch+compile``). Each variant runs in
+its own fresh process, so that its peak memory is its own: ``ru_maxrss`` on a CPU (minus
+an idle process that imports the same libraries and builds the same batch), the CUDA
+allocator's peak on a GPU. Model FLOPs count only the useful work: allowed attention
+pairs, real tokens, supervised LM-head rows; every stack call forward, the backward only
+of those with gradients.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from hrm import HRMText, ops, profiling
+from hrm.bench.report import Row
+from hrm.bench.timing import measure
+from hrm.bench.workloads import train_batch
+from hrm.config import BenchConfig, ModelConfig
+from hrm.data import PackedBatch
+from hrm.model import grad_steps
+from hrm.ops import dispatch
+from hrm.ops.prefixlm_attention import allowed_pairs
+from hrm.ops.rope import rope_cos_sin
+from hrm.training.optim import AdamAtan2
+
+OP_TOLERANCE = 1e-5  # fp32 vs the fp64 oracle, relative to its largest magnitude
+ATTENTION_TOLERANCE = 1e-4  # a softmax over up to a few hundred keys
+LOSS_TOLERANCE = 2e-2  # bf16 autocast through 8 recurrent stack calls: relative loss difference
+QUICK_OP_TOKENS = 1024
+OP_MIN_TIME = 0.2  # seconds of timed calls per op, mode and backend at least: short ops get more reps
+COMPILED_REFERENCE = "torch+compile"
+
+# Targets of the train step (the issue's): fastest CPU backend vs the reference and vs
+# torch.compile of the reference, its MFU and its peak memory relative to the reference.
+TARGETS = {"speedup_vs_torch": 3.0, "speedup_vs_compile": 2.0, "mfu": 0.5, "memory_vs_torch": 0.5}
+
+
+def bench_backends(op: str | None = None) -> list[str]:
+    """Backends to time here (of ``op``, when given: those that implement it directly). The
+    Triton interpreter is a test vehicle, not a CPU backend: it is left out without CUDA."""
+    names = [b for b in dispatch.available_backends() if b != "triton" or torch.cuda.is_available()]
+    if op is None:
+        return names
+    return [b for b in names if b in dispatch._IMPLS[op]]
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# -- ops -------------------------------------------------------------------------------------------
+@dataclass
+class OpCase:
+    name: str
+    shape: str
+    inputs: Callable[[], list]  # fp64 tensors (requires_grad = differentiable) and other arguments
+    call: Callable[..., object]  # call(*inputs, backend=...)
+    fwd_bytes: float = 0.0  # unavoidable traffic of a forward / a backward, in bytes
+    bwd_bytes: float = 0.0
+    fwd_flops: float = 0.0
+    full_flops: float = 0.0  # forward + backward
+    bwd_flops: float = 0.0  # the backward alone (0 where backends split the work differently)
+    tolerance: float = OP_TOLERANCE
+
+
+def op_cases(bench: BenchConfig, device: torch.device | str = "cpu") -> list[OpCase]:
+    """One case per public fused op at the config's shapes (one packed row of ``bench.tokens``)."""
+    device = torch.device(device)
+    cfg, T = bench.model, bench.tokens
+    d, I, H, hd, V = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.head_dim, cfg.padded_vocab_size
+    batch = train_batch(bench).to(device)
+    labels, S, cu, pl = batch.labels, batch.num_supervised, batch.cu_seqlens, batch.prefix_lens
+    cos, sin = rope_cos_sin(batch.position_ids, hd, cfg.rope_theta)
+    pairs = allowed_pairs(cu, pl, T)
+    g = torch.Generator().manual_seed(0)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(device).requires_grad_()
+
+    f32 = 4
+    return [
+        OpCase("rms_norm", f"{T}x{d}", lambda: [rand(T, d)], lambda x, backend: ops.rms_norm(x, backend=backend),
+               2 * T * d * f32, 3 * T * d * f32),
+        OpCase("add_rms_norm", f"{T}x{d}", lambda: [rand(T, d), rand(T, d)],
+               lambda x, r, backend: ops.add_rms_norm(x, r, backend=backend), 4 * T * d * f32, 4 * T * d * f32),
+        OpCase("magicnorm_transition", f"{T}x{d}", lambda: [rand(T, d), rand(T, d), rand(T, d)],
+               lambda x, dl, o, backend: ops.magicnorm_transition(x, dl, o, backend=backend),
+               6 * T * d * f32, 7 * T * d * f32),
+        OpCase("swiglu", f"{T}x2x{I}", lambda: [rand(T, 2 * I)], lambda gu, backend: ops.swiglu(gu, backend=backend),
+               3 * T * I * f32, 5 * T * I * f32),
+        OpCase("split_rope", f"{T}x4x{H}x{hd}", lambda: [rand(T, 4 * H, hd)],
+               lambda x, backend: ops.split_rope(x, cos, sin, backend=backend),
+               (8 * T * d + 2 * T * hd) * f32, (8 * T * d + 2 * T * hd) * f32),
+        # Useful work only: 4 * pairs * hd per head forward; forward + backward 3.5x that
+        # (flash-attention's convention: the backward is 2.5 forwards, recomputation included).
+        OpCase("prefixlm_attention", f"{T}x{H}x{hd} ({pairs} pairs)", lambda: [rand(T, H, hd) for _ in range(4)],
+               lambda q, k, v, gate, backend: ops.prefixlm_attention(q, k, v, cu, pl, gate=gate, backend=backend),
+               fwd_flops=4.0 * pairs * hd * H, full_flops=14.0 * pairs * hd * H, bwd_flops=10.0 * pairs * hd * H,
+               tolerance=ATTENTION_TOLERANCE),
+        # The fused backends compute the gradients in the forward that needs them (the
+        # reference in its backward): only the forward and the full rows count FLOPs.
+        OpCase("linear_cross_entropy", f"{T}x{d}->{V} ({S} supervised)",
+               lambda: [rand(T, d), rand(V, d, scale=d**-0.5)],
+               lambda z, w, backend: ops.linear_cross_entropy(z, w, labels, backend=backend),
+               fwd_flops=2 * S * d * V, full_flops=6 * S * d * V),
+    ]
+
+
+def _float_outputs(out) -> list[torch.Tensor]:
+    out = out if isinstance(out, tuple) else (out,)
+    return [o for o in out if o.is_floating_point()]
+
+
+def op_parity(case: OpCase, inputs: list, backend: str) -> float:
+    """Max error of outputs and gradients (fp32 on ``backend``) against the fp64 reference,
+    relative to the reference's largest magnitude."""
+    def run(dtype):
+        xs = [x.detach().to(dtype).requires_grad_() if torch.is_tensor(x) and x.requires_grad else x for x in inputs]
+        outs = _float_outputs(case.call(*xs, backend="torch" if dtype == torch.float64 else backend))
+        leaves = [x for x in xs if torch.is_tensor(x) and x.requires_grad]
+        grads = torch.autograd.grad(outs, leaves, [torch.ones_like(o) for o in outs])
+        return [t.detach().double() for t in (*outs, *grads)]
+
+    return max(((a - b).abs().max() / b.abs().max().clamp(min=1e-30)).item()
+               for a, b in zip(run(torch.float32), run(torch.float64)))
+
+
+def _backward_seconds(forward: Callable[[], list], leaves: list, reps: int, device: torch.device,
+                      min_time: float = 0.0) -> float:
+    """Median seconds of the backward alone (each rep runs an untimed forward first)."""
+    times: list[float] = []
+    i = 0
+    while len(times) < reps or sum(times) < min_time:
+        outs = forward()
+        grads = [torch.ones_like(o) for o in outs]
+        sync(device)
+        t0 = time.perf_counter()
+        torch.autograd.grad(outs, leaves, grads)
+        sync(device)
+        if i:  # the first is a warm-up
+            times.append(time.perf_counter() - t0)
+        i += 1
+    return statistics.median(times)
+
+
+def bench_op(case: OpCase, backend: str, reps: int, device: torch.device | str = "cpu",
+             min_time: float = OP_MIN_TIME) -> list[Row]:
+    """Forward without gradients, backward alone, and forward + backward of ``case`` on ``backend``.
+    (The fused linear cross-entropy computes its gradients during a forward that needs them,
+    so its backward alone is only the scaling; compare its full rows.)"""
+    device = torch.device(device)
+    inputs = case.inputs()
+    xs = [x.detach().float().requires_grad_() if torch.is_tensor(x) and x.requires_grad else x for x in inputs]
+    leaves = [x for x in xs if torch.is_tensor(x) and x.requires_grad]
+
+    def forward():
+        with torch.no_grad():
+            case.call(*xs, backend=backend)
+
+    def forward_with_grad() -> list:
+        return _float_outputs(case.call(*xs, backend=backend))
+
+    def full():
+        outs = forward_with_grad()
+        torch.autograd.grad(outs, leaves, [torch.ones_like(o) for o in outs])
+
+    t_fwd = measure(forward, device=device, warmup=1, reps=reps, min_time=min_time)
+    t_bwd = _backward_seconds(forward_with_grad, leaves, reps, device, min_time)
+    t_full = measure(full, device=device, warmup=1, reps=reps, min_time=min_time)
+    common = dict(suite="ops", name=case.name, backend=backend, shape=case.shape, dtype="float32",
+                  parity=op_parity(case, inputs, backend), tolerance=case.tolerance)
+    return [Row(mode="forward", seconds=t_fwd, bytes=case.fwd_bytes or None, flops=case.fwd_flops or None, **common),
+            Row(mode="backward", seconds=t_bwd, bytes=case.bwd_bytes or None, flops=case.bwd_flops or None, **common),
+            Row(mode="full", seconds=t_full, bytes=(case.fwd_bytes + case.bwd_bytes) or None,
+                flops=case.full_flops or None, **common)]
+
+
+def run_ops(bench: BenchConfig, *, reps: int, device: torch.device | str = "cpu",
+            backends: list[str] | None = None, min_time: float = OP_MIN_TIME) -> list[Row]:
+    rows: list[Row] = []
+    for case in op_cases(bench, device):
+        for backend in bench_backends(case.name):
+            if backends is None or backend in backends:
+                rows += bench_op(case, backend, reps, device, min_time)
+    return rows
+
+
+# -- train step ------------------------------------------------------------------------------------
+def train_flops(cfg: ModelConfig, batch: PackedBatch, bp_steps: int) -> float:
+    """Useful FLOPs of one train step: every stack call forward (real tokens, allowed
+    attention pairs), the backward (2x) of the calls with gradients, and the LM head on the
+    supervised rows forward and backward."""
+    T, S = batch.num_tokens, batch.num_supervised
+    d, I, nh, hd, V = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.head_dim, cfg.padded_vocab_size
+    pairs = allowed_pairs(batch.cu_seqlens, batch.prefix_lens, batch.input_ids.numel())
+    per_block = 2 * T * (d * 4 * nh * hd + nh * hd * d + d * 2 * I + I * d) + 4 * pairs * hd * nh
+    per_call = cfg.layers_per_stack * per_block
+    calls = cfg.num_stack_calls
+    grad_calls = sum(grad_steps(cfg, bp_steps)) if cfg.arch == "hrm" else 1
+    return per_call * (calls + 2 * grad_calls) + 3 * 2 * S * d * V
+
+
+def make_train_step(model: HRMText, batch: PackedBatch, bp_steps: int, *, compiled: bool = False,
+                    lr: float = 1e-4) -> tuple[Callable[[], torch.Tensor], AdamAtan2]:
+    """One train step under the bench precision policy (bf16 autocast, fp32 master weights):
+    forward + loss (``torch.compile``d with ``compiled``), backward, Adam-atan2 step. Each
+    phase is a named range (``forward``, ``backward``, ``optimizer``)."""
+    device = batch.input_ids.device
+    optimizer = AdamAtan2(model.parameters(), lr=lr)
+
+    def forward_loss():
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            return model(batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.prefix_lens, batch.labels,
+                         bp_steps=bp_steps)[0]
+
+    fwd = torch.compile(forward_loss) if compiled else forward_loss
+
+    def step() -> torch.Tensor:
+        with profiling.range("forward"):
+            loss = fwd()
+        with profiling.range("backward"):
+            loss.backward()
+        with profiling.range("optimizer"):
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return step, optimizer
+
+
+def bench_to_dict(bench: BenchConfig) -> dict:
+    return dataclasses.asdict(bench)
+
+
+def bench_from_dict(data: dict) -> BenchConfig:
+    data = dict(data)
+    return BenchConfig(ModelConfig.from_dict(data.pop("model")), **data)
+
+
+def _peak_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def train_child(spec: dict) -> dict:
+    """Runs in a fresh process: the train step of one variant (or, with ``variant`` None, an
+    idle process that builds the same batch), timed; returns its numbers."""
+    device = torch.device(spec["device"])
+    torch.set_num_threads(spec["threads"])
+    bench = bench_from_dict(spec["bench"])
+    batch = train_batch(bench).to(device)
+    if spec["variant"] is None:
+        return {"peak_bytes": _peak_bytes(device)}
+    torch.manual_seed(0)
+    model = HRMText(bench.model, backend=spec["backend"]).to(device)
+    step, _ = make_train_step(model, batch, bench.bp_steps, compiled=spec["compiled"])
+    t0 = time.perf_counter()
+    first_loss = float(step())  # warm-up: compiles, allocates the optimizer state
+    first_seconds = time.perf_counter() - t0
+    seconds = measure(step, device=device, warmup=spec["warmup"], reps=spec["reps"])
+    return {"backend": model.backend, "first_loss": first_loss, "first_seconds": first_seconds, "seconds": seconds,
+            "peak_bytes": _peak_bytes(device), "tokens": batch.num_tokens, "supervised": batch.num_supervised,
+            "flops": train_flops(bench.model, batch, bench.bp_steps)}
+
+
+def _run_child(spec: dict, timeout: float | None) -> dict:
+    """``train_child(spec)`` in a fresh interpreter; ``{"error": ...}`` when it fails."""
+    try:
+        out = subprocess.run([sys.executable, "-m", "hrm.bench.suites", json.dumps(spec)], capture_output=True,
+                             text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    if out.returncode != 0:
+        lines = [ln for ln in out.stderr.strip().splitlines() if ln.strip()]
+        return {"error": lines[-1] if lines else f"exit code {out.returncode}", "stderr": out.stderr[-4000:]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def train_variants(backends: list[str] | None = None) -> list[tuple[str, str, bool]]:
+    """``(label, backend, compiled)``: every backend, then the compiled reference."""
+    names = [b for b in bench_backends() if backends is None or b in backends]
+    variants = [(b, b, False) for b in names]
+    if backends is None or COMPILED_REFERENCE in backends:
+        variants.append((COMPILED_REFERENCE, "torch", True))
+    return variants
+
+
+def run_train(name: str, bench: BenchConfig, *, reps: int, warmup: int = 1, device: torch.device | str = "cpu",
+              backends: list[str] | None = None, timeout: float | None = None) -> list[Row]:
+    """One row per variant (a failed variant's row has ``seconds`` NaN and the error in ``extra``)."""
+    device = torch.device(device)
+    base = {"device": str(device), "bench": bench_to_dict(bench), "reps": reps, "warmup": warmup,
+            "threads": torch.get_num_threads()}
+    idle = _run_child({**base, "variant": None}, timeout) if device.type == "cpu" else {"peak_bytes": 0}
+    results = {label: _run_child({**base, "variant": label, "backend": backend, "compiled": compiled}, timeout)
+               for label, backend, compiled in train_variants(backends)}
+    ref = results.get("torch", {})
+    rows = []
+    for label, r in results.items():
+        extra: dict = {"precision": "bf16 autocast, fp32 master weights", "bp_steps": bench.bp_steps}
+        if "error" in r:
+            extra["error"] = r["error"]
+            rows.append(Row(suite="train", name=name, backend=label, mode="step", shape=f"T={bench.tokens}",
+                            dtype="bfloat16", seconds=float("nan"), extra=extra))
+            continue
+        peak = (r["peak_bytes"] - idle.get("peak_bytes", 0)) / 2**20
+        extra.update(resolved_backend=r["backend"], supervised=r["supervised"], first_step_s=r["first_seconds"],
+                     idle_peak_mb=idle.get("peak_bytes", 0) / 2**20)
+        parity = None
+        if "first_loss" in ref:
+            parity = abs(r["first_loss"] - ref["first_loss"]) / abs(ref["first_loss"])
+        rows.append(Row(suite="train", name=name, backend=label, mode="step",
+                        shape=f"T={bench.tokens} ({r['tokens']} real) bp={bench.bp_steps}", dtype="bfloat16",
+                        seconds=r["seconds"], flops=r["flops"], parity=parity, tolerance=LOSS_TOLERANCE,
+                        peak_mem_mb=peak, tokens=r["tokens"], extra=extra))
+    return rows
+
+
+def target_lines(rows: list[Row]) -> list[str]:
+    """One line per train-step target: met / missed, with the numbers (needs :func:`derive` first)."""
+    train = {r.backend: r for r in rows if r.suite == "train" and r.seconds == r.seconds}
+    ref, comp = train.get("torch"), train.get(COMPILED_REFERENCE)
+    fast = [r for b, r in train.items() if b not in ("torch", COMPILED_REFERENCE)]
+    if ref is None or not fast:
+        failed = [f"{r.backend}: {r.extra.get('error')}" for r in rows if r.suite == "train" and "error" in r.extra]
+        return ["Train-step targets: not evaluated (need the torch reference and one fused backend)"
+                + (f"; failed: {'; '.join(failed)}" if failed else "")]
+    best = min(fast, key=lambda r: r.seconds)
+
+    def line(what: str, value: float | None, target: float, better_low: bool = False) -> str:
+        if value is None:
+            return f"- {what}: not measured"
+        ok = value <= target if better_low else value >= target
+        unit = "x" if "MFU" not in what else ""
+        shown = f"{value:.1%}" if not unit else f"{value:.2f}x"
+        goal = f"{'<=' if better_low else '>='} {target:.0%}" if not unit else \
+            f"{'<=' if better_low else '>='} {target:.1f}x"
+        return f"- {what}: {shown} (target {goal}): {'met' if ok else 'MISSED'}"
+
+    lines = [f"Train-step targets, fastest fused backend `{best.backend}` "
+             f"({best.tokens_per_s:.0f} tokens/s):"]
+    lines.append(line("speedup vs torch reference", ref.seconds / best.seconds, TARGETS["speedup_vs_torch"]))
+    lines.append(line(f"speedup vs {COMPILED_REFERENCE}", comp.seconds / best.seconds if comp else None,
+                      TARGETS["speedup_vs_compile"]))
+    lines.append(line("MFU vs measured bf16 matmul peak", best.frac_peak, TARGETS["mfu"]))
+    mem = best.peak_mem_mb / ref.peak_mem_mb if best.peak_mem_mb and ref.peak_mem_mb else None
+    lines.append(line("peak memory vs torch reference", mem, TARGETS["memory_vs_torch"], better_low=True))
+    for r in rows:
+        if r.suite == "train" and "error" in r.extra:
+            lines.append(f"- {r.backend}: FAILED: {r.extra['error']}")
+    return lines
+
+
+if __name__ == "__main__":  # the train-step child process (see _run_child)
+    print(json.dumps(train_child(json.loads(sys.argv[1]))))

@@ -1,0 +1,78 @@
+"""``hrm bench``: the suites run on tiny shapes and time every available backend next to the
+reference, with parity inside tolerance (never speed: these machines are shared)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from hrm import cli
+from hrm.bench import suites
+from hrm.bench.report import read_results
+from hrm.bench.run import run_bench
+from hrm.config import BenchConfig, ModelConfig
+
+TINY = BenchConfig(ModelConfig(vocab_size=260, hidden_size=64, num_heads=2, n_layers=2, max_seq_len=512),
+                   tokens=128, median_seq_len=20)
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    # Every backend; the whole-model torch.compile baseline (minutes of compiling) is left to `hrm bench`.
+    paths = run_bench("all", config=TINY, quick=True, out=out, reps=1, ops_config=TINY, train_warmup=0,
+                      op_min_time=0.0, backends=suites.bench_backends())
+    return paths, read_results(paths["json"])
+
+
+def test_writes_results_table_and_plot(results):
+    paths, (device, peaks, rows, settings) = results
+    assert paths["json"].name == paths["md"].stem + ".json" and paths["png"].stat().st_size > 0
+    doc = json.loads(paths["json"].read_text())
+    assert {"device", "peaks", "settings", "rows"} <= set(doc)
+    assert {"name", "torch", "git_commit"} <= set(device)
+    assert {"matmul_gflops_float32", "matmul_gflops_bfloat16", "copy_gbps"} <= set(peaks)
+    table = paths["md"].read_text()
+    assert "| op | mode |" in table and "Train-step targets" in table
+
+
+def test_op_rows_for_every_backend_within_tolerance(results):
+    _, (_, _, rows, _) = results
+    op_rows = [r for r in rows if r.suite == "ops"]
+    for case in suites.op_cases(TINY):
+        for backend in suites.bench_backends(case.name):
+            got = {r.mode: r for r in op_rows if r.name == case.name and r.backend == backend}
+            assert set(got) == {"forward", "backward", "full"}, (case.name, backend)
+            for r in got.values():
+                assert r.parity <= r.tolerance, (case.name, backend, r.mode, r.parity)
+                if r.mode != "backward" or case.bwd_flops or case.bwd_bytes:  # roofline context
+                    assert r.frac_peak is not None and (r.gflops or r.gbps), (case.name, backend, r.mode)
+                assert r.speedup is not None  # the reference ran in the same run
+
+
+def test_train_rows_for_every_variant(results):
+    _, (_, _, rows, _) = results
+    train = {r.backend: r for r in rows if r.suite == "train"}
+    assert set(train) == {label for label, _, _ in suites.train_variants(suites.bench_backends())}
+    assert train["torch"].peak_mem_mb is not None
+    for b, r in train.items():
+        assert "error" not in r.extra, (b, r.extra.get("error"))
+        assert r.parity <= r.tolerance, (b, r.parity)
+        assert r.tokens_per_s > 0 and r.flops > 0 and r.frac_peak is not None
+
+
+def test_train_flops_count_only_grad_steps():
+    from hrm.bench.workloads import train_batch
+
+    batch = train_batch(TINY)
+    full, short = suites.train_flops(TINY.model, batch, 5), suites.train_flops(TINY.model, batch, 2)
+    assert full > short > 0
+
+
+def test_cli_registers_bench_and_profile():
+    parser = cli.build_parser()
+    args = parser.parse_args(["bench", "--suite", "ops", "--quick"])
+    assert args.suite == "ops" and args.quick and args.out == "bench/results"
+    args = parser.parse_args(["profile", "--steps", "2", "--out", "x", "--nsys"])
+    assert args.steps == 2 and args.nsys
