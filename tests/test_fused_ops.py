@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from saved_tensors import saved_bytes
 
 from hrm import ops
 from hrm.ops import common
@@ -219,19 +220,6 @@ def test_gpu_tiling_matches_reference():
 
 
 # -- forward-only without gradients; what the backward keeps -----------------------------------
-def _saved_bytes(fn):
-    total = 0
-
-    def pack(t):
-        nonlocal total
-        total += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return total
-
-
 @pytest.mark.parametrize("backend", FUSED)
 def test_saved_tensors(backend):
     T, d, I, H, hd = 16, 32, 48, 2, 8
@@ -241,16 +229,16 @@ def test_saved_tensors(backend):
     cos, sin = rope_cos_sin(torch.arange(T), hd, 10000.0)
     rows = T * 4  # one fp32 rstd per row
     # SwiGLU keeps only its input; RoPE only cos/sin; the norms their output and rstd
-    assert _saved_bytes(lambda: ops.swiglu(gu, backend=backend)) == gu.numel() * 4
-    assert _saved_bytes(lambda: ops.split_rope(gqkv, cos, sin, backend=backend)) == 2 * cos.numel() * 4
-    assert _saved_bytes(lambda: ops.add_rms_norm(x, r, backend=backend)) == x.numel() * 4 + rows
-    assert _saved_bytes(lambda: ops.magicnorm_transition(x, r, x, backend=backend)) == 2 * x.numel() * 4 + 2 * rows
+    assert saved_bytes(lambda: ops.swiglu(gu, backend=backend)) == gu.numel() * 4
+    assert saved_bytes(lambda: ops.split_rope(gqkv, cos, sin, backend=backend)) == 2 * cos.numel() * 4
+    assert saved_bytes(lambda: ops.add_rms_norm(x, r, backend=backend)) == x.numel() * 4 + rows
+    assert saved_bytes(lambda: ops.magicnorm_transition(x, r, x, backend=backend)) == 2 * x.numel() * 4 + 2 * rows
     with torch.no_grad():  # forward-only: nothing is kept
         for fn in (lambda: ops.swiglu(gu, backend=backend), lambda: ops.add_rms_norm(x, r, backend=backend),
                    lambda: ops.magicnorm_transition(x, r, x, backend=backend),
                    lambda: ops.split_rope(gqkv, cos, sin, backend=backend),
                    lambda: ops.linear_cross_entropy(x, gu[:, :d].contiguous(), _labels(T, T), backend=backend)):
-            assert _saved_bytes(fn) == 0
+            assert saved_bytes(fn) == 0
 
 
 # -- custom-op registrations -------------------------------------------------------------------
