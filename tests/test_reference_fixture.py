@@ -30,7 +30,8 @@ def _fixture_dir() -> Path:
 
 
 FIXTURE = _fixture_dir()
-pytestmark = pytest.mark.skipif(not (FIXTURE / "expected.safetensors").is_file(),
+# CI always has shared/ beside the clone: there a missing oracle is a failure, not a skip.
+pytestmark = pytest.mark.skipif(not (FIXTURE / "expected.safetensors").is_file() and not os.environ.get("CI"),
                                 reason=f"reference fixture not found at {FIXTURE} (set HRM_FIXTURES)")
 
 
