@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Callable, Iterator
+from typing import Callable, Iterator, NamedTuple
 
 import torch
 
@@ -114,3 +114,26 @@ def needs_grad(*tensors: torch.Tensor | None) -> bool:
 
 __all__ = ["TRITON_TYPES", "cdiv", "compiled", "gpu_tiles", "interpreting", "jit", "needs_grad", "next_pow2",
            "pointers", "rows_2d", "rows_per_program", "tile_elems", "tl", "triton", "whole_tensor_tiles"]
+
+
+class RowKernelAot(NamedTuple):
+    """What the ahead-of-time specs of a row-wise kernel share."""
+
+    tiles: dict[str, int]  # BLOCK_ROWS / BLOCK_COLS at the tiles the launcher picks on a GPU
+    sizes: dict[str, str]  # the n_rows / n_cols arguments
+    aligned: tuple[str, ...]  # size arguments divisible by 16
+    tag: str  # e.g. "d=1024 bf16"
+    where: str  # "module:" prefix of the kernels' names
+    num_warps: int
+
+
+def row_kernel_aot(tile_fn: Callable, rows: int, cols: int, dtype: torch.dtype, module: str,
+                   label: str) -> RowKernelAot:
+    """:class:`RowKernelAot` for a kernel over ``rows x cols`` whose launcher picks tiles with
+    ``tile_fn(rows, cols) -> (grid, block_rows, block_cols, num_warps)``."""
+    with gpu_tiles():
+        _, block_rows, block_cols, num_warps = tile_fn(rows, cols)
+    return RowKernelAot({"BLOCK_ROWS": block_rows, "BLOCK_COLS": block_cols}, {"n_rows": "i32", "n_cols": "i32"},
+                        ("n_cols",) if cols % 16 == 0 else (), f"{label}={cols} {TRITON_TYPES[dtype]}",
+                        f"{module}:", num_warps)
+

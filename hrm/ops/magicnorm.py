@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from hrm.ops.common import TRITON_TYPES, compiled, gpu_tiles, jit, needs_grad, pointers, rows_2d, tl
+from hrm.ops.common import compiled, jit, needs_grad, pointers, row_kernel_aot, rows_2d, tl
 from hrm.ops.dispatch import get_impl, register
 from hrm.ops.rmsnorm import compute_dtype, rms_norm_forward_math, rms_norm_grad_math, rms_norm_reference, row_tiles
 
@@ -178,12 +178,8 @@ def aot_specs(hidden_size: int, dtype: torch.dtype, rows: int = 8192) -> list:
     :class:`hrm.ops.aot.KernelSpec` s."""
     from hrm.ops.aot import KernelSpec
 
-    with gpu_tiles():
-        _, block_rows, block_cols, num_warps = row_tiles(rows, hidden_size)
-    tiles = {"BLOCK_ROWS": block_rows, "BLOCK_COLS": block_cols}
-    sizes = {"n_rows": "i32", "n_cols": "i32"}
-    aligned_cols = ("n_cols",) if hidden_size % 16 == 0 else ()
-    tag, where = f"d={hidden_size} {TRITON_TYPES[dtype]}", f"{__name__}:"
+    tiles, sizes, aligned_cols, tag, where, num_warps = row_kernel_aot(row_tiles, rows, hidden_size, dtype, __name__,
+                                                                       "d")
     fwd_ptrs, bwd_ptrs, rstd = ("X", "DELTA", "OTHER", "Z", "U", "N"), ("DZ", "DU", "DN", "Z", "N", "DH", "DOTHER"), \
         ("RSTD_H", "RSTD_U")
     fwd = {**pointers(dtype, *fwd_ptrs), **pointers(torch.float32, *rstd), **sizes, "eps": "fp32"}

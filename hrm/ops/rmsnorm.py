@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from hrm.ops.common import (TRITON_TYPES, cdiv, compiled, gpu_tiles, jit, needs_grad, next_pow2, pointers, rows_2d,
+from hrm.ops.common import (cdiv, compiled, jit, needs_grad, next_pow2, pointers, row_kernel_aot, rows_2d,
                              rows_per_program, tl)
 from hrm.ops.dispatch import get_impl, register
 
@@ -196,12 +196,8 @@ def aot_specs(hidden_size: int, dtype: torch.dtype, rows: int = 8192) -> list:
     :class:`hrm.ops.aot.KernelSpec` s (plain and fused-residual variants)."""
     from hrm.ops.aot import KernelSpec
 
-    with gpu_tiles():
-        _, block_rows, block_cols, num_warps = row_tiles(rows, hidden_size)
-    tiles = {"BLOCK_ROWS": block_rows, "BLOCK_COLS": block_cols}
-    sizes = {"n_rows": "i32", "n_cols": "i32"}
-    aligned_cols = ("n_cols",) if hidden_size % 16 == 0 else ()
-    tag, where = f"d={hidden_size} {TRITON_TYPES[dtype]}", f"{__name__}:"
+    tiles, sizes, aligned_cols, tag, where, num_warps = row_kernel_aot(row_tiles, rows, hidden_size, dtype, __name__,
+                                                                       "d")
     fwd_ptrs, bwd_ptrs = ("X", "R", "H", "Y"), ("DY", "Y", "DH", "DX")
     fwd = {**pointers(dtype, *fwd_ptrs), **pointers(torch.float32, "RSTD"), **sizes, "eps": "fp32"}
     bwd = {**pointers(dtype, *bwd_ptrs), **pointers(torch.float32, "RSTD"), **sizes}

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from hrm.ops.common import (TRITON_TYPES, cdiv, compiled, gpu_tiles, jit, needs_grad, next_pow2, pointers, rows_2d,
+from hrm.ops.common import (cdiv, compiled, jit, needs_grad, next_pow2, pointers, row_kernel_aot, rows_2d,
                              rows_per_program, tl, whole_tensor_tiles)
 from hrm.ops.dispatch import get_impl, register
 from hrm.ops.rmsnorm import compute_dtype
@@ -137,12 +137,8 @@ def aot_specs(intermediate_size: int, dtype: torch.dtype, rows: int = 8192) -> l
     """Both kernels at the tiles the launchers pick on a GPU, as :class:`hrm.ops.aot.KernelSpec` s."""
     from hrm.ops.aot import KernelSpec
 
-    with gpu_tiles():
-        _, block_rows, block_cols, num_warps = _tiles(rows, intermediate_size)
-    tiles = {"BLOCK_ROWS": block_rows, "BLOCK_COLS": block_cols}
-    sizes = {"n_rows": "i32", "n_cols": "i32"}
-    aligned_cols = ("n_cols",) if intermediate_size % 16 == 0 else ()
-    tag, where = f"I={intermediate_size} {TRITON_TYPES[dtype]}", f"{__name__}:"
+    tiles, sizes, aligned_cols, tag, where, num_warps = row_kernel_aot(_tiles, rows, intermediate_size, dtype, __name__,
+                                                                       "I")
     return [KernelSpec(f"swiglu_fwd {tag}", where + "_swiglu_fwd_kernel", {**pointers(dtype, "GU", "Y"), **sizes},
                        tiles, num_warps, 1, ("GU", "Y", *aligned_cols)),
             KernelSpec(f"swiglu_bwd {tag}", where + "_swiglu_bwd_kernel",
