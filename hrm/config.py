@@ -21,6 +21,14 @@ def round_up(x: int, multiple: int) -> int:
     return -(-x // multiple) * multiple
 
 
+def dataclass_from_dict(cls: type, data: dict[str, Any], what: str) -> Any:
+    """``cls(**data)``, naming unknown fields in a :class:`ConfigError` (``what``: "model config")."""
+    unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise ConfigError(f"invalid {what}: unknown field(s) {', '.join(unknown)}")
+    return cls(**data)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     vocab_size: int = 260
@@ -102,11 +110,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"invalid model config: unknown field(s) {', '.join(unknown)}")
-        return cls(**data)
+        return dataclass_from_dict(cls, data, "model config")
 
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)

@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from hrm.config import PRESETS, ModelConfig, get_preset
+from hrm.config import PRESETS, ModelConfig, dataclass_from_dict, get_preset
 from hrm.data import TASKS
 from hrm.errors import ConfigError
 
@@ -120,11 +120,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"invalid training config: unknown field(s) {', '.join(unknown)}")
-        return cls(**data)
+        return dataclass_from_dict(cls, data, "training config")
 
 
 def parse_override(text: str) -> tuple[str, Any]:
