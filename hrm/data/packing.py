@@ -35,8 +35,7 @@ import torch
 from hrm.data.sample import Sample
 from hrm.data.sources import SourceStats
 from hrm.errors import DataError
-
-IGNORE_INDEX = -100
+from hrm.ops.cross_entropy import IGNORE_INDEX
 
 
 @numba.njit(cache=False)
