@@ -3,7 +3,8 @@
 For hidden states ``z [T, d]``, head weight ``W [V, d]`` and ``labels [T]`` (``-100`` =
 not supervised), over the supervised rows ``S = {t : labels[t] != -100}``:
 
-    logits_t = W z_t                       (in z's dtype, as the LM head computes it)
+    logits_t = W z_t                       (in the LM head's dtype: autocast's when it is on,
+                                            else z's; the weight is cast to it once per call)
     loss     = sum_{t in S} lse(logits_t) - logits_t[labels_t]      (fp32; fp64 for fp64)
     pred_t   = argmax logits_t (first maximum) for t in S, -100 elsewhere
 
@@ -11,8 +12,9 @@ The supervised rows are gathered and processed in chunks of ``chunk_rows`` token
 ``[chunk, V]`` logits buffer at a time, never ``[T, V]`` (nor ``[S, V]``). Gradients are
 computed in the forward (the loss is a scalar, so its backward only scales them):
 ``g_t = softmax(logits_t) - onehot(labels_t)``, ``dz_t = g_t W`` (rows outside ``S`` get
-0) and ``dW = sum_t g_t^T z_t`` (accumulated in fp32 for low-precision weights). Saved for
-backward: ``dz`` and ``dW``; the backward returns them times the loss gradient.
+0) and ``dW = sum_t g_t^T z_t`` (products in the head's dtype, accumulated over chunks in
+fp32 for fp32 or 16-bit weights, returned in the weight's dtype). Saved for backward: ``dz``
+and ``dW``; the backward returns them times the loss gradient.
 
 Backends: ``torch`` (the reference: ``F.linear`` on the supervised rows then
 :func:`~hrm.ops.cross_entropy.cross_entropy_reference`; materialises ``[S, V]``),
@@ -36,13 +38,13 @@ from hrm.ops.cross_entropy import IGNORE_INDEX, cross_entropy_reference
 from hrm.ops.dispatch import get_impl, register
 from hrm.ops.rmsnorm import compute_dtype
 
-# fp32 bytes of one chunk's logits: bounds the op's working memory (32 MiB = 256 tokens of a
-# 32K vocabulary); chunks are a power of two, at least 16 tokens.
+# Bytes of one chunk's logits: bounds the op's working memory (32 MiB = 256 tokens of a 32K
+# vocabulary in fp32, 512 in bf16); chunks are a power of two, at least 16 tokens.
 LOGITS_CHUNK_BYTES = 32 << 20
 
 
-def default_chunk_rows(vocab: int) -> int:
-    rows = max(LOGITS_CHUNK_BYTES // (4 * vocab), 16)
+def default_chunk_rows(vocab: int, itemsize: int = 4) -> int:
+    rows = max(LOGITS_CHUNK_BYTES // (itemsize * vocab), 16)
     return 1 << (rows.bit_length() - 1)
 
 
@@ -151,13 +153,15 @@ def _ce_chunk_math(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
     return loss, lf.argmax(-1)
 
 
-def _ce_chunk_grad_math(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _ce_chunk_grad_math(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """The chunk's loss and argmax; overwrites ``logits`` with their gradient."""
     lf = logits.to(compute_dtype(logits.dtype))
     lse = torch.logsumexp(lf, -1)
     loss = lse - lf.gather(1, targets[:, None]).squeeze(1)
     onehot = torch.arange(lf.shape[1], device=lf.device)[None, :] == targets[:, None]
-    grad = torch.exp(lf - lse[:, None]) - onehot.to(lf.dtype)
-    return loss, lf.argmax(-1), grad.to(logits.dtype)
+    pred = lf.argmax(-1)
+    logits.copy_(torch.exp(lf - lse[:, None]) - onehot.to(lf.dtype))
+    return loss, pred
 
 
 _ce_chunk_compiled = compiled(_ce_chunk_math)
@@ -166,38 +170,60 @@ _ce_chunk_grad_compiled = compiled(_ce_chunk_grad_math)
 
 def _ce_chunk_compile(logits: Tensor, targets: Tensor, with_grad: bool) -> tuple[Tensor, Tensor, Tensor | None]:
     if with_grad:
-        return _ce_chunk_grad_compiled(logits, targets)
+        return (*_ce_chunk_grad_compiled(logits, targets), logits)
     return (*_ce_chunk_compiled(logits, targets), None)
 
 
 # -- the chunk loop (both fused backends) ----------------------------------------------------
 ChunkCE = Callable[[Tensor, Tensor, bool], tuple[Tensor, Tensor, "Tensor | None"]]
 
+# Rows per matmul of the chunk loop: large enough for the GEMM to run at its peak, small
+# enough that the output rows stay a few MiB (a 1024-row product at once runs ~40% slower
+# on a CPU).
+_MATMUL_ROWS = 256
+
 
 def linear_cross_entropy_chunked(z: Tensor, weight: Tensor, labels: Tensor, chunk_rows: int, ce_chunk: ChunkCE,
                                  with_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(loss_sum, pred, dz, dW)`` (the gradients are empty without ``with_grad``);
-    ``ce_chunk(logits, targets, with_grad) -> (loss_rows, pred_rows, dlogits)``."""
+    ``ce_chunk(logits, targets, with_grad) -> (loss_rows, pred_rows, dlogits)``, where
+    ``dlogits`` may overwrite ``logits``. The matmuls run in z's dtype; every buffer is
+    allocated once per call and reused by the chunks."""
     rows = (labels != IGNORE_INDEX).nonzero().squeeze(1)  # [S]
+    w = weight.to(z.dtype)  # one cast for all chunks (a no-op when the dtypes agree)
+    V = w.shape[0]
     loss = torch.zeros((), dtype=compute_dtype(z.dtype), device=z.device)
     pred = torch.full(labels.shape, IGNORE_INDEX, dtype=labels.dtype, device=labels.device)
     dz = torch.zeros(z.shape, dtype=z.dtype, device=z.device) if with_grad else z.new_empty(0)
-    dw = torch.zeros(weight.shape, dtype=compute_dtype(weight.dtype), device=weight.device) if with_grad \
+    dw = torch.empty(weight.shape, dtype=compute_dtype(weight.dtype), device=weight.device) if with_grad \
         else weight.new_empty(0)
-    for start in range(0, rows.numel(), chunk_rows):
+    logits_buf = z.new_empty(min(chunk_rows, rows.numel()), V)
+    partial = w.new_empty(V, w.shape[1]) if with_grad and dw.dtype != w.dtype else None  # one chunk's dW
+    for i, start in enumerate(range(0, rows.numel(), chunk_rows)):
         r = rows[start:start + chunk_rows]
         x = z[r]  # [C, d]
-        logits = x @ weight.t()  # [C, V]
+        logits = logits_buf[:r.numel()]
+        for a in range(0, r.numel(), _MATMUL_ROWS):
+            torch.mm(x[a:a + _MATMUL_ROWS], w.t(), out=logits[a:a + _MATMUL_ROWS])
         loss_rows, pred_rows, g = ce_chunk(logits, labels[r], with_grad)
         loss += loss_rows.sum()
         pred[r] = pred_rows.to(pred.dtype)
         if with_grad:
             g = g.to(z.dtype)
-            dz[r] = (g @ weight).to(dz.dtype)  # [C, d]; autocast may have made the product bf16
-            if dw.dtype == g.dtype:
-                dw.addmm_(g.t(), x)
-            else:
-                dw += (g.t() @ x).to(dw.dtype)
+            dz[r] = g @ w  # [C, d]
+            if partial is None:  # accumulate in dW's own dtype
+                if i == 0:
+                    torch.mm(g.t(), x, out=dw)
+                else:
+                    dw.addmm_(g.t(), x)
+            else:  # a 16-bit product, accumulated in fp32 (one pass, no fp32 temporary)
+                torch.mm(g.t(), x, out=partial)
+                if i == 0:
+                    dw.copy_(partial)
+                else:
+                    dw.add_(partial)
+    if with_grad and rows.numel() == 0:
+        dw.zero_()
     return loss, pred, dz, (dw.to(weight.dtype) if with_grad else dw)
 
 
@@ -234,20 +260,27 @@ _lce_compile_op = _define_op("linear_cross_entropy_compile", _ce_chunk_compile)
 _lce_triton_op = _define_op("linear_cross_entropy_triton", _ce_chunk_triton)
 
 
-@register("linear_cross_entropy", "compile")
-def linear_cross_entropy_compile(z: Tensor, weight: Tensor, labels: Tensor,
-                                 chunk_rows: int | None = None) -> tuple[Tensor, Tensor]:
-    loss, pred, _, _ = _lce_compile_op(z, weight, labels, chunk_rows or default_chunk_rows(weight.shape[0]),
-                                       needs_grad(z, weight))
-    return loss, pred
+def head_dtype(z: Tensor) -> torch.dtype:
+    """The LM head's dtype: autocast's, as ``F.linear`` would compute, when it is on for z's
+    device and z is an autocast-eligible float; else z's. (A custom op runs below autocast,
+    so the fused backends apply it here.)"""
+    device = z.device.type
+    if z.dtype in (torch.float32, torch.float16, torch.bfloat16) and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return z.dtype
 
 
-@register("linear_cross_entropy", "triton")
-def linear_cross_entropy_triton(z: Tensor, weight: Tensor, labels: Tensor,
-                                chunk_rows: int | None = None) -> tuple[Tensor, Tensor]:
-    loss, pred, _, _ = _lce_triton_op(z, weight, labels, chunk_rows or default_chunk_rows(weight.shape[0]),
-                                      needs_grad(z, weight))
-    return loss, pred
+def _fused_backend(op) -> Callable[..., tuple[Tensor, Tensor]]:
+    def impl(z: Tensor, weight: Tensor, labels: Tensor, chunk_rows: int | None = None) -> tuple[Tensor, Tensor]:
+        z = z.to(head_dtype(z))
+        chunk_rows = chunk_rows or default_chunk_rows(weight.shape[0], z.element_size())
+        loss, pred, _, _ = op(z, weight, labels, chunk_rows, needs_grad(z, weight))
+        return loss, pred
+    return impl
+
+
+linear_cross_entropy_compile = register("linear_cross_entropy", "compile")(_fused_backend(_lce_compile_op))
+linear_cross_entropy_triton = register("linear_cross_entropy", "triton")(_fused_backend(_lce_triton_op))
 
 
 def linear_cross_entropy(z: Tensor, weight: Tensor, labels: Tensor, *, chunk_rows: int | None = None,
