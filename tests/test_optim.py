@@ -1,4 +1,5 @@
-"""Adam-atan2 (multi-tensor vs per-tensor reference vs hand computation), EMA, LR schedule."""
+"""Adam-atan2 (multi-tensor vs per-tensor reference vs hand computation, the fused ``compile``
+backend vs an fp64 reference, compiling once), EMA, LR schedule."""
 
 import copy
 import math
@@ -8,7 +9,11 @@ import torch
 from torch import nn
 
 from hrm.config import get_preset
+from hrm.errors import BackendUnavailable
 from hrm.model import HRMText
+from hrm.ops import adam_atan2 as adam_atan2_module
+from hrm.ops import adam_atan2_, available_backends
+from hrm.ops.common import compiled
 from hrm.training.optim import EMA, AdamAtan2, adam_atan2_reference, lr_at, param_groups
 
 BETAS = (0.9, 0.95)
@@ -100,6 +105,152 @@ def test_state_dict_round_trip_continues_identically():
     step(params2, opt2, 3)
     for p, q in zip(params, params2):
         assert torch.equal(p, q)
+
+
+# -- backends of the step ------------------------------------------------------------------
+# Every shape AdamAtan2 accepts: 0-d, 1-element, empty, odd 1-d/2-d/3-d, and a non-contiguous
+# (transposed) parameter; the last one never gets a gradient.
+SHAPES = [(), (1,), (0, 3), (7,), (5, 3), (2, 3, 4), (123, 5), "transposed", (4, 4)]
+LRS = [1e-2, 3e-2, 5e-3, 2e-2, 1e-3]  # changes every step, as under the schedule
+
+
+def _odd_params(seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(6, 5, generator=g).t() if s == "transposed" else torch.randn(s, generator=g) for s in SHAPES]
+
+
+def _run_steps(backend: str, dtype: torch.dtype, wd: float, steps: int = len(LRS)):
+    """``steps`` AdamAtan2 steps in ``dtype`` on ``backend`` over :data:`SHAPES` (decay on the
+    matrices only); gradients of mixed scales; returns the parameters and the optimizer."""
+    params = [nn.Parameter(p.to(dtype)) for p in _odd_params(0)]
+    assert not params[SHAPES.index("transposed")].is_contiguous()
+    opt = AdamAtan2(param_groups(nn.ParameterList(params), wd), lr=LRS[0], betas=BETAS, backend=backend)
+    g = torch.Generator().manual_seed(1)
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = LRS[step]
+        for i, p in enumerate(params[:-1]):  # the last parameter never has a gradient
+            p.grad = (torch.randn(p.shape, generator=g, dtype=torch.float64) * 10.0 ** (i % 5 - 2)).to(dtype)
+        opt.step()
+    return params, opt
+
+
+def _rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    """Max error relative to the reference tensor's largest magnitude (op_parity's measure)."""
+    if ref.numel() == 0:
+        return 0.0
+    return ((a.double() - ref).abs().max() / ref.abs().max().clamp(min=1e-30)).item()
+
+
+# fp32 rounds each of the step's ~10 elementwise operations to 2**-24 = 6e-8 (atan2 is well
+# conditioned: its angle moves by at most the relative error of its arguments), so 5 steps
+# stay within a few 1e-7 of the tensor's scale in parameters and moments; the foreach
+# reference in fp32 lands at the same level (checked below), 1e-6 leaves room for FMAs.
+FP32_TOLERANCE = 1e-6
+
+
+@pytest.mark.parametrize("wd", [0.0, 0.1])
+@pytest.mark.parametrize("backend", ["torch", "compile"])
+def test_backend_matches_fp64_reference(backend, wd):
+    ref_params, ref_opt = _run_steps("torch", torch.float64, wd)
+    params, opt = _run_steps(backend, torch.float32, wd)
+    start = _odd_params(0)
+    for p, r, p0 in zip(params, ref_params, start):
+        assert _rel_err(p.detach(), r.detach()) <= FP32_TOLERANCE
+        if r.grad is None:  # skipped: untouched, no state
+            assert torch.equal(p.detach(), p0) and not opt.state[p] and not ref_opt.state[r]
+            continue
+        if p.numel():
+            assert not torch.equal(p.detach(), p0)
+        s, rs = opt.state[p], ref_opt.state[r]
+        assert s["step"] == rs["step"] == len(LRS)
+        assert s["exp_avg"].dtype == torch.float32 and s["exp_avg"].shape == p.shape
+        assert _rel_err(s["exp_avg"], rs["exp_avg"]) <= FP32_TOLERANCE
+        assert _rel_err(s["exp_avg_sq"], rs["exp_avg_sq"]) <= FP32_TOLERANCE
+
+
+def test_fp64_reference_is_the_per_tensor_step():
+    """The fp64 oracle above (the foreach ``torch`` backend) against the per-tensor formula,
+    with per-parameter step counts that differ (one parameter misses a step)."""
+    params = [p.double() for p in _odd_params(3) if p.is_contiguous()]
+    ref = [p.clone() for p in params]
+    m, v = [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params]
+    rm, rv = [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params]
+    steps = [0] * len(params)
+    g = torch.Generator().manual_seed(4)
+    for k, lr in enumerate(LRS):
+        live = [i for i in range(len(params)) if not (k == 2 and i == 1)]
+        grads = [torch.randn(params[i].shape, generator=g, dtype=torch.float64) for i in live]
+        for i in live:
+            steps[i] += 1
+        adam_atan2_([params[i] for i in live], grads, [m[i] for i in live], [v[i] for i in live],
+                    [steps[i] for i in live], lr=lr, betas=BETAS, weight_decay=0.1, backend="torch")
+        for i, grad in zip(live, grads):
+            adam_atan2_reference(ref[i], grad, rm[i], rv[i], steps[i], lr=lr, betas=BETAS, weight_decay=0.1)
+    for a, b in zip(params + m + v, ref + rm + rv):
+        torch.testing.assert_close(a, b, rtol=1e-14, atol=1e-15)
+
+
+def test_compile_backend_compiles_once(monkeypatch):
+    """One graph for every shape (1-element and 0-d included), every step (lr and the bias
+    corrections change each time) and both parameter groups (weight decay on and off)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()  # dynamo caches graphs per code object: start from none
+    fresh = compiled(adam_atan2_module._adam_atan2_math)
+    monkeypatch.setattr(adam_atan2_module, "_adam_atan2_compiled", fresh)
+    before = counters["stats"]["unique_graphs"]
+    recompiles = sum(counters["recompiles"].values())
+    _run_steps("compile", torch.float32, 0.1)
+    assert fresh._compiled is not None
+    assert counters["stats"]["unique_graphs"] - before == 1
+    assert sum(counters["recompiles"].values()) == recompiles
+
+
+def test_compile_step_on_a_differing_step_count_per_tensor():
+    """Per-tensor step counts (a parameter that missed a step) give per-tensor bias corrections."""
+    params = [p.double() for p in _odd_params(5) if p.is_contiguous()]
+    p32 = [p.float() for p in params]
+    m, v = [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params]
+    m32, v32 = [torch.zeros_like(p) for p in p32], [torch.zeros_like(p) for p in p32]
+    steps = [1 + i % 3 for i in range(len(params))]
+    g = torch.Generator().manual_seed(6)
+    grads = [torch.randn(p.shape, generator=g, dtype=torch.float64) for p in params]
+    adam_atan2_(params, grads, m, v, steps, lr=0.01, betas=BETAS, weight_decay=0.1, backend="torch")
+    adam_atan2_(p32, [x.float() for x in grads], m32, v32, steps, lr=0.01, betas=BETAS, weight_decay=0.1,
+                backend="compile")
+    for a, b in zip(p32 + m32 + v32, params + m + v):
+        assert _rel_err(a, b) <= FP32_TOLERANCE
+
+
+def test_optimizer_backends_share_the_state_dict():
+    """A checkpoint written with one backend resumes on the other: same state dict format
+    (no backend in it), and the continued runs agree."""
+    params, opt = _run_steps("torch", torch.float32, 0.1, steps=3)
+    params2 = [nn.Parameter(p.detach().clone()) for p in params]
+    opt2 = AdamAtan2(param_groups(nn.ParameterList(params2), 0.1), lr=LRS[0], betas=BETAS, backend="compile")
+    state = copy.deepcopy(opt.state_dict())
+    assert all("backend" not in g for g in state["param_groups"])
+    opt2.load_state_dict(state)
+    assert opt2.backend == "compile"
+    g = torch.Generator().manual_seed(9)
+    for p, q in zip(params[:-1], params2[:-1]):
+        p.grad = torch.randn(p.shape, generator=g)
+        q.grad = p.grad.clone()
+    opt.step()
+    opt2.step()
+    for p, q in zip(params, params2):
+        assert _rel_err(q.detach(), p.detach().double()) <= FP32_TOLERANCE
+        if opt.state[p]:
+            assert opt2.state[q]["step"] == opt.state[p]["step"] == 4
+
+
+def test_optimizer_backend_names():
+    p = nn.Parameter(torch.ones(3))
+    assert AdamAtan2([p]).backend == "torch"
+    assert AdamAtan2([p], backend="auto").backend in available_backends()
+    with pytest.raises(BackendUnavailable):
+        AdamAtan2([p], backend="no-such-backend")
 
 
 def test_param_groups_decay_matrices_only():

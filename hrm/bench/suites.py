@@ -20,6 +20,7 @@ of those with gradients.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import resource
 import statistics
@@ -196,6 +197,39 @@ def bench_op(case: OpCase, backend: str, reps: int, device: torch.device | str =
                 flops=case.full_flops or None, **common)]
 
 
+def bench_adam_atan2(bench: BenchConfig, backend: str, reps: int, device: torch.device | str = "cpu",
+                     min_time: float = OP_MIN_TIME) -> list[Row]:
+    """One Adam-atan2 step (:func:`hrm.ops.adam_atan2_`) over the config model's parameters
+    with random gradients, fp32 (mode ``full``: the whole op); parity: 3 steps against the
+    fp64 reference. Traffic: read p, g, m, v; write p, m, v."""
+    device = torch.device(device)
+    shapes = [p.shape for p in HRMText(bench.model).parameters()]
+    g = torch.Generator().manual_seed(0)
+    init = [(torch.randn(s, generator=g), torch.randn(s, generator=g)) for s in shapes]
+
+    def tensors(dtype: torch.dtype) -> tuple[list[torch.Tensor], ...]:
+        ps = [p.to(device, dtype) for p, _ in init]
+        return ps, [gr.to(device, dtype) for _, gr in init], [torch.zeros_like(p) for p in ps], \
+            [torch.zeros_like(p) for p in ps]
+
+    def step(ts: tuple[list[torch.Tensor], ...], k: int, on: str) -> None:
+        ops.adam_atan2_(*ts, [k] * len(ts[0]), lr=1e-3 * k, betas=(0.9, 0.95), weight_decay=0.1, backend=on)
+
+    out, ref = tensors(torch.float32), tensors(torch.float64)
+    for k in (1, 2, 3):
+        step(out, k, backend)
+        step(ref, k, "torch")
+    parity = max(((a.double() - b).abs().max() / b.abs().max().clamp(min=1e-30)).item()
+                 for a, b in zip([*out[0], *out[2], *out[3]], [*ref[0], *ref[2], *ref[3]]))
+    del ref
+    counter = itertools.count(4)
+    seconds = measure(lambda: step(out, next(counter), backend), device=device, warmup=1, reps=reps,
+                      min_time=min_time)
+    n = sum(p.numel() for p in out[0])
+    return [Row(suite="ops", name="adam_atan2", backend=backend, mode="full", shape=f"{len(shapes)} tensors, {n}",
+                dtype="float32", seconds=seconds, bytes=7 * 4 * n, parity=parity, tolerance=OP_TOLERANCE)]
+
+
 def run_ops(bench: BenchConfig, *, reps: int, device: torch.device | str = "cpu",
             backends: list[str] | None = None, min_time: float = OP_MIN_TIME) -> list[Row]:
     rows: list[Row] = []
@@ -203,6 +237,9 @@ def run_ops(bench: BenchConfig, *, reps: int, device: torch.device | str = "cpu"
         for backend in bench_backends(case.name):
             if backends is None or backend in backends:
                 rows += bench_op(case, backend, reps, device, min_time)
+    for backend in bench_backends("adam_atan2"):
+        if backends is None or backend in backends:
+            rows += bench_adam_atan2(bench, backend, reps, device, min_time)
     return rows
 
 
@@ -227,7 +264,7 @@ def make_train_step(model: HRMText, batch: PackedBatch, bp_steps: int, *, compil
     forward + loss (``torch.compile``d with ``compiled``), backward, Adam-atan2 step. Each
     phase is a named range (``forward``, ``backward``, ``optimizer``)."""
     device = batch.input_ids.device
-    optimizer = AdamAtan2(model.parameters(), lr=lr)
+    optimizer = AdamAtan2(model.parameters(), lr=lr, backend=model.backend)
 
     def forward_loss():
         with torch.autocast(device.type, dtype=torch.bfloat16):

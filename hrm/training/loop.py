@@ -289,7 +289,7 @@ def _train(cfg: TrainConfig, out: Path, ckpt_path: Path | None, env: Dist) -> di
                           num_rows=env.world_size, too_long=cfg.too_long)
     model = HRMText(model_cfg, backend=cfg.backend).to(env.device)
     optimizer = AdamAtan2(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas,
-                          weight_decay=cfg.weight_decay)
+                          weight_decay=cfg.weight_decay, backend=model.backend)
     ema = EMA(model, cfg.ema_decay)
     start, window = 0, _Window()
     if ckpt_path is not None:

@@ -2,8 +2,9 @@
 
 * :class:`AdamAtan2`: Adam whose update is ``atan2(m_hat, sqrt(v_hat))`` -- bounded by
   ``pi/2`` per element and scale invariant, so it needs no epsilon -- with decoupled weight
-  decay. Multi-tensor (``torch._foreach_*``); :func:`adam_atan2_reference` is the same step
-  written per tensor, for reading and for the tests.
+  decay. The step is the op :func:`hrm.ops.adam_atan2_` (multi-tensor ``torch`` reference,
+  fused ``compile`` backend); :func:`adam_atan2_reference` is the same step written per
+  tensor, for reading and for the tests.
 * :class:`EMA`: an exponential moving average of a model's parameters (and a copy of its
   buffers), in ``model.state_dict()`` key order so it saves as ``ema.safetensors``.
 * :func:`lr_at`: linear warmup, then cosine decay to ``min_lr_ratio * lr``.
@@ -18,6 +19,9 @@ from typing import Iterable, Iterator
 import torch
 from torch import nn
 
+from hrm.ops.adam_atan2 import adam_atan2_, adam_atan2_reference
+from hrm.ops.dispatch import resolve_backend
+
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Decay matrices (``dim >= 2``: projections, embedding, LM head); never 1-d tensors."""
@@ -28,39 +32,27 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def adam_atan2_reference(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
-                         step: int, *, lr: float, betas: tuple[float, float], weight_decay: float) -> None:
-    """One Adam-atan2 step on one tensor, in place (``step`` counts from 1)::
-
-        m = b1 * m + (1 - b1) * g;        v = b2 * v + (1 - b2) * g**2
-        p = p - lr * wd * p                                   (decoupled weight decay)
-        p = p - lr * atan2(m / (1 - b1**step), sqrt(v / (1 - b2**step)))
-    """
-    beta1, beta2 = betas
-    exp_avg.lerp_(grad, 1 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    param.mul_(1 - lr * weight_decay)
-    m_hat = exp_avg / (1 - beta1 ** step)
-    v_hat = exp_avg_sq / (1 - beta2 ** step)
-    param.add_(torch.atan2(m_hat, v_hat.sqrt()), alpha=-lr)
-
-
 class AdamAtan2(torch.optim.Optimizer):
-    """Adam-atan2 with decoupled weight decay, one multi-tensor pass per parameter group.
+    """Adam-atan2 with decoupled weight decay: one :func:`hrm.ops.adam_atan2_` call per
+    parameter group, on ``backend`` (``torch``: the multi-tensor reference; ``compile``: one
+    fused kernel per tensor; ``auto`` resolves as the model's backend does, and backends
+    without the op fall back as :func:`hrm.ops.dispatch.get_impl` says).
 
     The math is :func:`adam_atan2_reference`'s. State per parameter: ``step`` (its own count,
-    for the bias corrections), ``exp_avg``, ``exp_avg_sq``. Parameters without a gradient
-    are left alone, state included.
+    for the bias corrections), ``exp_avg``, ``exp_avg_sq``; the backend is not part of the
+    state dict, so a checkpoint resumes on any backend. Parameters without a gradient are
+    left alone, state included.
     """
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.95),
-                 weight_decay: float = 0.1) -> None:
+                 weight_decay: float = 0.1, *, backend: str | None = "torch") -> None:
         if not lr >= 0:
             raise ValueError(f"lr must be >= 0, got {lr}")
         if not all(0 <= b < 1 for b in betas):
             raise ValueError(f"betas must be in [0, 1), got {betas}")
         if not weight_decay >= 0:
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        self.backend = resolve_backend(backend)
         super().__init__(params, {"lr": lr, "betas": tuple(betas), "weight_decay": weight_decay})
 
     @torch.no_grad()
@@ -73,7 +65,6 @@ class AdamAtan2(torch.optim.Optimizer):
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
-            lr, (beta1, beta2), wd = group["lr"], group["betas"], group["weight_decay"]
             states = []
             for p in params:
                 state = self.state[p]
@@ -81,20 +72,9 @@ class AdamAtan2(torch.optim.Optimizer):
                     state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
                 state["step"] += 1
                 states.append(state)
-            grads = [p.grad for p in params]
-            exp_avgs = [s["exp_avg"] for s in states]
-            exp_avg_sqs = [s["exp_avg_sq"] for s in states]
-
-            torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
-            torch._foreach_mul_(exp_avg_sqs, beta2)
-            torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
-            if wd != 0:
-                torch._foreach_mul_(params, 1 - lr * wd)
-            m_hat = torch._foreach_div(exp_avgs, [1 - beta1 ** s["step"] for s in states])
-            denom = torch._foreach_div(exp_avg_sqs, [1 - beta2 ** s["step"] for s in states])
-            torch._foreach_sqrt_(denom)
-            updates = [torch.atan2(m, d) for m, d in zip(m_hat, denom)]  # torch has no foreach atan2
-            torch._foreach_add_(params, updates, alpha=-lr)
+            adam_atan2_(params, [p.grad for p in params], [s["exp_avg"] for s in states],
+                        [s["exp_avg_sq"] for s in states], [s["step"] for s in states], lr=group["lr"],
+                        betas=group["betas"], weight_decay=group["weight_decay"], backend=self.backend)
         return loss
 
 

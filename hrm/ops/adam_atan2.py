@@ -1,0 +1,133 @@
+"""One Adam-atan2 step, in place, on lists of tensors (the optimizer's update; see
+:class:`hrm.training.optim.AdamAtan2`).
+
+For each parameter ``p`` with gradient ``g``, moments ``m``, ``v`` and its own step count
+``t`` (from 1)::
+
+    m = lerp(m, g, 1 - b1)  = b1 * m + (1 - b1) * g
+    v = b2 * v + (1 - b2) * g**2
+    p = p * (1 - lr * wd)                                      (decoupled weight decay)
+    p = p - lr * atan2(m / (1 - b1**t), sqrt(v / (1 - b2**t)))
+
+The update is bounded by ``pi/2`` per element and invariant to the gradient's scale, so
+there is no epsilon.
+
+Backends:
+
+- ``torch``: the reference, multi-tensor ``torch._foreach_*`` (eight passes over memory
+  and one ``atan2`` per tensor: torch has no foreach atan2).
+- ``compile``: one fused inductor kernel per tensor (read ``p, g, m, v``; write ``p, m, v``).
+  It compiles ONE graph for every tensor and every step: each tensor goes in flattened to
+  1-d with its length marked dynamic (and size-oblivious, so that 1-element tensors do not
+  specialise), and the per-step scalars (``lr``, the bias corrections, ...) go in as a
+  tensor, so that dynamo never specialises on their values.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.fx.experimental._config as fx_config
+from torch import Tensor
+from torch._dynamo.decorators import mark_dynamic
+
+from hrm.ops.common import compiled
+from hrm.ops.dispatch import get_impl, register
+
+
+def adam_atan2_reference(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: int, *,
+                         lr: float, betas: tuple[float, float], weight_decay: float) -> None:
+    """One Adam-atan2 step on one tensor, in place (``step`` counts from 1): the module
+    docstring's formula written per tensor, for reading and for the tests."""
+    beta1, beta2 = betas
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    param.mul_(1 - lr * weight_decay)
+    m_hat = exp_avg / (1 - beta1 ** step)
+    v_hat = exp_avg_sq / (1 - beta2 ** step)
+    param.add_(torch.atan2(m_hat, v_hat.sqrt()), alpha=-lr)
+
+
+@register("adam_atan2", "torch")
+def adam_atan2_foreach(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+                       steps: list[int], *, lr: float, betas: tuple[float, float], weight_decay: float) -> None:
+    """:func:`adam_atan2_reference` on every tensor at once, with ``torch._foreach_*``."""
+    beta1, beta2 = betas
+    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+    if weight_decay != 0:
+        torch._foreach_mul_(params, 1 - lr * weight_decay)
+    m_hat = torch._foreach_div(exp_avgs, [1 - beta1 ** s for s in steps])
+    denom = torch._foreach_div(exp_avg_sqs, [1 - beta2 ** s for s in steps])
+    torch._foreach_sqrt_(denom)
+    updates = [torch.atan2(m, d) for m, d in zip(m_hat, denom)]  # torch has no foreach atan2
+    torch._foreach_add_(params, updates, alpha=-lr)
+
+
+# -- compile backend -----------------------------------------------------------------------
+def _adam_atan2_math(p: Tensor, g: Tensor, m: Tensor, v: Tensor, scalars: Tensor) -> None:
+    """The step on 1-d ``p, g, m, v`` (same length), in place. ``scalars`` holds the per-step
+    numbers ``[1-b1, b2, 1-b2, 1-lr*wd, lr, 1-b1**t, 1-b2**t]`` (in the math's dtype, on the
+    parameter's device): they change between steps as data, which dynamo does not guard on."""
+    w1, b2, w2, decay, lr, bc1, bc2 = scalars.unbind(0)
+    dt = scalars.dtype
+    g = g.to(dt)
+    m_new = torch.lerp(m.to(dt), g, w1)
+    v_new = v.to(dt) * b2 + w2 * g * g
+    p_new = p.to(dt) * decay - lr * torch.atan2(m_new / bc1, torch.sqrt(v_new / bc2))
+    p.copy_(p_new)
+    m.copy_(m_new)
+    v.copy_(v_new)
+
+
+_adam_atan2_compiled = compiled(_adam_atan2_math)
+
+
+def _flat(t: Tensor) -> Tensor:
+    """``t`` as a 1-d tensor sharing its memory (the caller copies back where it cannot)."""
+    flat = t.detach().view(-1) if t.is_contiguous() else t.detach().contiguous().view(-1)
+    mark_dynamic(flat, 0)
+    return flat
+
+
+@register("adam_atan2", "compile")
+def adam_atan2_compile(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+                       steps: list[int], *, lr: float, betas: tuple[float, float], weight_decay: float) -> None:
+    beta1, beta2 = betas
+    scalars: dict[tuple, Tensor] = {}  # one small tensor per (step, device, dtype): usually one per call
+    # Size-oblivious: a dynamic length of 1 stays symbolic instead of compiling its own graph.
+    with fx_config.patch(backed_size_oblivious=True):
+        for p, g, m, v, step in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
+            if p.numel() == 0:
+                continue
+            dt = torch.float64 if p.dtype == torch.float64 else torch.float32
+            key = (step, p.device, dt)
+            if key not in scalars:
+                scalars[key] = torch.tensor([1 - beta1, beta2, 1 - beta2, 1 - lr * weight_decay, lr,
+                                             1 - beta1 ** step, 1 - beta2 ** step], dtype=dt, device=p.device)
+            flat = [_flat(t) for t in (p, g, m, v)]
+            _adam_atan2_compiled(*flat, scalars[key])
+            for t, f in zip((p, m, v), (flat[0], flat[2], flat[3])):
+                if f.data_ptr() != t.data_ptr():  # a non-contiguous tensor went in as a copy
+                    t.copy_(f.view_as(t))
+
+
+def adam_atan2_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
+                exp_avg_sqs: Sequence[Tensor], steps: Sequence[int], *, lr: float, betas: tuple[float, float],
+                weight_decay: float, backend: str | None = None) -> None:
+    """One Adam-atan2 step on each ``params[i]`` in place, updating ``exp_avgs[i]`` and
+    ``exp_avg_sqs[i]``; ``steps[i]`` is that parameter's step count including this step (from
+    1), for its bias corrections. Gradients are read only. The formula is the module's."""
+    if not (len(params) == len(grads) == len(exp_avgs) == len(exp_avg_sqs) == len(steps)):
+        raise ValueError("adam_atan2_: params, grads, exp_avgs, exp_avg_sqs and steps must have the same length")
+    if not params:
+        return
+    with torch.no_grad():
+        get_impl("adam_atan2", backend)(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs),
+                                        [int(s) for s in steps], lr=float(lr), betas=(float(betas[0]),
+                                        float(betas[1])), weight_decay=float(weight_decay))
+
+
+__all__ = ["adam_atan2_", "adam_atan2_reference"]
