@@ -203,7 +203,8 @@ class HRMText(nn.Module):
         """The final state ``z_H`` ``[T, d]`` (the LM head's input)."""
         with profiling.range("embed"):
             ctx = self.packing(position_ids, cu_seqlens, prefix_lens, cache)
-            x = self.embed_tokens(input_ids) * (1.0 / self.config.embed_std)  # [T, d]
+            x = ops.embedding(input_ids, self.embed_tokens.weight, 1.0 / self.config.embed_std,
+                              backend=ctx.backend)  # [T, d]
         if self.config.arch == "transformer":
             with profiling.range("H0"):
                 return self.H_level(x, ctx, 0)

@@ -153,6 +153,21 @@ def _labels(T, V, every=3, seed=0):
     return labels
 
 
+# -- token embedding -------------------------------------------------------------------------
+def _embedding(ids, scale):
+    return lambda w, backend: ops.embedding(ids, w, scale, backend=backend)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(37, 300, 24), (1, 5, 3), (200, 7, 65)], ids=lambda s: "x".join(map(str, s)))
+def test_embedding(dtype, shape):
+    """Repeated ids (more tokens than rows), rows that never occur, 2-d ids, one token."""
+    T, V, d = shape
+    ids = torch.randint(0, V, (T,), generator=torch.Generator().manual_seed(0))
+    check_against_oracle(_embedding(ids, 1.7), [randn(V, d)], "cpu", dtype)
+    check_against_oracle(_embedding(ids.view(1, T), 0.5), [randn(V, d)], "cpu", dtype)
+
+
 def _lce(labels, chunk_rows):
     return lambda z, w, backend: ops.linear_cross_entropy(z, w, labels, chunk_rows=chunk_rows, backend=backend)
 

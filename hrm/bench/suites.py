@@ -101,6 +101,10 @@ def op_cases(bench: BenchConfig, device: torch.device | str = "cpu") -> list[OpC
 
     f32 = 4
     return [
+        # The backward writes the whole dense table (zeros where no token points).
+        OpCase("embedding", f"{T} ids into {V}x{d}", lambda: [rand(V, d)],
+               lambda w, backend: ops.embedding(batch.input_ids, w, cfg.embed_std**-1, backend=backend),
+               2 * T * d * f32, (T + V) * d * f32),
         OpCase("rms_norm", f"{T}x{d}", lambda: [rand(T, d)], lambda x, backend: ops.rms_norm(x, backend=backend),
                2 * T * d * f32, 3 * T * d * f32),
         OpCase("add_rms_norm", f"{T}x{d}", lambda: [rand(T, d), rand(T, d)],
