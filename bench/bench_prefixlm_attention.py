@@ -10,14 +10,17 @@ log-normally around 270 tokens, prefixes half of each sequence, trailing padding
 - ``sdpa_loop``: a Python loop of ``scaled_dot_product_attention``, one call per sequence;
 - ``torch``: the readable reference (``prefixlm_attention_reference``);
 - ``cpu``: the block-sparse C++ backend;
+- ``cpu_bf16``: the same on the inputs rounded to bf16 (as under bf16 autocast): bf16
+  products with fp32 accumulation where the CPU has AVX512_BF16, else the fp32 path;
 - ``flex``: ``torch.compile``d ``flex_attention`` with the equivalent block mask (forward
   only; the mask build is timed on its own).
 
 GFLOP/s count only the useful (unmasked) work: forward ``4 * pairs * head_dim`` per head,
 forward+backward 3.5 times that (flash-attention's convention: the backward is 2.5 forward
-passes, the recomputation of ``q k^T`` included). They sit next to this CPU's own fp32
-matmul GFLOP/s, measured in the same run. Parity is the max abs error of the output against
-the fp64 reference over the real rows.
+passes, the recomputation of ``q k^T`` included). They sit next to this CPU's own matmul
+GFLOP/s in the method's dtype (fp32, or bf16 for ``cpu_bf16``), measured in the same run.
+Parity is the max abs error of the output against the fp64 reference (of the fp32 inputs)
+over the real rows.
 """
 
 from __future__ import annotations
@@ -91,6 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
     g = torch.Generator().manual_seed(1)
     q, k, v, go = (torch.randn(T, H, D, generator=g) for _ in range(4))
     want = pa.prefixlm_attention_reference(q.double(), k.double(), v.double(), cu, pl)
+    inputs = {dt: [x.to(dt) for x in (q, k, v, go)] for dt in (torch.float32, torch.bfloat16)}
 
     dense_mask = pa.prefixlm_dense_mask(cu, pl, T)
     loop_masks = []
@@ -115,44 +119,47 @@ def main(argv: list[str] | None = None) -> dict:
         out = flex(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], block_mask=block_mask)
         return out[0].transpose(0, 1)
 
-    methods = {
-        "sdpa_dense": (lambda q, k, v, cu, pl: sdpa_dense(q, k, v, cu, pl, dense_mask), True),
-        "sdpa_loop": (lambda q, k, v, cu, pl: sdpa_loop(q, k, v, cu, pl, loop_masks), True),
-        "torch": (pa.prefixlm_attention_reference, True),
-        "cpu": (pa.prefixlm_attention_cpu, True),
-        "flex": (flex_fn, False),
+    f32, bf16 = torch.float32, torch.bfloat16
+    methods = {  # name: (fn, has a backward, input dtype)
+        "sdpa_dense": (lambda q, k, v, cu, pl: sdpa_dense(q, k, v, cu, pl, dense_mask), True, f32),
+        "sdpa_loop": (lambda q, k, v, cu, pl: sdpa_loop(q, k, v, cu, pl, loop_masks), True, f32),
+        "torch": (pa.prefixlm_attention_reference, True, f32),
+        "cpu": (pa.prefixlm_attention_cpu, True, f32),
+        "cpu_bf16": (pa.prefixlm_attention_cpu, True, bf16),
+        "flex": (flex_fn, False, f32),
     }
 
-    def forward(fn):
+    def forward(fn, dtype):
         with torch.no_grad():
-            return fn(q, k, v, cu, pl)
+            return fn(*inputs[dtype][:3], cu, pl)
 
-    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    leaves = {dt: [x.clone().requires_grad_() for x in xs[:3]] for dt, xs in inputs.items()}
 
-    def forward_backward(fn):
-        out = fn(*leaves, cu, pl)
-        return torch.autograd.grad(out, leaves, go)
+    def forward_backward(fn, dtype):
+        out = fn(*leaves[dtype], cu, pl)
+        return torch.autograd.grad(out, leaves[dtype], inputs[dtype][3])
 
-    parity = {name: (forward(fn)[:total].double() - want[:total]).abs().max().item()
-              for name, (fn, _) in methods.items()}  # also compiles flex and builds the CPU kernel
+    parity = {name: (forward(fn, dt)[:total].double() - want[:total]).abs().max().item()
+              for name, (fn, _, dt) in methods.items()}  # also compiles flex and builds the CPU kernel
 
-    peaks, times = [], {}
+    peaks, times = {f32: [], bf16: []}, {}
     for _ in range(rounds):  # interleave everything, take medians: other processes may share the cores
-        peaks.append(matmul_peak_gflops(torch.float32, reps=reps))
-        for name, (fn, has_bwd) in methods.items():
-            times.setdefault((name, "forward"), []).append(measure(lambda: forward(fn), warmup=1, reps=reps))
+        for dt in peaks:
+            peaks[dt].append(matmul_peak_gflops(dt, reps=reps))
+        for name, (fn, has_bwd, dt) in methods.items():
+            times.setdefault((name, "forward"), []).append(measure(lambda: forward(fn, dt), warmup=1, reps=reps))
             if has_bwd:
                 times.setdefault((name, "forward+backward"), []).append(
-                    measure(lambda: forward_backward(fn), warmup=1, reps=reps))
-    peak = max(peaks)  # the least disturbed measurement of the matmul peak
+                    measure(lambda: forward_backward(fn, dt), warmup=1, reps=reps))
+    peak = {dt: max(p) for dt, p in peaks.items()}  # the least disturbed measurement of the matmul peak
 
     rows = []
     for (name, mode), ts in times.items():
-        sec = statistics.median(ts)
+        sec, dt = statistics.median(ts), methods[name][2]
         flops = fwd_flops * (1.0 if mode == "forward" else 3.5)
-        rows.append({"method": name, "mode": mode, "ms": sec * 1e3, "best_ms": min(ts) * 1e3,
-                     "gflops": flops / sec / 1e9, "frac_peak": flops / sec / 1e9 / peak,
-                     "best_frac_peak": flops / min(ts) / 1e9 / peak, "parity": parity[name]})
+        rows.append({"method": name, "mode": mode, "dtype": str(dt).removeprefix("torch."), "ms": sec * 1e3,
+                     "best_ms": min(ts) * 1e3, "gflops": flops / sec / 1e9, "frac_peak": flops / sec / 1e9 / peak[dt],
+                     "best_frac_peak": flops / min(ts) / 1e9 / peak[dt], "parity": parity[name]})
     by = {(r["method"], r["mode"]): r for r in rows}
     for r in rows:
         base = by.get(("sdpa_loop", r["mode"]))
@@ -160,6 +167,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     cpu_fb, loop_fb, cpu_f, flex_f = (by[("cpu", "forward+backward")], by[("sdpa_loop", "forward+backward")],
                                       by[("cpu", "forward")], by[("flex", "forward")])
+    bf16_fb = by[("cpu_bf16", "forward+backward")]
     targets = {  # on medians; the best rounds are reported next to them
         "cpu fwd+bwd >= 2x faster than the per-sequence SDPA loop": (
             loop_fb["ms"] / cpu_fb["ms"] >= 2.0, loop_fb["best_ms"] / cpu_fb["best_ms"] >= 2.0),
@@ -167,24 +175,31 @@ def main(argv: list[str] | None = None) -> dict:
             cpu_fb["frac_peak"] >= 0.40, cpu_fb["best_frac_peak"] >= 0.40),
         "cpu forward faster than compiled flex_attention": (
             cpu_f["ms"] < flex_f["ms"], cpu_f["best_ms"] < flex_f["best_ms"]),
+        "cpu fwd+bwd on bf16 inputs >= 2x faster than on fp32": (
+            cpu_fb["ms"] / bf16_fb["ms"] >= 2.0, cpu_fb["best_ms"] / bf16_fb["best_ms"] >= 2.0),
     }
+    bf16_dots = pa._cpu_ops().bf16_dots()
     result = {
         "shape": {"tokens": T, "real_tokens": total, "sequences": len(pl_l), "heads": H, "head_dim": D,
                   "dtype": "float32"},
         "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
-        "torch": torch.__version__, "matmul_peak_gflops": peak, "matmul_peak_samples": peaks,
+        "torch": torch.__version__, "matmul_peak_gflops": peak[f32], "matmul_peak_samples": peaks[f32],
+        "bf16_matmul_peak_gflops": peak[bf16], "bf16_matmul_peak_samples": peaks[bf16],
+        "cpu_bf16_products": bf16_dots, "cpu_bf16_speedup": cpu_fb["ms"] / bf16_fb["ms"],
         "useful_pairs": pairs, "tiles_64x64": tiles, "tiles_skipped": tiles["empty"] / tiles["total"],
         "flex_mask_build_ms": mask_build_s * 1e3, "flex_mask_sparsity_pct": block_mask.sparsity(),
         "rows": rows, "targets": targets,
     }
 
-    print(f"T={T} ({total} real, {len(pl_l)} sequences) heads={H} head_dim={D} fp32, "
+    print(f"T={T} ({total} real, {len(pl_l)} sequences) heads={H} head_dim={D} fp32 (cpu_bf16: bf16), "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}")
     print(f"tiles 64x64: {tiles['empty']}/{tiles['total']} empty (skipped {result['tiles_skipped']:.1%}), "
           f"{tiles['full']} full, {tiles['partial']} partial; useful pairs {pairs} "
           f"({pairs / total**2:.1%} of the real rows' T^2)")
-    print(f"matmul peak (fp32 2048^3, best of {len(peaks)}): {peak:.1f} GFLOP/s; "
+    print(f"matmul peak (2048^3, best of {len(peaks[f32])}): fp32 {peak[f32]:.1f}, bf16 {peak[bf16]:.1f} GFLOP/s; "
           f"flex block mask build {mask_build_s * 1e3:.1f} ms ({block_mask.sparsity():.1f}% sparse)")
+    print(f"cpu_bf16 runs the {'bf16 products (AVX512_BF16)' if bf16_dots else 'fp32 path (no AVX512_BF16)'}: "
+          f"fwd+bwd {result['cpu_bf16_speedup']:.2f}x faster than cpu on fp32")
     print(f"median of {rounds} rounds x median of {reps} runs; 'best' is the fastest round")
     print(f"{'method':<11} {'mode':<17} {'ms':>9} {'best ms':>9} {'GFLOP/s':>8} {'%peak':>6} {'best%pk':>7} "
           f"{'vs loop':>8} {'parity':>9}")

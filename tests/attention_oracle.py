@@ -1,7 +1,8 @@
 """The fp64 PrefixLM attention oracle and packing generators shared by the attention tests.
 
 ``dense_attention`` is independent of every backend: it builds the dense ``[T, T]`` mask
-and takes a plain softmax. ``packing`` draws random packings for hypothesis;
+and takes a plain softmax. ``bf16_products_emulation`` reproduces, in fp64, the rounding
+points of the CPU kernel's bf16 path. ``packing`` draws random packings for hypothesis;
 ``DEGENERATE`` lists the packings every backend must survive.
 """
 
@@ -40,6 +41,34 @@ def dense_attention(q, k, v, cu, pl, gate=None):
     p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # padding rows: all masked -> 0
     out = torch.einsum("hts,shd->thd", p, v)
     return out if gate is None else torch.sigmoid(gate) * out
+
+
+def bf16_products_emulation(q, k, v, gate, grad_out, cu, pl):
+    """(out, dq, dk, dv, dgate) in fp64 as the CPU kernel's bf16 path computes them from bf16
+    ``q, k, v, gate, grad_out``: every product of bf16 values is exact and everything else is
+    fp64, except where the kernel rounds to bf16 (to nearest even): the unnormalized forward
+    probabilities and the backward's p and ds as operands of the products over tokens, the
+    output before ``delta = rowsum(grad_out * out)``, and ``dO = grad_out * sigmoid(gate)``.
+    The outputs themselves are left unrounded."""
+    T, H, D = q.shape
+    r = lambda x: x.to(torch.bfloat16).double()  # noqa: E731
+    q, k, v, go = (x.double() for x in (q, k, v, grad_out))
+    sg = torch.sigmoid(gate.double()) if gate is not None else torch.ones_like(q)
+    mask = prefixlm_dense_mask(cu, pl, T)
+    s = (torch.einsum("thd,shd->hts", q, k) / math.sqrt(D)).masked_fill(~mask[None], float("-inf"))
+    m = s.amax(-1, keepdim=True).nan_to_num(0.0, neginf=0.0)  # padding rows: all masked
+    p = torch.exp(s - m)  # [H, T, T], unnormalized; 0 where masked
+    l = p.sum(-1, keepdim=True)
+    out = sg * (torch.einsum("hts,shd->thd", r(p), v) / l.clamp(min=1e-300).transpose(0, 1))
+    pn = torch.exp(s - m - torch.log(l)).nan_to_num(0.0)  # recomputed from the log-sum-exp
+    do = r(go * sg)
+    delta = (go * r(out)).sum(-1).T[..., None]  # [H, T, 1]
+    ds = pn * (torch.einsum("thd,shd->hts", do, v) - delta)
+    dv = torch.einsum("hts,thd->shd", r(pn), do)
+    dk = torch.einsum("hts,thd->shd", r(ds), q) / math.sqrt(D)
+    dq = torch.einsum("hts,shd->thd", r(ds), k) / math.sqrt(D)
+    dgate = go * r(out) * (1 - sg) if gate is not None else None
+    return out, dq, dk, dv, dgate
 
 
 # name -> (lengths, prefixes, trailing padding); tile edges at 4 (CPU micro-blocks), 16

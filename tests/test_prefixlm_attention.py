@@ -16,7 +16,7 @@ from hrm import ops
 from hrm.errors import BackendUnavailable
 from hrm.ops import dispatch
 
-from attention_oracle import DEGENERATE, dense_attention, make_packing, packing
+from attention_oracle import DEGENERATE, bf16_products_emulation, dense_attention, make_packing, packing
 
 pa = importlib.import_module("hrm.ops.prefixlm_attention")
 
@@ -114,7 +114,7 @@ def test_cpu_matches_fp64(data):
 
 @needs_cpu_kernel
 @pytest.mark.parametrize("name", sorted(DEGENERATE))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_cpu_degenerate_packings(name, dtype):
     cu, pl, T = make_packing(*DEGENERATE[name])
     err, err_torch, out = attention_errors(run_cpu, cu, pl, T, 2, 32, dtype)
@@ -136,12 +136,126 @@ def test_cpu_strided_inputs_and_head_dim_128():
     torch.testing.assert_close(got_strided, got, rtol=0, atol=0)
 
 
+# -- CPU backend: the bf16 products -----------------------------------------------------------
+# bf16 q, k, v take vdpbf16ps products with fp32 accumulation where the CPU has AVX512_BF16
+# (otherwise the fp32 path, which the tests above cover). Two checks: against the fp64 oracle,
+# the flash-attention rule above plus a relative-norm bound (measured: at most 9e-3, the bf16
+# torch reference's at most 7e-3); against an fp64 emulation of the bf16 path's own rounding
+# points (rounded to bf16 like the outputs), a relative-norm bound that only fp32-level
+# differences meet: the kernel stays below 5e-4, while the fp32 path on the same bf16 inputs
+# misses dq, dk, dv and dgate by 2e-3 or more, and a stray nonzero past a span or a missed
+# rounding by far more. When every sequence has one token, dq and dk are pure rounding noise
+# (ds = p (dp - delta) cancels exactly in exact arithmetic): not compared.
+REL_BF16 = 2e-2
+REL_EMULATION = 1e-3
+HEAD_DIMS_BF16 = [(2, 16), (2, 17), (1, 48), (2, 64), (1, 80)]
+
+
+def bf16_inputs(T, H, D, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(T, H, D, dtype=torch.float64, generator=g) for _ in range(5)]  # q, k, v, gate, grad_out
+
+
+def cpu_bf16_grads(q, k, v, gate, go, cu, pl):
+    """(out, dq, dk, dv, dgate) of the cpu backend on bf16 leaves (dgate None without a gate)."""
+    xs = [x.to(torch.bfloat16).requires_grad_() for x in (q, k, v)]
+    g = gate.to(torch.bfloat16).requires_grad_() if gate is not None else None
+    out = ops.prefixlm_attention(*xs, cu, pl, gate=g, backend="cpu")
+    grads = torch.autograd.grad(out, xs + ([g] if g is not None else []), go.to(torch.bfloat16))
+    return [out.detach(), *grads] + ([] if g is not None else [None])
+
+
+def rel(a, b):
+    return ((a.double() - b).norm() / b.norm()).item() if b.norm() > 0 else (a.double() - b).norm().item()
+
+
+def check_bf16_against_fp64(cu, pl, T, H, D, gated, seed):
+    q, k, v, gate, go = bf16_inputs(T, H, D, seed)
+    gate = gate if gated else None
+    err, err_torch, out = attention_errors(run_cpu, cu, pl, T, H, D, torch.bfloat16, gated=gated, seed=seed)
+    assert_within(err, err_torch, torch.bfloat16)
+    assert torch.all(out[int(cu[-1]):] == 0)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v) + ((gate,) if gated else ())]
+    ref = dense_attention(*leaves[:3], cu, pl, leaves[3] if gated else None)
+    want = [ref.detach(), *torch.autograd.grad(ref, leaves, go)]
+    got = [x for x in cpu_bf16_grads(q, k, v, gate, go, cu, pl) if x is not None]
+    for name, a, b in zip(["out", "dq", "dk", "dv", "dgate"], got, want):
+        assert a.dtype == torch.bfloat16
+        assert rel(a, b) <= REL_BF16, f"{name}: relative error {rel(a, b):.3g} vs fp64"
+
+
+def check_bf16_against_emulation(cu, pl, T, H, D, seed):
+    q, k, v, gate, go = (x.to(torch.bfloat16) for x in bf16_inputs(T, H, D, seed))
+    got = cpu_bf16_grads(q, k, v, gate, go, cu, pl)
+    want = bf16_products_emulation(q, k, v, gate, go, cu, pl)
+    noise = bool((cu.diff() == 1).all())
+    for name, a, b in zip(["out", "dq", "dk", "dv", "dgate"], got, want):
+        if not (noise and name in ("dq", "dk")):
+            e = rel(a, b.to(torch.bfloat16).double())
+            assert e <= REL_EMULATION, f"{name}: relative difference {e:.3g} from the emulation"
+
+
+def needs_bf16_dots():
+    if not pa._cpu_ops().bf16_dots():
+        pytest.skip("this CPU build has no AVX512_BF16: bf16 inputs take the fp32 path")
+
+
+@needs_cpu_kernel
+@settings(max_examples=25, deadline=None)
+@given(st.data())
+def test_cpu_bf16_matches_fp64(data):
+    cu, pl, T = packing(data.draw, max_seqs=8, max_len=150)
+    H, D = data.draw(st.sampled_from(HEAD_DIMS_BF16))
+    check_bf16_against_fp64(cu, pl, T, H, D, data.draw(st.booleans()), data.draw(st.integers(0, 2**16)))
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("name", sorted(DEGENERATE))
+@pytest.mark.parametrize("D", [17, 64])
+def test_cpu_bf16_degenerate_packings_match_fp64(name, D):
+    cu, pl, T = make_packing(*DEGENERATE[name])
+    check_bf16_against_fp64(cu, pl, T, 2, D, gated=True, seed=D)
+
+
+@needs_cpu_kernel
+@settings(max_examples=15, deadline=None)
+@given(st.data())
+def test_cpu_bf16_matches_its_emulation(data):
+    needs_bf16_dots()
+    cu, pl, T = packing(data.draw, max_seqs=8, max_len=150)
+    H, D = data.draw(st.sampled_from(HEAD_DIMS_BF16))
+    check_bf16_against_emulation(cu, pl, T, H, D, data.draw(st.integers(0, 2**16)))
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("name", sorted(DEGENERATE))
+@pytest.mark.parametrize("D", [17, 64])
+def test_cpu_bf16_degenerate_packings_match_emulation(name, D):
+    needs_bf16_dots()
+    cu, pl, T = make_packing(*DEGENERATE[name])
+    check_bf16_against_emulation(cu, pl, T, 2, D, seed=D)
+
+
+@needs_cpu_kernel
+def test_cpu_bf16_strided_inputs_match_contiguous():
+    # q, k, v, gate as the model makes them: views into one [T, 4 * heads, hd] projection
+    cu, pl, T = make_packing([70, 1, 57, 130], [20, 1, 57, 3], 5)
+    gqkv = torch.randn(T, 4 * 2, 80).to(torch.bfloat16)
+    go = torch.randn(T, 2, 80).to(torch.bfloat16)
+    views = gqkv.split(2, dim=1)
+    strided = cpu_bf16_grads(*views[1:], views[0], go, cu, pl)
+    contiguous = cpu_bf16_grads(*(x.contiguous() for x in views[1:]), views[0].contiguous(), go, cu, pl)
+    for a, b in zip(strided, contiguous):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 # -- custom ops ----------------------------------------------------------------------------------
 @needs_cpu_kernel
 @pytest.mark.parametrize("gated", [False, True])
-def test_cpu_custom_ops_opcheck(gated):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_custom_ops_opcheck(gated, dtype):
     cu, pl, T = make_packing([9, 1, 14], [3, 1, 14], 4)
-    q, k, v, gate = (torch.randn(T, 2, 16, requires_grad=True) for _ in range(4))
+    q, k, v, gate = (torch.randn(T, 2, 16).to(dtype).requires_grad_() for _ in range(4))
     args = (q, k, v, cu, pl, gate if gated else None, "cpu")
     torch.library.opcheck(torch.ops.hrm.prefixlm_attention_fwd.default, args)
     out, lse = torch.ops.hrm.prefixlm_attention_fwd(*args)

@@ -1,4 +1,4 @@
-// PrefixLM varlen attention on the CPU: forward and backward in fp32, block-sparse.
+// PrefixLM varlen attention on the CPU: forward and backward, block-sparse, fp32 accumulation.
 //
 // Built at first use by hrm/ops/prefixlm_attention.py through torch.utils.cpp_extension
 // (-O3 -march=native -fopenmp); registers the ops hrm_cpu::prefixlm_fwd and hrm_cpu::prefixlm_bwd.
@@ -20,19 +20,54 @@
 //     p = exp2(scale2 q.k - log2e lse),  dp = dO_t . v_j,  ds = p (dp - delta_t)
 //     dv_j = sum_t p dO_t,  dk_j = scale sum_t ds q_t,  dq_t = scale sum_j ds k_j,
 //     dgate = grad_out * out * (1 - sigmoid(gate))
-// A key-major pass computes dk, dv and stores ds in a row-compressed buffer (exactly the
-// allowed pairs); a query-major pass then reads it for dq, so nothing is recomputed and
-// no two threads write the same row.
+// One head at a time, a key-major pass computes dk, dv and stores ds as it makes it (per
+// micro-block of keys, the MR values of each query of its span side by side); a query-major
+// pass then gathers it for dq, so nothing is recomputed and no two threads write the same row.
+//
+// Operands. The six products (q k^T, dO v^T, p v, p^T dO, ds^T q, ds k) take operands of
+// one type E and accumulate in fp32:
+// - E = fp32 for fp32/fp16/fp64 inputs (and for bf16 ones where the CPU lacks AVX512_BF16):
+//   the inputs are converted to fp32, the products are FMAs, the elementwise parts ATen ops.
+// - E = bf16 for bf16 q, k, v on CPUs with AVX512_BF16, as flash attention does on GPUs: the
+//   products run on vdpbf16ps (a pair of bf16 products per fp32 lane: twice an FMA's work);
+//   the scores, softmax statistics, exp2, lse, delta and every accumulator stay fp32, and p
+//   and ds are rounded to bf16 (to nearest even) only as operands of the products over tokens.
+//   sigmoid(gate), dO (rounded to bf16: an operand), delta and dgate come from fused passes in
+//   fp32, and exp2 is computed with vscalefps (exp2_avx512, as accurate as exp2v).
+// Outputs come back in the input dtypes (out and dq in q's, dk in k's, dv in v's, dgate in the
+// gate's), lse in fp32.
+//
+// Layouts. A product C[MR x n] = A . B reduces over r (the head dim for q k^T and dO v^T,
+// tokens for the other four). A is MR row pointers, r contiguous, each entry broadcast; B is
+// streamed in vectors along its n columns. vdpbf16ps multiplies pairs along r, so a bf16 B
+// is in "VNNI" layout [r / 2][n][2] (entries 2i and 2i+1 of a column side by side) and the
+// A entry broadcast is the 32-bit pair (a[2i], a[2i + 1]); fp32 has no pairs (pair = 1).
+// q, k, v and dO are packed per head into (Packed: element (h, r, c) at
+// h * hs + r / pair * ld + c * pair + r % pair; sizes rounded up, padding zero):
+//     rows    [H, T, Dp]                   A of the products over d (Dp = round_up(D, VW));
+//     cols    [H, D / pair, T + VW, pair]  B over d: k (forward), q and dO (backward);
+//     tokens  [H, T / pair, Dp, pair]      B over tokens: v (forward), dO, q, k (backward);
+//                                          for fp32 the same as rows.
+// A product over the tokens of a span [c0, c0 + span) starts at c0 rounded down to a multiple
+// of pair: the p and ds buffers are then laid out from that even c0, so their extra leading
+// entry (and the one past the span when its end is odd) lies outside every row's interval and
+// is exactly zero, and reads past T see the tokens panels' zero padding.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -46,18 +81,36 @@ constexpr int VW = 4;
 #endif
 constexpr int MR = 4;                 // rows per micro-block
 constexpr int NV = VW == 16 ? 4 : 2;  // vectors per register block: MR * NV accumulators fit the register file
+static_assert(NV <= 4, "mm finishes a row with at most 3 vectors");
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
 typedef float vec __attribute__((vector_size(VW * 4)));
 typedef int32_t ivec __attribute__((vector_size(VW * 4)));
+using bf16 = c10::BFloat16;
+
+template <class E>
+constexpr int64_t kPair = std::is_same_v<E, bf16> ? 2 : 1;  // entries of E per 32-bit lane of a product
+template <class E>
+constexpr at::ScalarType kType = c10::CppTypeToScalarType<E>::value;
 
 inline vec load(const float* p) { vec v; __builtin_memcpy(&v, p, sizeof(vec)); return v; }
 inline void store(float* p, vec v) { __builtin_memcpy(p, &v, sizeof(vec)); }
 inline vec splat(float x) { return vec{} + x; }
 inline ivec iota() { ivec r; for (int i = 0; i < VW; ++i) r[i] = i; return r; }
 
-// 2**x, |rel err| < 2e-7; x < -125 flushes to 0 (Cephes exp2f polynomial on [-1/2, 1/2]).
+// The Cephes exp2f polynomial: 2**f for f in [-1/2, 1/2].
+inline vec exp2_poly(vec f) {
+  vec p = splat(1.535336188319500e-4f);
+  p = p * f + 1.339887440266574e-3f;
+  p = p * f + 9.618437357674640e-3f;
+  p = p * f + 5.550332471162809e-2f;
+  p = p * f + 2.402264791363012e-1f;
+  p = p * f + 6.931472028550421e-1f;
+  return p * f + 1.0f;
+}
+
+// 2**x, |rel err| < 2e-7; x < -125 flushes to 0.
 inline vec exp2v(vec x) {
   const ivec under = x < -125.0f;
   x = x < -125.0f ? splat(-125.0f) : x;
@@ -65,14 +118,7 @@ inline vec exp2v(vec x) {
   const vec t = x + 0.5f;
   ivec n = __builtin_convertvector(t, ivec);
   n += (__builtin_convertvector(n, vec) > t);  // true is -1: floor for negative t
-  const vec f = x - __builtin_convertvector(n, vec);
-  vec p = splat(1.535336188319500e-4f);
-  p = p * f + 1.339887440266574e-3f;
-  p = p * f + 9.618437357674640e-3f;
-  p = p * f + 5.550332471162809e-2f;
-  p = p * f + 2.402264791363012e-1f;
-  p = p * f + 6.931472028550421e-1f;
-  p = p * f + 1.0f;
+  vec p = exp2_poly(x - __builtin_convertvector(n, vec));
   ivec bits;
   __builtin_memcpy(&bits, &p, sizeof(vec));
   bits += n << 23;
@@ -84,39 +130,42 @@ inline float hmax(vec v) { float m = v[0]; for (int i = 1; i < VW; ++i) m = std:
 inline float hsum(vec v) { float s = 0; for (int i = 0; i < VW; ++i) s += v[i]; return s; }
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-// C[m][c] = sum_{d < D} a[m][d] * bt[d * ldb + c] for m < MR and c < NVB * VW.
-template <int NVB>
-inline void nt_tile(const float* const* a, const float* bt, int64_t ldb, int D, float* c, int64_t ldc) {
-  vec acc[MR][NVB] = {};
-  for (int d = 0; d < D; ++d) {
-    vec b[NVB];
-    for (int v = 0; v < NVB; ++v) b[v] = load(bt + d * ldb + v * VW);
-    for (int m = 0; m < MR; ++m) {
-      const float x = a[m][d];  // scalar * vector: one broadcast
-      for (int v = 0; v < NVB; ++v) acc[m][v] += x * b[v];
-    }
-  }
-  for (int m = 0; m < MR; ++m)
-    for (int v = 0; v < NVB; ++v) store(c + m * ldc + v * VW, acc[m][v]);
+// Starts fetching the cache lines of [p, p + bytes) (RW = 1: to be written). The rows of
+// [T, H, D] tensors that a micro-block's epilogue touches lie H * D apart, out of the
+// hardware prefetchers' reach: each would cost a miss at the end of the micro-block.
+template <int RW>
+inline void prefetch(const void* p, int64_t bytes) {
+  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(static_cast<const char*>(p) + b, RW);
 }
 
-// C[MR x ncols] = A[MR x D] . Bt[D x ncols]; writes ncols rounded up to VW (bt rows and c
-// rows must have that much room).
-void nt(const float* const* a, const float* bt, int64_t ldb, int D, int64_t ncols, float* c, int64_t ldc) {
-  int64_t j = 0;
-  for (; j + NV * VW <= ncols; j += NV * VW) nt_tile<NV>(a, bt + j, ldb, D, c + j, ldc);
-  for (; j < ncols; j += VW) nt_tile<1>(a, bt + j, ldb, D, c + j, ldc);
+#if defined(__AVX512BF16__)
+// VW bf16 <-> fp32 lanes; the mask first(n) takes lanes [0, n) (n may exceed VW): the others
+// load as zero and are not stored.
+inline __mmask16 first(int64_t n) { return n >= VW ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1); }
+inline vec load_bf16(const bf16* p, __mmask16 k) {  // exact
+  return (vec)_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, p)), 16);
 }
+inline void store_bf16(bf16* p, vec x, __mmask16 k = 0xFFFF) {  // round to nearest even
+  _mm256_mask_storeu_epi16(p, k, (__m256i)_mm512_cvtneps_pbh(x));
+}
+// 2**x as exp2v, in fewer instructions (vrndscaleps, vscalefps): x < -126 gives denormals
+// and 0 instead of flushing to 0, and a -inf or NaN x gives NaN (masked lanes only).
+inline vec exp2_avx512(vec x) {
+  const __m512 n = _mm512_roundscale_ps((__m512)x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  return (vec)_mm512_scalef_ps((__m512)exp2_poly(x - (vec)n), n);
+}
+inline vec sigmoid(vec x) { return 1.0f / (1.0f + exp2_avx512(x * -kLog2e)); }  // |rel err| < 1e-6
+#endif
 
-// C[m][0:NVB*VW] = sum_{r < nr} a[m * lda + r] * b[r * ldb + 0:NVB*VW].
+// C[m][0:NVB*VW] = sum_{r < nr} a[m][r] * b[r * ldb + 0:NVB*VW] (fp32 FMAs).
 template <int NVB>
-inline void nn_tile(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t nr, float* c, int64_t ldc) {
+inline void tile(const float* const* a, const float* b, int64_t ldb, int64_t nr, float* c, int64_t ldc) {
   vec acc[MR][NVB] = {};
   for (int64_t r = 0; r < nr; ++r) {
     vec x[NVB];
     for (int v = 0; v < NVB; ++v) x[v] = load(b + r * ldb + v * VW);
     for (int m = 0; m < MR; ++m) {
-      const float s = a[m * lda + r];
+      const float s = a[m][r];  // scalar * vector: one broadcast
       for (int v = 0; v < NVB; ++v) acc[m][v] += s * x[v];
     }
   }
@@ -124,12 +173,94 @@ inline void nn_tile(const float* a, int64_t lda, const float* b, int64_t ldb, in
     for (int v = 0; v < NVB; ++v) store(c + m * ldc + v * VW, acc[m][v]);
 }
 
-// C[MR x Dp] = A[MR x nr] . B[nr x Dp]; Dp is a multiple of VW.
-void nn(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t nr, int64_t Dp, float* c, int64_t ldc) {
-  int64_t d = 0;
-  for (; d + NV * VW <= Dp; d += NV * VW) nn_tile<NV>(a, lda, b + d, ldb, nr, c + d, ldc);
-  for (; d < Dp; d += VW) nn_tile<1>(a, lda, b + d, ldb, nr, c + d, ldc);
+#if defined(__AVX512BF16__)
+// The same over bf16 in pairs: C[m][c] = sum_{i < nr/2} a[m][2i] b[i][c][0] + a[m][2i+1] b[i][c][1],
+// b[i] at b + i * ldb (VNNI: VW columns are one 32-entry vector). nr rounds up to even: the
+// entry past an odd nr must be zero in a or in b (and finite in the other).
+template <int NVB>
+inline void tile(const bf16* const* a, const bf16* b, int64_t ldb, int64_t nr, float* c, int64_t ldc) {
+  static_assert(VW == 16, "vdpbf16ps works on 16 fp32 lanes");
+  __m512 acc[MR][NVB];
+  for (int m = 0; m < MR; ++m)
+    for (int v = 0; v < NVB; ++v) acc[m][v] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < (nr + 1) / 2; ++i) {
+    __m512bh x[NVB];
+    for (int v = 0; v < NVB; ++v) x[v] = (__m512bh)_mm512_loadu_si512(b + i * ldb + v * 2 * VW);
+    for (int m = 0; m < MR; ++m) {
+      int32_t pair;
+      std::memcpy(&pair, a[m] + 2 * i, sizeof(pair));
+      const __m512bh s = (__m512bh)_mm512_set1_epi32(pair);  // (a[2i], a[2i+1]) in every lane
+      for (int v = 0; v < NVB; ++v) acc[m][v] = _mm512_dpbf16_ps(acc[m][v], s, x[v]);
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int v = 0; v < NVB; ++v) _mm512_storeu_ps(c + m * ldc + v * VW, acc[m][v]);
 }
+#endif
+
+// C[MR x ncols] = A[MR x nr] . B[nr x ncols], B's column block j at b + j * pair; writes
+// ncols rounded up to VW (b rows and c rows must have that much room).
+template <class E>
+void mm(const E* const* a, const E* b, int64_t ldb, int64_t nr, int64_t ncols, float* c, int64_t ldc) {
+  const int64_t nc = round_up(ncols, VW);
+  int64_t j = 0;
+  for (; j + NV * VW <= nc; j += NV * VW) tile<NV>(a, b + j * kPair<E>, ldb, nr, c + j, ldc);
+  switch ((nc - j) / VW) {  // the last 0 .. NV - 1 vectors in one pass
+    case 3: tile<3>(a, b + j * kPair<E>, ldb, nr, c + j, ldc); break;
+    case 2: tile<2>(a, b + j * kPair<E>, ldb, nr, c + j, ldc); break;
+    case 1: tile<1>(a, b + j * kPair<E>, ldb, nr, c + j, ldc); break;
+  }
+}
+
+// The rows of an fp32 [MR x width] block (row stride ldx) as operands of a product over its
+// columns: the block itself for fp32; for bf16 a copy rounded to nearest even in buf
+// (through column round_up(width, VW), which the block must define).
+inline void operand_rows(const float* x, int64_t ldx, int64_t, float*, const float* rows[MR]) {
+  for (int m = 0; m < MR; ++m) rows[m] = x + m * ldx;
+}
+
+#if defined(__AVX512BF16__)
+inline void operand_rows(const float* x, int64_t ldx, int64_t width, bf16* buf, const bf16* rows[MR]) {
+  for (int m = 0; m < MR; ++m) {
+    for (int64_t c = 0; c < width; c += VW) store_bf16(buf + m * ldx + c, load(x + m * ldx + c));
+    rows[m] = buf + m * ldx;
+  }
+}
+#endif
+
+// ds = p (dp - delta) over the MR rows of a [MR x width] block (row stride ld; dS holds dp,
+// delta is indexed by column), and p and ds as operands of the products over tokens: fp32
+// the blocks themselves (ds in place of dp), bf16 copies rounded to nearest even.
+inline void ds_operands(float* P, float* dS, const float* dl, int64_t ld, int64_t width, float*, float*,
+                        const float* p[MR], const float* s[MR]) {
+  for (int m = 0; m < MR; ++m) {
+    float *pm = P + m * ld, *sm = dS + m * ld;
+    for (int64_t c = 0; c < width; c += VW) store(sm + c, load(pm + c) * (load(sm + c) - load(dl + c)));
+    p[m] = pm, s[m] = sm;
+  }
+}
+
+#if defined(__AVX512BF16__)
+inline void ds_operands(float* P, float* dS, const float* dl, int64_t ld, int64_t width, bf16* Pe, bf16* dSe,
+                        const bf16* p[MR], const bf16* s[MR]) {
+  for (int m = 0; m < MR; ++m) {
+    for (int64_t c = 0; c < width; c += VW) {
+      const vec pv = load(P + m * ld + c);
+      store_bf16(Pe + m * ld + c, pv);
+      store_bf16(dSe + m * ld + c, pv * (load(dS + m * ld + c) - load(dl + c)));
+    }
+    p[m] = Pe + m * ld, s[m] = dSe + m * ld;
+  }
+}
+#endif
+
+// exp2 for the softmax of the path with operands E: exp2v (fp32, as ever), exp2_avx512 (bf16).
+template <class E>
+inline vec exp2_of(vec x) { return exp2v(x); }
+#if defined(__AVX512BF16__)
+template <>
+inline vec exp2_of<bf16>(vec x) { return exp2_avx512(x); }
+#endif
 
 // Row r of a [MR x width] score block: x = x * mul - sub[c] inside [a, b), then
 // p = exp2(x - max) there and 0 elsewhere in [0, width); returns (max, sum p). With
@@ -137,6 +268,7 @@ void nn(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t nr, in
 // log-sum-exp and the max is not used (backward).
 struct RowStats { float max, sum; };
 
+template <class E>
 RowStats softmax_row(float* x, int64_t a, int64_t b, int64_t width, float mul, const float* sub) {
   const ivec lane = iota();
   std::fill(x, x + a, 0.0f);
@@ -154,7 +286,7 @@ RowStats softmax_row(float* x, int64_t a, int64_t b, int64_t width, float mul, c
   vec vs = splat(0.0f);
   for (int64_t c = a; c < b; c += VW) {
     const vec s = sub == nullptr ? load(x + c) - mx : load(x + c) * mul - load(sub + c);
-    vec p = exp2v(s);
+    vec p = exp2_of<E>(s);
     p = (lane < (int32_t)(b - c)) ? p : splat(0.0f);
     store(x + c, p);
     vs += p;
@@ -163,57 +295,126 @@ RowStats softmax_row(float* x, int64_t a, int64_t b, int64_t width, float mul, c
   return {mx, hsum(vs)};
 }
 
-// Rows of a [T, H, D] tensor, packed head-major into fp32 [H, T, Dp] (Dp = round_up(D, VW),
-// zero-padded): row (t, h) starts at p + (h * T + t) * Dp, so the rows of one head that a
-// micro-block streams through are contiguous (the model's q/k/v are strided views whose
+// A [T, H, D] tensor packed per head (see the layouts at the top): element (h, r, c) at
+// p + h * hs + r / pair * ld + c * pair + r % pair. Head-major, so the rows of one head that
+// a micro-block streams through are contiguous (the model's q/k/v are strided views whose
 // token stride, a multiple of 4 KiB, would alias in the caches).
-struct Rows {
+template <class E>
+struct Packed {
   at::Tensor buf;
-  const float* p;
-  int64_t T, st;
-  const float* row(int64_t t, int64_t h) const { return p + (h * T + t) * st; }
+  const E* p;
+  int64_t hs, ld, pair;
+  const E* at(int64_t h, int64_t r, int64_t c) const { return p + h * hs + r / pair * ld + c * pair; }
 };
 
-// x as fp32 (a conversion pass only for 16-bit inputs); any strides.
-at::Tensor as_float(const at::Tensor& x) { return x.scalar_type() == at::kFloat ? x : x.to(at::kFloat); }
-
-Rows rows_of(const at::Tensor& x, int64_t Dp) {
-  const at::Tensor xf = as_float(x);
-  const int64_t T = x.size(0), H = x.size(1), D = x.size(2);
-  const int64_t s0 = xf.stride(0), s1 = xf.stride(1), s2 = xf.stride(2);
-  auto buf = at::empty({H, T, Dp}, x.options().dtype(at::kFloat));
-  const float* src = xf.data_ptr<float>();
-  float* dst = buf.data_ptr<float>();
-  at::parallel_for(0, H * T, 256, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t h = i / T, t = i % T;
-      const float* a = src + t * s0 + h * s1;
-      float* b = dst + i * Dp;
-      for (int64_t d = 0; d < D; ++d) b[d] = a[d * s2];
-      std::fill(b + D, b + Dp, 0.0f);
-    }
-  });
-  return {buf, dst, T, Dp};
+// x as E with unit stride along D (a conversion pass only for other dtypes).
+template <class E>
+at::Tensor as_type(const at::Tensor& x) {
+  const at::Tensor y = x.scalar_type() == kType<E> ? x : x.to(kType<E>);
+  return y.stride(2) == 1 ? y : y.contiguous();
 }
 
-// [T, H, D] -> [H, D, T + VW] fp32 (transposed; a zero tail so that vector loads may overrun).
-at::Tensor pack_cols(const at::Tensor& x) {
-  const at::Tensor xf = as_float(x);
-  const int64_t T = x.size(0), H = x.size(1), D = x.size(2), ld = T + VW, tb = 64;
-  const int64_t s0 = xf.stride(0), s1 = xf.stride(1), s2 = xf.stride(2), nb = (T + tb - 1) / tb;
-  auto out = at::empty({H, D, ld}, x.options().dtype(at::kFloat));
-  const float* src = xf.data_ptr<float>();
-  float* dst = out.data_ptr<float>();
+// Token-major [H, T / P, Dp, P]: P = 1 gives the rows, P = 2 (bf16) the tokens panel, whose
+// entry pair (t, t + 1) of column d is one 32-bit word. Packing moves bits (any E of 2 or 4 bytes).
+template <class E, int P>
+Packed<E> pack_tokens(const at::Tensor& x, int64_t Dp) {
+  static_assert(P == 1 || (P == 2 && sizeof(E) == 2), "pairs are of 16-bit entries");
+  using U = std::conditional_t<sizeof(E) == 2, uint16_t, uint32_t>;
+  const at::Tensor xe = as_type<E>(x);
+  const int64_t T = x.size(0), H = x.size(1), D = x.size(2), Tk = (T + P - 1) / P;
+  const int64_t s0 = xe.stride(0), s1 = xe.stride(1);
+  at::Tensor buf = at::empty({H, Tk, Dp, P}, x.options().dtype(kType<E>));
+  const U* src = reinterpret_cast<const U*>(xe.data_ptr<E>());
+  U* dst = reinterpret_cast<U*>(buf.data_ptr<E>());
+  at::parallel_for(0, H * Tk, 256 / P, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t h = i / Tk, t = i % Tk * P;
+      const U* a = src + t * s0 + h * s1;
+      U* b = dst + i * Dp * P;
+      if constexpr (P == 1) {
+        std::copy(a, a + D, b);
+      } else {
+        uint32_t* w = reinterpret_cast<uint32_t*>(b);
+        if (t + 1 < T)
+          for (int64_t d = 0; d < D; ++d) w[d] = a[d] | (uint32_t)a[d + s0] << 16;
+        else
+          for (int64_t d = 0; d < D; ++d) w[d] = a[d];  // T odd: the pair's second token is zero
+      }
+      std::fill(b + D * P, b + Dp * P, U(0));
+    }
+  });
+  return {buf, buf.data_ptr<E>(), Tk * Dp * P, Dp * P, P};
+}
+
+#if defined(__AVX512F__)
+// o[w * ldo + i] = word w of row i, for w, i < 16: a transpose of 32-bit words, row i of the
+// source at a + i * lda bytes.
+inline void transpose16(const void* a, int64_t lda, uint32_t* o, int64_t ldo) {
+  __m512i r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(static_cast<const char*>(a) + i * lda);
+  for (int i = 0; i < 16; i += 2) {  // 2 x 2 blocks of words
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {  // 4 x 4 blocks within each 128-bit lane
+    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int i = 0; i < 16; i += 8)  // then the lanes: 8 x 8, 16 x 16
+    for (int j = 0; j < 4; ++j) {
+      t[i + j] = _mm512_shuffle_i32x4(r[i + j], r[i + j + 4], 0x88);
+      t[i + j + 4] = _mm512_shuffle_i32x4(r[i + j], r[i + j + 4], 0xdd);
+    }
+  for (int j = 0; j < 8; ++j) {
+    r[j] = _mm512_shuffle_i32x4(t[j], t[j + 8], 0x88);
+    r[j + 8] = _mm512_shuffle_i32x4(t[j], t[j + 8], 0xdd);
+  }
+  for (int i = 0; i < 16; ++i) _mm512_storeu_si512(o + i * ldo, r[i]);
+}
+#endif
+
+// [T, H, D] -> cols [H, D / P, T + VW, P] (P = kPair<E>; transposed, a zero tail so that
+// vector loads may overrun). Each (h, d / P, t) is one 32-bit word: an fp32 entry or a bf16 pair.
+template <class E>
+Packed<E> pack_cols(const at::Tensor& x) {
+  constexpr int64_t P = kPair<E>;
+  const at::Tensor xe = as_type<E>(x);
+  const int64_t T = x.size(0), H = x.size(1), D = x.size(2), Dk = (D + P - 1) / P, ld = T + VW, tb = 64;
+  const int64_t s0 = xe.stride(0), s1 = xe.stride(1), nb = (T + tb - 1) / tb;
+  at::Tensor out = at::empty({H, Dk, ld, P}, x.options().dtype(kType<E>));
+  const E* src = xe.data_ptr<E>();
+  uint32_t* dst = reinterpret_cast<uint32_t*>(out.data_ptr<E>());
   at::parallel_for(0, H * nb, 4, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t h = i / nb, t0 = i % nb * tb, t1 = std::min(t0 + tb, T);
-      for (int64_t t = t0; t < t1; ++t)
-        for (int64_t d = 0; d < D; ++d) dst[(h * D + d) * ld + t] = src[t * s0 + h * s1 + d * s2];
+      const E* a = src + h * s1;         // token t's row at a + t * s0
+      uint32_t* o = dst + h * Dk * ld;  // word w of token t at o[w * ld + t]
+      int64_t w = 0;
+#if defined(__AVX512F__)
+      for (; w + 16 <= D / P; w += 16) {  // blocks of 16 x 16 words, then the tokens left
+        int64_t t = t0;
+        for (; t + 16 <= t1; t += 16) transpose16(a + t * s0 + w * P, s0 * sizeof(E), o + w * ld + t, ld);
+        for (int64_t v = w; v < w + 16; ++v)
+          for (int64_t u = t; u < t1; ++u) std::memcpy(o + v * ld + u, a + u * s0 + v * P, 4);
+      }
+#endif
+      for (; w < Dk; ++w) {
+        if ((w + 1) * P <= D)
+          for (int64_t t = t0; t < t1; ++t) std::memcpy(o + w * ld + t, a + t * s0 + w * P, 4);
+        else  // bf16 with D odd: the last pair is (x[D - 1], 0)
+          for (int64_t t = t0; t < t1; ++t) {
+            uint16_t last;
+            std::memcpy(&last, a + t * s0 + w * P, 2);
+            o[w * ld + t] = last;
+          }
+      }
       if (t1 == T)
-        for (int64_t d = 0; d < D; ++d) std::fill(dst + (h * D + d) * ld + T, dst + (h * D + d + 1) * ld, 0.0f);
+        for (w = 0; w < Dk; ++w) std::fill(o + w * ld + T, o + (w + 1) * ld, 0u);
     }
   });
-  return out;
+  return {out, out.data_ptr<E>(), Dk * ld * P, ld * P, P};
 }
 
 // [H, T] fp32 with a zero tail of VW (vector loads may overrun).
@@ -232,6 +433,21 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
               "row intervals must be contiguous int32 [T]");
 }
 
+// Whether this build has the bf16 products (vdpbf16ps): bf16 q, k and v then take them.
+bool bf16_dots() {
+#if defined(__AVX512BF16__)
+  return true;
+#else
+  return false;
+#endif
+}
+
+#if defined(__AVX512BF16__)
+bool bf16_operands(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  return q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 && v.scalar_type() == at::kBFloat16;
+}
+#endif
+
 // Rows [i0, i0 + n) of a block: how many have a non-empty interval (they come first).
 inline int count_real(const int32_t* lo, const int32_t* hi, int64_t i0, int64_t n) {
   int r = 0;
@@ -239,54 +455,89 @@ inline int count_real(const int32_t* lo, const int32_t* hi, int64_t i0, int64_t 
   return r;
 }
 
-std::vector<at::Tensor> prefixlm_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                     const c10::optional<at::Tensor>& gate, const at::Tensor& row_lo,
-                                     const at::Tensor& row_hi, double scale, int64_t block) {
-  check_inputs(q, k, v, row_lo, row_hi);
+// A row of a gradient: o = acc * scale over D (acc holds round_up(D, VW) entries).
+inline void store_row(float* o, const float* acc, float scale, int64_t D) {
+  for (int64_t d = 0; d < D; ++d) o[d] = acc[d] * scale;
+}
+
+#if defined(__AVX512BF16__)
+inline void store_row(bf16* o, const float* acc, float scale, int64_t D) {
+  for (int64_t c = 0; c < D; c += VW) store_bf16(o + c, load(acc + c) * scale, first(D - c));
+}
+#endif
+
+// Row (t, h) of the output: o = acc * inv * sigmoid(gate) over D (acc * inv without a gate).
+// fp32 takes the sigmoid from ATen (g: its row), bit for bit as ever.
+inline void finish_row(float* o, const float* acc, float inv, const float* g, int64_t D) {
+  for (int64_t d = 0; d < D; ++d) o[d] = acc[d] * inv * (g ? g[d] : 1.0f);
+}
+
+#if defined(__AVX512BF16__)
+// bf16 computes it from the gate's row g (acc holds round_up(D, VW) entries).
+inline void finish_row(bf16* o, const float* acc, float inv, const bf16* g, int64_t D) {
+  for (int64_t c = 0; c < D; c += VW) {
+    const __mmask16 k = first(D - c);
+    vec x = load(acc + c) * inv;
+    if (g) x *= sigmoid(load_bf16(g + c, k));
+    store_bf16(o + c, x, k);
+  }
+}
+#endif
+
+template <class E>
+std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                const c10::optional<at::Tensor>& gate, const at::Tensor& row_lo,
+                                const at::Tensor& row_hi, double scale, int64_t block) {
+  constexpr int64_t P = kPair<E>;
   const int64_t T = q.size(0), H = q.size(1), D = q.size(2), Dp = round_up(D, VW), ldk = T + VW;
-  const Rows Q = rows_of(q, Dp), V = rows_of(v, Dp);
-  const at::Tensor kt = pack_cols(k);
-  at::Tensor gf;
-  if (gate.has_value()) gf = at::sigmoid(gate->to(at::kFloat)).contiguous();
-  auto out = at::zeros({T, H, D}, q.options().dtype(at::kFloat));
+  const Packed<E> Q = pack_tokens<E, 1>(q, Dp), Kt = pack_cols<E>(k), V = pack_tokens<E, P>(v, Dp);
+  at::Tensor gs;  // what finish_row takes: fp32 the gate's sigmoid from ATen, bf16 the gate itself
+  if (gate.has_value()) gs = P == 1 ? at::sigmoid(gate->to(at::kFloat)).contiguous() : as_type<E>(*gate);
+  at::Tensor out = at::zeros({T, H, D}, q.options().dtype(kType<E>));
   auto lse = at::zeros({H, T}, q.options().dtype(at::kFloat));
   const int32_t* lo = row_lo.data_ptr<int32_t>();
   const int32_t* hi = row_hi.data_ptr<int32_t>();
-  const float* Kt = kt.data_ptr<float>();
-  const float* G = gf.defined() ? gf.data_ptr<float>() : nullptr;
-  float *O = out.data_ptr<float>(), *L = lse.data_ptr<float>();
+  const E* G = gs.defined() ? gs.data_ptr<E>() : nullptr;
+  E* O = out.data_ptr<E>();
+  float* L = lse.data_ptr<float>();
   const float mul = (float)scale * kLog2e;
   const int64_t nblk = (T + block - 1) / block, lds = ldk;
 
   std::atomic<int64_t> next{0};
   at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
     std::vector<float> S(MR * lds), acc(MR * Dp);
+    std::vector<E> Pe(P == 1 ? 0 : MR * lds);  // bf16 p (fp32 multiplies S itself)
     for (int64_t item; (item = next++) < H * nblk;) {
       const int64_t h = item / nblk, r0 = item % nblk * block, r1 = std::min(r0 + block, T);
       for (int64_t i0 = r0; i0 < r1; i0 += MR) {
         const int n = count_real(lo, hi, i0, std::min<int64_t>(MR, r1 - i0));
         if (n == 0) break;  // padding rows stay zero
-        const int64_t c0 = lo[i0], span = hi[i0 + n - 1] - c0;
-        const float* a[MR];
-        for (int m = 0; m < MR; ++m) a[m] = Q.row(i0 + std::min(m, n - 1), h);
-        nt(a, Kt + h * D * ldk + c0, ldk, (int)D, span, S.data(), lds);
+        for (int m = 0; m < n; ++m) {
+          if (G) prefetch<0>(G + (i0 + m) * gs.stride(0) + h * gs.stride(1), D * sizeof(E));
+          prefetch<1>(O + ((i0 + m) * H + h) * D, D * sizeof(E));
+        }
+        const int64_t c0 = lo[i0] / P * P, span = hi[i0 + n - 1] - c0;
+        const E* a[MR];
+        for (int m = 0; m < MR; ++m) a[m] = Q.at(h, i0 + std::min(m, n - 1), 0);
+        mm(a, Kt.at(h, 0, c0), Kt.ld, D, span, S.data(), lds);
         float rmax[MR], rsum[MR];
         for (int m = 0; m < MR; ++m) {
           float* row = S.data() + m * lds;
           if (m < n) {
-            const RowStats st = softmax_row(row, lo[i0 + m] - c0, hi[i0 + m] - c0, span, mul, nullptr);
+            const RowStats st = softmax_row<E>(row, lo[i0 + m] - c0, hi[i0 + m] - c0, span, mul, nullptr);
             rmax[m] = st.max, rsum[m] = st.sum;
           } else {
             std::fill(row, row + round_up(span, VW), 0.0f);
           }
         }
-        nn(S.data(), lds, V.row(c0, h), V.st, span, Dp, acc.data(), Dp);
+        const E* p[MR];
+        operand_rows(S.data(), lds, span, Pe.data(), p);
+        mm(p, V.at(h, c0, 0), V.ld, span, Dp, acc.data(), Dp);
         for (int m = 0; m < n; ++m) {
           const int64_t t = i0 + m;
           const float inv = 1.0f / rsum[m];
-          float* o = O + (t * H + h) * D;
-          const float* g = G ? G + (t * H + h) * D : nullptr;
-          for (int64_t d = 0; d < D; ++d) o[d] = acc[m * Dp + d] * inv * (g ? g[d] : 1.0f);
+          const E* g = G ? G + t * gs.stride(0) + h * gs.stride(1) : nullptr;
+          finish_row(O + (t * H + h) * D, acc.data() + m * Dp, inv, g, D);
           L[h * T + t] = (rmax[m] + std::log2(rsum[m])) * kLn2;
         }
       }
@@ -295,13 +546,13 @@ std::vector<at::Tensor> prefixlm_fwd(const at::Tensor& q, const at::Tensor& k, c
   return {out.to(q.scalar_type()), lse};
 }
 
-std::vector<at::Tensor> prefixlm_bwd(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
-                                     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
-                                     const c10::optional<at::Tensor>& gate, const at::Tensor& row_lo,
-                                     const at::Tensor& row_hi, const at::Tensor& col_lo, const at::Tensor& col_hi,
-                                     double scale, int64_t block) {
-  check_inputs(q, k, v, row_lo, row_hi);
-  const int64_t T = q.size(0), H = q.size(1), D = q.size(2), Dp = round_up(D, VW), ldt = T + VW;
+// The backward's elementwise part: dO = grad_out * sigmoid(gate) (as E), delta = rowsum(grad_out *
+// out) ([H, T + VW] fp32, zero tail) and dgate = grad_out * out * (1 - sigmoid(gate)) (empty
+// without a gate). fp32 operands: ATen ops in fp32, bit for bit as ever.
+struct Prologue { at::Tensor dO, delta, dgate; };
+
+template <class E>
+Prologue prologue(const at::Tensor& grad_out, const at::Tensor& out, const c10::optional<at::Tensor>& gate) {
   const at::Tensor go = grad_out.to(at::kFloat), of = out.to(at::kFloat);
   at::Tensor dO = go, dgate;
   if (gate.has_value()) {
@@ -309,93 +560,192 @@ std::vector<at::Tensor> prefixlm_bwd(const at::Tensor& grad_out, const at::Tenso
     dO = go * sg;
     dgate = (go * of * (1 - sg)).to(gate->scalar_type()).contiguous();
   } else {
-    dgate = at::empty({0}, q.options());
+    dgate = at::empty({0}, out.options());
   }
-  const at::Tensor delta = pad_tokens((go * of).sum(-1).transpose(0, 1));  // [H, T + VW]
-  const at::Tensor lse2 = pad_tokens(lse * kLog2e);                         // [H, T + VW]
-  const Rows Q = rows_of(q, Dp), K = rows_of(k, Dp), V = rows_of(v, Dp), DO = rows_of(dO, Dp);
-  const at::Tensor qt = pack_cols(q), dot = pack_cols(dO);
-  auto dq = at::zeros({T, H, D}, q.options().dtype(at::kFloat));
-  auto dk = at::zeros({T, H, D}, q.options().dtype(at::kFloat));
-  auto dv = at::zeros({T, H, D}, q.options().dtype(at::kFloat));
+  return {as_type<E>(dO), pad_tokens((go * of).sum(-1).transpose(0, 1)), dgate};
+}
+
+#if defined(__AVX512BF16__)
+// bf16: one pass over the rows instead of a dozen ATen ops and their fp32 temporaries (the
+// inputs are read as bf16, dgate comes out in bf16 and then in the gate's dtype).
+template <>
+Prologue prologue<bf16>(const at::Tensor& grad_out, const at::Tensor& out, const c10::optional<at::Tensor>& gate) {
+  const at::Tensor go = as_type<bf16>(grad_out), of = as_type<bf16>(out);
+  const at::Tensor gt = gate.has_value() ? as_type<bf16>(*gate) : at::Tensor();
+  const int64_t T = out.size(0), H = out.size(1), D = out.size(2);
+  const at::TensorOptions bf = out.options().dtype(at::kBFloat16);
+  at::Tensor dO = at::empty({T, H, D}, bf), delta = at::zeros({H, T + VW}, out.options().dtype(at::kFloat));
+  at::Tensor dgate = gt.defined() ? at::empty({T, H, D}, bf) : at::empty({0}, out.options());
+  const bf16 *G = go.data_ptr<bf16>(), *O = of.data_ptr<bf16>(), *X = gt.defined() ? gt.data_ptr<bf16>() : nullptr;
+  bf16 *DO = dO.data_ptr<bf16>(), *DG = gt.defined() ? dgate.data_ptr<bf16>() : nullptr;
+  float* Dl = delta.data_ptr<float>();
+  at::parallel_for(0, T * H, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t t = i / H, h = i % H;
+      const bf16 *g = G + t * go.stride(0) + h * go.stride(1), *o = O + t * of.stride(0) + h * of.stride(1);
+      const bf16* x = X ? X + t * gt.stride(0) + h * gt.stride(1) : nullptr;
+      vec dot = splat(0.0f);
+      for (int64_t c = 0; c < D; c += VW) {
+        const __mmask16 k = first(D - c);
+        const vec gv = load_bf16(g + c, k), ov = load_bf16(o + c, k);
+        dot += gv * ov;
+        if (x) {
+          const vec sg = sigmoid(load_bf16(x + c, k));
+          store_bf16(DO + i * D + c, gv * sg, k);
+          store_bf16(DG + i * D + c, gv * ov * (1.0f - sg), k);
+        } else {
+          store_bf16(DO + i * D + c, gv, k);
+        }
+      }
+      Dl[h * (T + VW) + t] = hsum(dot);
+    }
+  });
+  return {dO, delta, gt.defined() ? dgate.to(gate->scalar_type()) : dgate};
+}
+#endif
+
+template <class E>
+std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+                                 const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                                 const c10::optional<at::Tensor>& gate, const at::Tensor& row_lo,
+                                 const at::Tensor& row_hi, const at::Tensor& col_lo, const at::Tensor& col_hi,
+                                 double scale, int64_t block) {
+  constexpr int64_t P = kPair<E>;
+  const int64_t T = q.size(0), H = q.size(1), D = q.size(2), Dp = round_up(D, VW), ldt = T + VW;
+  const Prologue pro = prologue<E>(grad_out, out, gate);
+  const at::Tensor &dO = pro.dO, &delta = pro.delta, &dgate = pro.dgate;
+  const at::Tensor lse2 = pad_tokens(lse * kLog2e);  // [H, T + VW]
+  const Packed<E> K = pack_tokens<E, 1>(k, Dp), V = pack_tokens<E, 1>(v, Dp);  // rows: A of pass 1
+  const Packed<E> Qt = pack_cols<E>(q), DOt = pack_cols<E>(dO);
+  const Packed<E> Qn = pack_tokens<E, P>(q, Dp), DOn = pack_tokens<E, P>(dO, Dp);
+  const Packed<E> Kn = P == 1 ? K : pack_tokens<E, P>(k, Dp);  // fp32: tokens are the rows
+  at::Tensor dq = at::zeros({T, H, D}, q.options().dtype(kType<E>));
+  at::Tensor dk = at::zeros({T, H, D}, q.options().dtype(kType<E>));
+  at::Tensor dv = at::zeros({T, H, D}, q.options().dtype(kType<E>));
   const int32_t *lo = row_lo.data_ptr<int32_t>(), *hi = row_hi.data_ptr<int32_t>();
   const int32_t *clo = col_lo.data_ptr<int32_t>(), *chi = col_hi.data_ptr<int32_t>();
-  std::vector<int64_t> off(T + 1, 0);  // ds of row t lives at off[t] + (j - lo[t])
-  for (int64_t t = 0; t < T; ++t) off[t + 1] = off[t] + (hi[t] - lo[t]);
-  const int64_t nnz = off[T];
-  std::unique_ptr<float[]> ds(new float[H * nnz]);  // every entry is written by pass 1
-  const float *Qt = qt.data_ptr<float>(), *DOt = dot.data_ptr<float>();
+  // ds is stored as pass 1 makes it, by micro-block (group) g of MR keys: for each query t of
+  // the group's span [cs[g], ce[g]), the MR values ds[t][MR g + m] side by side (zero for the
+  // keys t does not see), at off[g] + (t - cs[g]) * MR.
+  const int64_t ng = (T + MR - 1) / MR;
+  std::vector<int64_t> cs(ng), ce(ng), off(ng + 1, 0);
+  for (int64_t g = 0; g < ng; ++g) {
+    const int n = count_real(clo, chi, g * MR, std::min<int64_t>(MR, T - g * MR));
+    cs[g] = clo[g * MR], ce[g] = n > 0 ? chi[g * MR + n - 1] : cs[g];
+    off[g + 1] = off[g] + (ce[g] - cs[g]) * MR;
+  }
+  const int64_t nnz = off[ng];
+  std::unique_ptr<E[]> ds(new E[nnz]);  // one head's; every entry is written by pass 1
+  E* const dsh = ds.get();
   const float *Dl = delta.data_ptr<float>(), *L2 = lse2.data_ptr<float>();
-  float *DQ = dq.data_ptr<float>(), *DK = dk.data_ptr<float>(), *DV = dv.data_ptr<float>();
+  E *DQ = dq.data_ptr<E>(), *DK = dk.data_ptr<E>(), *DV = dv.data_ptr<E>();
   const float mul = (float)scale * kLog2e, fscale = (float)scale;
   const int64_t nblk = (T + block - 1) / block;
 
-  // Pass 1, key-major: micro-blocks of MR keys against the queries that see them.
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
-    std::vector<float> P(MR * ldt), dS(MR * ldt), acc(MR * Dp);
-    for (int64_t item; (item = next++) < H * nblk;) {
-      const int64_t h = item / nblk, j0b = item % nblk * block, j1b = std::min(j0b + block, T);
-      float* dsh = ds.get() + h * nnz;
-      for (int64_t j0 = j0b; j0 < j1b; j0 += MR) {
-        const int n = count_real(clo, chi, j0, std::min<int64_t>(MR, j1b - j0));
-        if (n == 0) break;  // keys nobody sees (padding) keep zero gradients
-        const int64_t c0 = clo[j0], span = chi[j0 + n - 1] - c0;
-        const float *ka[MR], *va[MR];
-        for (int m = 0; m < MR; ++m) {
-          const int64_t j = j0 + std::min(m, n - 1);
-          ka[m] = K.row(j, h), va[m] = V.row(j, h);
-        }
-        nt(ka, Qt + h * D * ldt + c0, ldt, (int)D, span, P.data(), ldt);    // s^T
-        nt(va, DOt + h * D * ldt + c0, ldt, (int)D, span, dS.data(), ldt);  // dp^T
-        const float* l2 = L2 + h * ldt + c0;
-        const float* dl = Dl + h * ldt + c0;
-        for (int m = 0; m < MR; ++m) {
-          float* p = P.data() + m * ldt;
-          float* s = dS.data() + m * ldt;
-          if (m < n) softmax_row(p, clo[j0 + m] - c0, chi[j0 + m] - c0, span, mul, l2);
-          else std::fill(p, p + round_up(span, VW), 0.0f);
-          for (int64_t c = 0; c < span; c += VW) store(s + c, load(p + c) * (load(s + c) - load(dl + c)));
-        }
-        nn(P.data(), ldt, DO.row(c0, h), DO.st, span, Dp, acc.data(), Dp);
-        for (int m = 0; m < n; ++m)
-          std::copy(acc.data() + m * Dp, acc.data() + m * Dp + D, DV + ((j0 + m) * H + h) * D);
-        nn(dS.data(), ldt, Q.row(c0, h), Q.st, span, Dp, acc.data(), Dp);
-        for (int m = 0; m < n; ++m)
-          for (int64_t d = 0; d < D; ++d) DK[((j0 + m) * H + h) * D + d] = acc[m * Dp + d] * fscale;
-        // Row t sees keys [lo[t], hi[t]): of this micro-block, m in [lo[t] - j0, hi[t] - j0).
-        for (int64_t t = c0; t < c0 + span; ++t) {
-          const int64_t m0 = std::max<int64_t>(0, lo[t] - j0), m1 = std::min<int64_t>(n, hi[t] - j0);
-          float* dst = dsh + off[t] + (j0 - lo[t]);
-          for (int64_t m = m0; m < m1; ++m) dst[m] = dS[m * ldt + (t - c0)];
+  // One head at a time, so that its ds (a few MB) is still in the caches for pass 2.
+  const int64_t lda = ldt + MR;  // pass 2's rows of ds (see there)
+  for (int64_t h = 0; h < H; ++h) {
+    // Pass 1, key-major: micro-blocks of MR keys against the queries that see them.
+    std::atomic<int64_t> next{0};
+    at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+      std::vector<float> Pf(MR * ldt), dS(MR * ldt), acc(MR * Dp);
+      std::vector<E> Pe(P == 1 ? 0 : MR * ldt), dSe(P == 1 ? 0 : MR * ldt);  // bf16 p, ds
+      for (int64_t item; (item = next++) < nblk;) {
+        const int64_t j0b = item * block, j1b = std::min(j0b + block, T);
+        for (int64_t j0 = j0b; j0 < j1b; j0 += MR) {
+          const int n = count_real(clo, chi, j0, std::min<int64_t>(MR, j1b - j0));
+          if (n == 0) break;  // keys nobody sees (padding) keep zero gradients
+          for (int m = 0; m < n; ++m) {
+            prefetch<1>(DK + ((j0 + m) * H + h) * D, D * sizeof(E));
+            prefetch<1>(DV + ((j0 + m) * H + h) * D, D * sizeof(E));
+          }
+          const int64_t c0 = clo[j0] / P * P, span = chi[j0 + n - 1] - c0;
+          const E *ka[MR], *va[MR];
+          for (int m = 0; m < MR; ++m) {
+            const int64_t j = j0 + std::min(m, n - 1);
+            ka[m] = K.at(h, j, 0), va[m] = V.at(h, j, 0);
+          }
+          mm(ka, Qt.at(h, 0, c0), Qt.ld, D, span, Pf.data(), ldt);    // s^T
+          mm(va, DOt.at(h, 0, c0), DOt.ld, D, span, dS.data(), ldt);  // dp^T
+          const float* l2 = L2 + h * ldt + c0;
+          const float* dl = Dl + h * ldt + c0;
+          for (int m = 0; m < MR; ++m) {
+            float* p = Pf.data() + m * ldt;
+            if (m < n) softmax_row<E>(p, clo[j0 + m] - c0, chi[j0 + m] - c0, span, mul, l2);
+            else std::fill(p, p + round_up(span, VW), 0.0f);
+          }
+          const E *p[MR], *s[MR];
+          ds_operands(Pf.data(), dS.data(), dl, ldt, span, Pe.data(), dSe.data(), p, s);
+          mm(p, DOn.at(h, c0, 0), DOn.ld, span, Dp, acc.data(), Dp);
+          for (int m = 0; m < n; ++m)
+            store_row(DV + ((j0 + m) * H + h) * D, acc.data() + m * Dp, 1.0f, D);
+          mm(s, Qn.at(h, c0, 0), Qn.ld, span, Dp, acc.data(), Dp);
+          for (int m = 0; m < n; ++m)
+            store_row(DK + ((j0 + m) * H + h) * D, acc.data() + m * Dp, fscale, D);
+          E* dst = dsh + off[j0 / MR];  // ds is zero at the keys a query does not see, and at m >= n
+          for (int64_t t = clo[j0]; t < c0 + span; ++t, dst += MR)
+            for (int m = 0; m < MR; ++m) dst[m] = s[m][t - c0];
         }
       }
-    }
-  });
+    });
 
-  // Pass 2, query-major: dq = scale * ds . k over each row's interval.
-  next = 0;
-  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
-    std::vector<float> A(MR * ldt), acc(MR * Dp);
-    for (int64_t item; (item = next++) < H * nblk;) {
-      const int64_t h = item / nblk, r0 = item % nblk * block, r1 = std::min(r0 + block, T);
-      const float* dsh = ds.get() + h * nnz;
-      for (int64_t i0 = r0; i0 < r1; i0 += MR) {
-        const int n = count_real(lo, hi, i0, std::min<int64_t>(MR, r1 - i0));
-        if (n == 0) break;
-        const int64_t c0 = lo[i0], span = hi[i0 + n - 1] - c0;
-        for (int m = 0; m < MR; ++m) {
-          float* row = A.data() + m * ldt;
-          std::fill(row, row + span, 0.0f);
-          if (m < n) std::copy(dsh + off[i0 + m], dsh + off[i0 + m + 1], row + (lo[i0 + m] - c0));
+    // Pass 2, query-major: dq = scale * ds . k over each row's interval.
+    next = 0;
+    at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+      std::vector<E> A(MR * lda);
+      std::vector<float> acc(MR * Dp);
+      for (int64_t item; (item = next++) < nblk;) {
+        const int64_t r0 = item * block, r1 = std::min(r0 + block, T);
+        for (int64_t i0 = r0; i0 < r1; i0 += MR) {
+          const int n = count_real(lo, hi, i0, std::min<int64_t>(MR, r1 - i0));
+          if (n == 0) break;
+          for (int m = 0; m < n; ++m) prefetch<1>(DQ + ((i0 + m) * H + h) * D, D * sizeof(E));
+          const int64_t c0 = lo[i0] / P * P, span = hi[i0 + n - 1] - c0;
+          // Row m of A holds keys from c0 at A + m * lda + MR: whole groups, the first of which may
+          // start up to MR - 1 keys before c0 (the zeros past the span land in the slack).
+          const E* a[MR];
+          for (int m = 0; m < MR; ++m) a[m] = A.data() + m * lda + MR;
+          for (int64_t g = c0 / MR; g * MR < c0 + span; ++g)
+            for (int m = 0; m < MR; ++m) {
+              const int64_t t = i0 + m;
+              E* dst = A.data() + m * lda + MR + (g * MR - c0);
+              if (cs[g] <= t && t < ce[g])
+                std::copy_n(dsh + off[g] + (t - cs[g]) * MR, MR, dst);
+              else  // t sees no key of the group (or is padding)
+                std::fill_n(dst, MR, E(0.0f));
+            }
+          mm(a, Kn.at(h, c0, 0), Kn.ld, span, Dp, acc.data(), Dp);
+          for (int m = 0; m < n; ++m)
+            store_row(DQ + ((i0 + m) * H + h) * D, acc.data() + m * Dp, fscale, D);
         }
-        nn(A.data(), ldt, K.row(c0, h), K.st, span, Dp, acc.data(), Dp);
-        for (int m = 0; m < n; ++m)
-          for (int64_t d = 0; d < D; ++d) DQ[((i0 + m) * H + h) * D + d] = acc[m * Dp + d] * fscale;
       }
-    }
-  });
+    });
+  }
   return {dq.to(q.scalar_type()), dk.to(k.scalar_type()), dv.to(v.scalar_type()), dgate};
+}
+
+std::vector<at::Tensor> prefixlm_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                     const c10::optional<at::Tensor>& gate, const at::Tensor& row_lo,
+                                     const at::Tensor& row_hi, double scale, int64_t block) {
+  check_inputs(q, k, v, row_lo, row_hi);
+#if defined(__AVX512BF16__)
+  if (bf16_operands(q, k, v)) return forward<bf16>(q, k, v, gate, row_lo, row_hi, scale, block);
+#endif
+  return forward<float>(q, k, v, gate, row_lo, row_hi, scale, block);
+}
+
+std::vector<at::Tensor> prefixlm_bwd(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+                                     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                                     const c10::optional<at::Tensor>& gate, const at::Tensor& row_lo,
+                                     const at::Tensor& row_hi, const at::Tensor& col_lo, const at::Tensor& col_hi,
+                                     double scale, int64_t block) {
+  check_inputs(q, k, v, row_lo, row_hi);
+  TORCH_CHECK(block > 0 && block % MR == 0, "block must be a positive multiple of ", MR);
+#if defined(__AVX512BF16__)
+  if (bf16_operands(q, k, v))
+    return backward<bf16>(grad_out, q, k, v, out, lse, gate, row_lo, row_hi, col_lo, col_hi, scale, block);
+#endif
+  return backward<float>(grad_out, q, k, v, out, lse, gate, row_lo, row_hi, col_lo, col_hi, scale, block);
 }
 
 }  // namespace
@@ -405,6 +755,7 @@ TORCH_LIBRARY(hrm_cpu, m) {
         "int block) -> Tensor[]");
   m.def("prefixlm_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? gate, "
         "Tensor row_lo, Tensor row_hi, Tensor col_lo, Tensor col_hi, float scale, int block) -> Tensor[]");
+  m.def("bf16_dots() -> bool", &bf16_dots);
 }
 
 TORCH_LIBRARY_IMPL(hrm_cpu, CPU, m) {

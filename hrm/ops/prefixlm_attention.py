@@ -668,7 +668,8 @@ def _cpu_ops():
 
 def prefixlm_attention_cpu_forward(q: Tensor, k: Tensor, v: Tensor, row_lo: Tensor, row_hi: Tensor,
                                    gate: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """``(out [T, H, D], lse [H, T] fp32)`` from the C++ kernel (computes in fp32)."""
+    """``(out [T, H, D], lse [H, T] fp32)`` from the C++ kernel: fp32 compute, or for bf16 ``q, k, v``
+    on CPUs with AVX512_BF16 bf16 products with fp32 accumulation (``_cpu_ops().bf16_dots()``)."""
     out, lse = _cpu_ops().prefixlm_fwd(q, k, v, gate, row_lo, row_hi, q.shape[-1] ** -0.5, _CPU_ROWS_PER_ITEM)
     return out, lse
 
