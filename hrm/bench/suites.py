@@ -28,6 +28,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -300,9 +301,16 @@ def bench_from_dict(data: dict) -> BenchConfig:
 
 
 def _peak_bytes(device: torch.device) -> int:
+    """Peak memory of this process: CUDA's allocator peak on a GPU; on a CPU the resident
+    high-water mark of this program (Linux: ``VmHWM``; ``ru_maxrss`` is no use there, since it
+    carries the parent's resident size across fork and exec)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    try:
+        status = Path("/proc/self/status").read_text().splitlines()
+        return int(next(ln for ln in status if ln.startswith("VmHWM:")).split()[1]) * 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
 def train_child(spec: dict) -> dict:
