@@ -56,7 +56,7 @@ def test_train_rows_for_every_variant(results):
     train = {r.backend: r for r in rows if r.suite == "train"}
     assert set(train) == {label for label, _, _ in suites.train_variants(suites.bench_backends())}
     for b, r in train.items():
-        assert r.peak_mem_mb > 0, b  # a step holds more than an idle process that built the batch
+        assert r.peak_mem_mb > 0 and r.extra["rss_peak_mb"] > 0, b
         assert "error" not in r.extra, (b, r.extra.get("error"))
         assert r.parity <= r.tolerance, (b, r.parity)
         assert r.tokens_per_s > 0 and r.flops > 0 and r.frac_peak is not None
@@ -71,7 +71,22 @@ def test_child_peak_memory_is_its_own():
     ballast = torch.ones(256 << 20)  # 1 GiB resident in this (the parent) process
     idle = suites._run_child({"device": "cpu", "bench": suites.bench_to_dict(TINY), "reps": 1, "warmup": 0,
                               "threads": 1, "variant": None}, timeout=120)
-    assert idle["peak_bytes"] < ballast.numel() * ballast.element_size() // 2
+    assert idle["rss_bytes"] < ballast.numel() * ballast.element_size() // 2
+
+
+def test_step_peak_bytes_counts_what_a_step_holds_at_once():
+    import torch
+
+    def step():
+        a = torch.ones(1 << 20)  # 4 MiB
+        b = torch.ones(2 << 20)  # 8 MiB, while a is alive
+        del a, b
+        torch.ones(3 << 20)  # 12 MiB alone
+
+    peak = suites.step_peak_bytes(step)
+    assert 12 << 20 <= peak < (12 << 20) + (1 << 16)
+    w = torch.ones(10)
+    assert suites.held_bytes(w, w[2:], torch.ones(5)) == 60
 
 
 def test_train_flops_count_only_grad_steps():

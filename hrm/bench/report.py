@@ -95,17 +95,18 @@ def markdown_table(device: dict, peaks: dict[str, float], rows: list[Row]) -> st
         sel = [r for r in rows if r.suite == suite]
         if suite == "train":
             lines += ["| config | shape | backend | precision | ms/step | tokens/s | speedup | model GFLOP/s | MFU | "
-                      "peak MiB | loss diff vs torch (tol) |",
-                      "|---|---|---|---|---|---|---|---|---|---|---|"]
+                      "peak MiB (tensors) | peak MiB (resident) | loss diff vs torch (tol) |",
+                      "|---|---|---|---|---|---|---|---|---|---|---|---|"]
             for r in sel:
                 if "error" in r.extra:
                     lines.append(f"| {r.name} | {r.shape} | {r.backend} | {r.dtype} | failed: {r.extra['error']} "
-                                 "| | | | | | |")
+                                 "| | | | | | | |")
                     continue
                 parity = "" if r.parity is None else f"{r.parity:.1e} ({_fmt(r.tolerance, '.0e')})"
                 lines.append(f"| {r.name} | {r.shape} | {r.backend} | {r.dtype} | {r.seconds * 1e3:.0f} | "
                              f"{_fmt(r.tokens_per_s, '.0f')} | {_fmt(r.speedup, '.2f')}x | {_fmt(r.gflops, '.1f')} | "
-                             f"{_fmt(r.frac_peak, '.1%')} | {_fmt(r.peak_mem_mb, '.0f')} | {parity} |")
+                             f"{_fmt(r.frac_peak, '.1%')} | {_fmt(r.peak_mem_mb, '.0f')} | "
+                             f"{_fmt(r.extra.get('rss_peak_mb'), '.0f')} | {parity} |")
         else:
             lines += ["| op | mode | shape | dtype | backend | ms | speedup | GFLOP/s | GB/s | of peak | parity err (tol) |",
                       "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -137,7 +138,7 @@ def plot(rows: list[Row], path: str | os.PathLike) -> Path:
     axes[1].bar(names, [r.tokens_per_s or 0 for r in train], color="tab:green")
     axes[1].set_ylabel("train step tokens/s")
     axes[2].bar(names, [r.peak_mem_mb or 0 for r in train], color="tab:orange")
-    axes[2].set_ylabel("train step peak memory (MiB)")
+    axes[2].set_ylabel("train step peak tensor memory (MiB)")
     for ax in axes[1:]:
         ax.tick_params(axis="x", rotation=30)
     fig.tight_layout()
