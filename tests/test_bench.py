@@ -103,3 +103,24 @@ def test_cli_registers_bench_and_profile():
     assert args.suite == "ops" and args.quick and args.out == "bench/results"
     args = parser.parse_args(["profile", "--steps", "2", "--out", "x", "--nsys"])
     assert args.steps == 2 and args.nsys
+
+
+@pytest.mark.slow
+def test_pytest_benchmark_suites_run(tmp_path):
+    """bench/test_benchmarks.py (the pytest-benchmark view of the same cases) collects every
+    op, backend and mode, and a subset runs once each with its parity asserted."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    base = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(root / "bench" / "test_benchmarks.py"),
+            "--hrm-tokens", "1024"]
+    listed = subprocess.run([*base, "--collect-only"], capture_output=True, text=True, cwd=tmp_path)
+    assert listed.returncode == 0, listed.stdout[-2000:]
+    for backend in suites.bench_backends("prefixlm_attention"):
+        assert f"test_op[prefixlm_attention-{backend}-full]" in listed.stdout
+    ran = subprocess.run([*base, "--benchmark-disable", "-k", "add_rms_norm or adam_atan2 or (train_step and not True)"],
+                         capture_output=True, text=True, cwd=tmp_path)
+    assert ran.returncode == 0, ran.stdout[-2000:]
+    assert " passed" in ran.stdout and "failed" not in ran.stdout

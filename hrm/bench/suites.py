@@ -175,43 +175,59 @@ def _backward_seconds(forward: Callable[[], list], leaves: list, reps: int, devi
     return statistics.median(times)
 
 
-def bench_op(case: OpCase, backend: str, reps: int, device: torch.device | str = "cpu",
-             min_time: float = OP_MIN_TIME) -> list[Row]:
-    """Forward without gradients, backward alone, and forward + backward of ``case`` on ``backend``.
-    (The fused linear cross-entropy computes its gradients during a forward that needs them,
-    so its backward alone is only the scaling; compare its full rows.)"""
-    device = torch.device(device)
+@dataclass
+class OpRun:
+    """What is timed of one op case on one backend, on fp32 copies of the case's inputs."""
+
+    inputs: list  # the case's fp64 inputs (for the parity check)
+    leaves: list[torch.Tensor]  # the fp32 inputs that take gradients
+    forward: Callable[[], None]  # without gradients
+    forward_with_grad: Callable[[], list]  # returns the float outputs
+    full: Callable[[], None]  # forward + backward
+
+
+def op_run(case: OpCase, backend: str) -> OpRun:
     inputs = case.inputs()
     xs = [x.detach().float().requires_grad_() if torch.is_tensor(x) and x.requires_grad else x for x in inputs]
     leaves = [x for x in xs if torch.is_tensor(x) and x.requires_grad]
 
-    def forward():
+    def forward() -> None:
         with torch.no_grad():
             case.call(*xs, backend=backend)
 
     def forward_with_grad() -> list:
         return _float_outputs(case.call(*xs, backend=backend))
 
-    def full():
+    def full() -> None:
         outs = forward_with_grad()
         torch.autograd.grad(outs, leaves, [torch.ones_like(o) for o in outs])
 
-    t_fwd = measure(forward, device=device, warmup=1, reps=reps, min_time=min_time)
-    t_bwd = _backward_seconds(forward_with_grad, leaves, reps, device, min_time)
-    t_full = measure(full, device=device, warmup=1, reps=reps, min_time=min_time)
+    return OpRun(inputs, leaves, forward, forward_with_grad, full)
+
+
+def bench_op(case: OpCase, backend: str, reps: int, device: torch.device | str = "cpu",
+             min_time: float = OP_MIN_TIME) -> list[Row]:
+    """Forward without gradients, backward alone, and forward + backward of ``case`` on ``backend``.
+    (The fused linear cross-entropy computes its gradients during a forward that needs them,
+    so its backward alone is only the scaling; compare its full rows.)"""
+    device = torch.device(device)
+    run = op_run(case, backend)
+    t_fwd = measure(run.forward, device=device, warmup=1, reps=reps, min_time=min_time)
+    t_bwd = _backward_seconds(run.forward_with_grad, run.leaves, reps, device, min_time)
+    t_full = measure(run.full, device=device, warmup=1, reps=reps, min_time=min_time)
     common = dict(suite="ops", name=case.name, backend=backend, shape=case.shape, dtype="float32",
-                  parity=op_parity(case, inputs, backend), tolerance=case.tolerance)
+                  parity=op_parity(case, run.inputs, backend), tolerance=case.tolerance)
     return [Row(mode="forward", seconds=t_fwd, bytes=case.fwd_bytes or None, flops=case.fwd_flops or None, **common),
             Row(mode="backward", seconds=t_bwd, bytes=case.bwd_bytes or None, flops=case.bwd_flops or None, **common),
             Row(mode="full", seconds=t_full, bytes=(case.fwd_bytes + case.bwd_bytes) or None,
                 flops=case.full_flops or None, **common)]
 
 
-def bench_adam_atan2(bench: BenchConfig, backend: str, reps: int, device: torch.device | str = "cpu",
-                     min_time: float = OP_MIN_TIME) -> list[Row]:
-    """One Adam-atan2 step (:func:`hrm.ops.adam_atan2_`) over the config model's parameters
-    with random gradients, fp32 (mode ``full``: the whole op); parity: 3 steps against the
-    fp64 reference. Traffic: read p, g, m, v; write p, m, v."""
+def adam_atan2_run(bench: BenchConfig, backend: str, device: torch.device | str = "cpu"
+                   ) -> tuple[Callable[[], None], float, int]:
+    """``(step, parity, n)``: one Adam-atan2 step (:func:`hrm.ops.adam_atan2_`) over fp32 copies
+    of the config model's ``n`` parameter values with random gradients, on ``backend``; its
+    parity is the max error after 3 steps against the fp64 reference."""
     device = torch.device(device)
     shapes = [p.shape for p in HRMText(bench.model).parameters()]
     g = torch.Generator().manual_seed(0)
@@ -231,12 +247,18 @@ def bench_adam_atan2(bench: BenchConfig, backend: str, reps: int, device: torch.
         step(ref, k, "torch")
     parity = max(((a.double() - b).abs().max() / b.abs().max().clamp(min=1e-30)).item()
                  for a, b in zip([*out[0], *out[2], *out[3]], [*ref[0], *ref[2], *ref[3]]))
-    del ref
     counter = itertools.count(4)
-    seconds = measure(lambda: step(out, next(counter), backend), device=device, warmup=1, reps=reps,
-                      min_time=min_time)
-    n = sum(p.numel() for p in out[0])
-    return [Row(suite="ops", name="adam_atan2", backend=backend, mode="full", shape=f"{len(shapes)} tensors, {n}",
+    return (lambda: step(out, next(counter), backend)), parity, sum(p.numel() for p in out[0])
+
+
+def bench_adam_atan2(bench: BenchConfig, backend: str, reps: int, device: torch.device | str = "cpu",
+                     min_time: float = OP_MIN_TIME) -> list[Row]:
+    """The row of :func:`adam_atan2_run` (mode ``full``: the whole op). Traffic: read p, g, m,
+    v; write p, m, v."""
+    step, parity, n = adam_atan2_run(bench, backend, device)
+    seconds = measure(step, device=device, warmup=1, reps=reps, min_time=min_time)
+    tensors = len(list(HRMText(bench.model).parameters()))
+    return [Row(suite="ops", name="adam_atan2", backend=backend, mode="full", shape=f"{tensors} tensors, {n}",
                 dtype="float32", seconds=seconds, bytes=7 * 4 * n, parity=parity, tolerance=OP_TOLERANCE)]
 
 
