@@ -63,9 +63,10 @@ def test_op(benchmark, op_cases, op, backend, mode):
 
 @pytest.mark.parametrize("backend", suites.bench_backends("adam_atan2"))
 def test_adam_atan2(benchmark, bench_config, backend):
-    step, parity, n = suites.adam_atan2_run(bench_config, backend)
+    step, parity, tensors, n = suites.adam_atan2_run(bench_config, backend)
     benchmark.group = "adam_atan2 step"
-    benchmark.extra_info.update(values=n, dtype="float32", parity=parity, tolerance=suites.OP_TOLERANCE)
+    benchmark.extra_info.update(tensors=tensors, values=n, dtype="float32", parity=parity,
+                                tolerance=suites.OP_TOLERANCE)
     benchmark(step)
     assert parity <= suites.OP_TOLERANCE
 

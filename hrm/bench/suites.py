@@ -224,10 +224,11 @@ def bench_op(case: OpCase, backend: str, reps: int, device: torch.device | str =
 
 
 def adam_atan2_run(bench: BenchConfig, backend: str, device: torch.device | str = "cpu"
-                   ) -> tuple[Callable[[], None], float, int]:
-    """``(step, parity, n)``: one Adam-atan2 step (:func:`hrm.ops.adam_atan2_`) over fp32 copies
-    of the config model's ``n`` parameter values with random gradients, on ``backend``; its
-    parity is the max error after 3 steps against the fp64 reference."""
+                   ) -> tuple[Callable[[], None], float, int, int]:
+    """``(step, parity, tensors, values)``: one Adam-atan2 step (:func:`hrm.ops.adam_atan2_`)
+    over fp32 copies of the config model's parameters (``tensors`` of them, ``values`` numbers)
+    with random gradients, on ``backend``; its parity is the max error after 3 steps against
+    the fp64 reference."""
     device = torch.device(device)
     shapes = [p.shape for p in HRMText(bench.model).parameters()]
     g = torch.Generator().manual_seed(0)
@@ -248,16 +249,15 @@ def adam_atan2_run(bench: BenchConfig, backend: str, device: torch.device | str 
     parity = max(((a.double() - b).abs().max() / b.abs().max().clamp(min=1e-30)).item()
                  for a, b in zip([*out[0], *out[2], *out[3]], [*ref[0], *ref[2], *ref[3]]))
     counter = itertools.count(4)
-    return (lambda: step(out, next(counter), backend)), parity, sum(p.numel() for p in out[0])
+    return (lambda: step(out, next(counter), backend)), parity, len(shapes), sum(p.numel() for p in out[0])
 
 
 def bench_adam_atan2(bench: BenchConfig, backend: str, reps: int, device: torch.device | str = "cpu",
                      min_time: float = OP_MIN_TIME) -> list[Row]:
     """The row of :func:`adam_atan2_run` (mode ``full``: the whole op). Traffic: read p, g, m,
     v; write p, m, v."""
-    step, parity, n = adam_atan2_run(bench, backend, device)
+    step, parity, tensors, n = adam_atan2_run(bench, backend, device)
     seconds = measure(step, device=device, warmup=1, reps=reps, min_time=min_time)
-    tensors = len(list(HRMText(bench.model).parameters()))
     return [Row(suite="ops", name="adam_atan2", backend=backend, mode="full", shape=f"{tensors} tensors, {n}",
                 dtype="float32", seconds=seconds, bytes=7 * 4 * n, parity=parity, tolerance=OP_TOLERANCE)]
 
