@@ -64,13 +64,9 @@ def _store_pair(OUT, offs, half, y1, y2, mask):
 
 
 @jit
-def _split_rope_fwd_kernel(GQKV, COS, SIN, G, Q, K, V, n_tokens, n_heads, head_dim,
-                           BLOCK_T: tl.constexpr, BLOCK_J: tl.constexpr):
-    """A tile of tokens, all heads; tile column ``j`` is (head ``j // half``, pair ``j % half``).
-    The four parts (0 gate, 1 q, 2 k, 3 v) are a constexpr loop, so that whether a part
-    rotates and where it goes are settled at compile time: q and k get
-    ``(x1 c1 - x2 s1, x2 c2 + x1 s2)``, gate and v are copied; each part to its own
-    contiguous ``[T, heads, hd]`` output. cos/sin are loaded once for q and k."""
+def _rope_tile(COS, SIN, n_tokens, n_heads, head_dim, BLOCK_T: tl.constexpr, BLOCK_J: tl.constexpr):
+    """This program's tile of tokens x (head, pair) columns: ``(half, t64, head, pair, mask,
+    c1, c2, s1, s2)`` with the cos/sin of both halves of each pair."""
     half = head_dim // 2
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     j = tl.arange(0, BLOCK_J)
@@ -80,6 +76,18 @@ def _split_rope_fwd_kernel(GQKV, COS, SIN, G, Q, K, V, n_tokens, n_heads, head_d
     trig = t64 * head_dim + pair[None, :]
     c1, c2 = tl.load(COS + trig, mask=mask, other=0.0), tl.load(COS + trig + half, mask=mask, other=0.0)
     s1, s2 = tl.load(SIN + trig, mask=mask, other=0.0), tl.load(SIN + trig + half, mask=mask, other=0.0)
+    return half, t64, head, pair, mask, c1, c2, s1, s2
+
+
+@jit
+def _split_rope_fwd_kernel(GQKV, COS, SIN, G, Q, K, V, n_tokens, n_heads, head_dim,
+                           BLOCK_T: tl.constexpr, BLOCK_J: tl.constexpr):
+    """A tile of tokens, all heads; tile column ``j`` is (head ``j // half``, pair ``j % half``).
+    The four parts (0 gate, 1 q, 2 k, 3 v) are a constexpr loop, so that whether a part
+    rotates and where it goes are settled at compile time: q and k get
+    ``(x1 c1 - x2 s1, x2 c2 + x1 s2)``, gate and v are copied; each part to its own
+    contiguous ``[T, heads, hd]`` output. cos/sin are loaded once for q and k."""
+    half, t64, head, pair, mask, c1, c2, s1, s2 = _rope_tile(COS, SIN, n_tokens, n_heads, head_dim, BLOCK_T, BLOCK_J)
     dst = t64 * (n_heads * head_dim) + head[None, :] * head_dim + pair[None, :]
     for part in tl.static_range(4):
         src = GQKV + t64 * (4 * n_heads * head_dim) + (part * n_heads + head[None, :]) * head_dim + pair[None, :]
@@ -100,15 +108,7 @@ def _split_rope_bwd_kernel(DG, DQ, DK, DV, COS, SIN, DGQKV, n_tokens, n_heads, h
                            BLOCK_T: tl.constexpr, BLOCK_J: tl.constexpr):
     """The transpose of the forward: ``(d1 c1 + d2 s2, d2 c2 - d1 s1)`` for q and k, a copy
     for gate and v, all written into the one fused ``[T, 4 * heads, hd]`` gradient."""
-    half = head_dim // 2
-    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    j = tl.arange(0, BLOCK_J)
-    head, pair = j // half, j % half
-    mask = (t[:, None] < n_tokens) & (j[None, :] < n_heads * half)
-    t64 = t[:, None].to(tl.int64)
-    trig = t64 * head_dim + pair[None, :]
-    c1, c2 = tl.load(COS + trig, mask=mask, other=0.0), tl.load(COS + trig + half, mask=mask, other=0.0)
-    s1, s2 = tl.load(SIN + trig, mask=mask, other=0.0), tl.load(SIN + trig + half, mask=mask, other=0.0)
+    half, t64, head, pair, mask, c1, c2, s1, s2 = _rope_tile(COS, SIN, n_tokens, n_heads, head_dim, BLOCK_T, BLOCK_J)
     src = t64 * (n_heads * head_dim) + head[None, :] * head_dim + pair[None, :]
     for part in tl.static_range(4):
         dst = t64 * (4 * n_heads * head_dim) + (part * n_heads + head[None, :]) * head_dim + pair[None, :]

@@ -31,29 +31,33 @@ def swiglu_reference(gate_up: Tensor) -> Tensor:
 
 # -- Triton kernels ------------------------------------------------------------------------
 @jit
-def _swiglu_fwd_kernel(GU, Y, n_rows, n_cols, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
-    """``y = g * sigmoid(g) * u`` for a tile of rows ``[g | u]`` (``2 * n_cols`` wide); fp32 math."""
+def _swiglu_tile(GU, n_rows, n_cols, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+    """This program's tile: ``(mask, gate_offs, offs, g, u)``, the offsets of the gate half in
+    ``[g | u]`` rows (``2 * n_cols`` wide) and in ``n_cols``-wide rows, and ``g``, ``u`` in fp32."""
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     cols = tl.program_id(1) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
     mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
-    gate_offs = rows[:, None].to(tl.int64) * (2 * n_cols) + cols[None, :]
+    rows64 = rows[:, None].to(tl.int64)
+    gate_offs = rows64 * (2 * n_cols) + cols[None, :]
     g = tl.load(GU + gate_offs, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(GU + gate_offs + n_cols, mask=mask, other=0.0).to(tl.float32)
+    return mask, gate_offs, rows64 * n_cols + cols[None, :], g, u
+
+
+@jit
+def _swiglu_fwd_kernel(GU, Y, n_rows, n_cols, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+    """``y = g * sigmoid(g) * u`` for a tile of rows ``[g | u]`` (``2 * n_cols`` wide); fp32 math."""
+    mask, gate_offs, offs, g, u = _swiglu_tile(GU, n_rows, n_cols, BLOCK_ROWS, BLOCK_COLS)
     y = g * tl.sigmoid(g) * u
-    tl.store(Y + rows[:, None].to(tl.int64) * n_cols + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
 
 
 @jit
 def _swiglu_bwd_kernel(GU, DY, DGU, n_rows, n_cols, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
     """``dg = dy * u * s * (1 + g * (1 - s))``, ``du = dy * g * s`` with ``s = sigmoid(g)``
     recomputed from the saved input; writes ``[dg | du]``."""
-    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-    cols = tl.program_id(1) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
-    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
-    gate_offs = rows[:, None].to(tl.int64) * (2 * n_cols) + cols[None, :]
-    g = tl.load(GU + gate_offs, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(GU + gate_offs + n_cols, mask=mask, other=0.0).to(tl.float32)
-    dy = tl.load(DY + rows[:, None].to(tl.int64) * n_cols + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    mask, gate_offs, offs, g, u = _swiglu_tile(GU, n_rows, n_cols, BLOCK_ROWS, BLOCK_COLS)
+    dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
     s = tl.sigmoid(g)
     dg = dy * u * s * (1.0 + g * (1.0 - s))
     du = dy * g * s
