@@ -260,6 +260,25 @@ LOG2E = 1.4426950408889634  # the kernels inline it (a @jit function reads only 
 
 
 @jit
+def _tile_range(RANGES, block):
+    """``(first, full_first, full_end, end)``: the block's tiles as :func:`tile_ranges` lists
+    them (partial ``[first, full_first)``, full ``[full_first, full_end)``, partial
+    ``[full_end, end)``)."""
+    return (tl.load(RANGES + block * 4), tl.load(RANGES + block * 4 + 1), tl.load(RANGES + block * 4 + 2),
+            tl.load(RANGES + block * 4 + 3))
+
+
+@jit
+def _block_rows(X, Y, block, h, T, H, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr):
+    """Rows ``block * BLOCK ...`` of head ``h`` of two contiguous ``[T, H, D]`` tensors:
+    ``(idx, ok, offs, x, y)`` (rows past T read as zeros)."""
+    idx = block * BLOCK + tl.arange(0, BLOCK)
+    ok = idx < T
+    offs = (idx.to(tl.int64)[:, None] * H + h) * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]
+    return idx, ok, offs, tl.load(X + offs, mask=ok[:, None], other=0.0), tl.load(Y + offs, mask=ok[:, None], other=0.0)
+
+
+@jit
 def _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, lo, hi, start, end, T, qk_scale,
                BLOCK_N: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Online softmax over key tiles ``[start, end)``. MASKED is a constexpr so that full
@@ -301,10 +320,7 @@ def _prefixlm_fwd_kernel(Q, K, V, G, O, LSE, ROW_LO, ROW_HI, RANGES,
     :func:`tile_ranges` lists them; empty tiles never."""
     qb = tl.program_id(0)
     h = tl.program_id(1)
-    first = tl.load(RANGES + qb * 4)
-    full_first = tl.load(RANGES + qb * 4 + 1)
-    full_end = tl.load(RANGES + qb * 4 + 2)
-    end = tl.load(RANGES + qb * 4 + 3)
+    first, full_first, full_end, end = _tile_range(RANGES, qb)
     rows = qb * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < T
     offs_d = tl.arange(0, HEAD_DIM)
@@ -403,16 +419,8 @@ def _prefixlm_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, ROW_LO, ROW_HI, RANGE
     All tensors are contiguous ``[T, H, D]``."""
     kb = tl.program_id(0)
     h = tl.program_id(1)
-    cols = kb * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < T
-    offs_d = tl.arange(0, HEAD_DIM)
-    offs = (cols.to(tl.int64)[:, None] * H + h) * HEAD_DIM + offs_d[None, :]
-    k = tl.load(K + offs, mask=col_ok[:, None], other=0.0)
-    v = tl.load(V + offs, mask=col_ok[:, None], other=0.0)
-    first = tl.load(RANGES + kb * 4)
-    full_first = tl.load(RANGES + kb * 4 + 1)
-    full_end = tl.load(RANGES + kb * 4 + 2)
-    end = tl.load(RANGES + kb * 4 + 3)
+    cols, col_ok, offs, k, v = _block_rows(K, V, kb, h, T, H, HEAD_DIM, BLOCK_N)
+    first, full_first, full_end, end = _tile_range(RANGES, kb)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, ROW_LO, ROW_HI, h, cols, first, full_first, T, H,
@@ -457,20 +465,12 @@ def _prefixlm_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, ROW_LO, ROW_HI, RANGES, T, 
     recomputed from the saved ``lse``. All tensors are contiguous ``[T, H, D]``."""
     qb = tl.program_id(0)
     h = tl.program_id(1)
-    rows = qb * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < T
-    offs_d = tl.arange(0, HEAD_DIM)
-    offs = (rows.to(tl.int64)[:, None] * H + h) * HEAD_DIM + offs_d[None, :]
-    q = tl.load(Q + offs, mask=row_ok[:, None], other=0.0)
-    do = tl.load(DO + offs, mask=row_ok[:, None], other=0.0)
+    rows, row_ok, offs, q, do = _block_rows(Q, DO, qb, h, T, H, HEAD_DIM, BLOCK_M)
     lse2 = tl.load(LSE + h * T + rows, mask=row_ok, other=0.0) * 1.4426950408889634
     delta = tl.load(DELTA + h * T + rows, mask=row_ok, other=0.0)
     lo = tl.load(ROW_LO + rows, mask=row_ok, other=0)
     hi = tl.load(ROW_HI + rows, mask=row_ok, other=0)
-    first = tl.load(RANGES + qb * 4)
-    full_first = tl.load(RANGES + qb * 4 + 1)
-    full_end = tl.load(RANGES + qb * 4 + 2)
-    end = tl.load(RANGES + qb * 4 + 3)
+    first, full_first, full_end, end = _tile_range(RANGES, qb)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     dq = _dq_tiles(dq, q, do, lse2, delta, K, V, lo, hi, h, first, full_first, T, H, qk_scale, HEAD_DIM, BLOCK_N,
                    True, DOT_PRECISION)
