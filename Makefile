@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 DEMO_OUT ?= runs/demo
 
-.PHONY: demo test clean
+.PHONY: demo lint test clean
 
 $(VENV)/.base: pyproject.toml
 	python3 -m venv $(VENV)
@@ -24,7 +24,11 @@ demo: $(VENV)/.base
 	$(VENV)/bin/hrm train --preset tiny --out $(DEMO_OUT)
 	$(VENV)/bin/hrm generate $(DEMO_OUT) --ema --prompt "12+345" --prompt "907+88" --prompt "5+5"
 
-test: $(VENV)/.test
+lint: $(VENV)/.test
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: lint
 	$(PY) -m pytest -q
 
 clean:

@@ -21,16 +21,17 @@ from hrm.config import BENCH_CONFIGS
 def main(argv: list[str] | None = None) -> dict[str, Path]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--suite", choices=["ops", "train", "all"], default="all")
-    parser.add_argument("--backends", help="comma-separated subset (default: every available backend, and "
-                                           "torch+compile for the train step)")
+    parser.add_argument(
+        "--backends",
+        help="comma-separated subset (default: every available backend, and torch+compile for the train step)",
+    )
     parser.add_argument("--config", default="bench", choices=sorted(BENCH_CONFIGS))
     parser.add_argument("--quick", action="store_true", help="smaller op shapes, fewer repetitions")
     parser.add_argument("--reps", type=int, default=None)
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = parser.parse_args(argv)
     backends = [b for b in args.backends.split(",") if b] if args.backends else None
-    paths = run_bench(args.suite, config=args.config, quick=args.quick, out=args.out, reps=args.reps,
-                      backends=backends)
+    paths = run_bench(args.suite, config=args.config, quick=args.quick, out=args.out, reps=args.reps, backends=backends)
     print(paths["md"].read_text())
     return paths
 

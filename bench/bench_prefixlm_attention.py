@@ -26,7 +26,6 @@ over the real rows.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import math
 import platform
@@ -36,8 +35,11 @@ import torch
 import torch.nn.functional as F
 
 from hrm.bench.timing import matmul_peak_gflops, measure
-
-pa = importlib.import_module("hrm.ops.prefixlm_attention")
+from hrm.ops import AttentionPacking
+from hrm.ops.impl.prefixlm_attention import cpu as attention_cpu
+from hrm.ops.impl.prefixlm_attention import packing as layout
+from hrm.ops.impl.prefixlm_attention.op import prefixlm_attention_cpu
+from hrm.ops.impl.prefixlm_attention.reference import prefixlm_attention_reference
 
 
 def lognormal_packing(T: int, median: float = 270.0, sigma: float = 0.5, seed: int = 0):
@@ -64,8 +66,9 @@ def sdpa_loop(q, k, v, cu, pl, masks):
     """One SDPA call per sequence, with that sequence's PrefixLM mask (built once, outside the timing)."""
     out = torch.zeros_like(q)
     for (s, e), m in masks:
-        out[s:e] = F.scaled_dot_product_attention(q[s:e].transpose(0, 1), k[s:e].transpose(0, 1),
-                                                  v[s:e].transpose(0, 1), attn_mask=m).transpose(0, 1)
+        out[s:e] = F.scaled_dot_product_attention(
+            q[s:e].transpose(0, 1), k[s:e].transpose(0, 1), v[s:e].transpose(0, 1), attn_mask=m
+        ).transpose(0, 1)
     return out
 
 
@@ -86,17 +89,18 @@ def main(argv: list[str] | None = None) -> dict:
     cu, pl = lognormal_packing(T)
     total = int(cu[-1])
     cu_l, pl_l = cu.tolist(), pl.tolist()
-    pairs = pa.allowed_pairs(cu, pl, T)
+    packing = AttentionPacking.build(cu_l, pl_l, T)
+    pairs = layout.allowed_pairs(cu, pl, T)
     fwd_flops = 4.0 * pairs * D * H
-    tiles = pa.tile_counts(cu, pl, T, 64, 64)
-    lo, hi = pa.row_intervals(cu, pl, T)
+    tiles = layout.tile_counts(cu, pl, T, 64, 64)
+    lo, hi = packing.row_lo, packing.row_hi
 
     g = torch.Generator().manual_seed(1)
     q, k, v, go = (torch.randn(T, H, D, generator=g) for _ in range(4))
-    want = pa.prefixlm_attention_reference(q.double(), k.double(), v.double(), cu, pl)
+    want = prefixlm_attention_reference(q.double(), k.double(), v.double(), packing)
     inputs = {dt: [x.to(dt) for x in (q, k, v, go)] for dt in (torch.float32, torch.bfloat16)}
 
-    dense_mask = pa.prefixlm_dense_mask(cu, pl, T)
+    dense_mask = layout.prefixlm_dense_mask(cu, pl, T)
     loop_masks = []
     for i, p in enumerate(pl_l):
         s, e = cu_l[i], cu_l[i + 1]
@@ -110,8 +114,9 @@ def main(argv: list[str] | None = None) -> dict:
     def prefixlm_mask_mod(b, h, q_idx, kv_idx):
         return (kv_idx >= lo64[q_idx]) & (kv_idx < hi64[q_idx])
 
-    mask_build_s = measure(lambda: create_block_mask(prefixlm_mask_mod, None, None, T, T, device="cpu"),
-                           warmup=1, reps=reps)
+    mask_build_s = measure(
+        lambda: create_block_mask(prefixlm_mask_mod, None, None, T, T, device="cpu"), warmup=1, reps=reps
+    )
     block_mask = create_block_mask(prefixlm_mask_mod, None, None, T, T, device="cpu")
     flex = torch.compile(flex_attention, dynamic=False)
 
@@ -123,9 +128,9 @@ def main(argv: list[str] | None = None) -> dict:
     methods = {  # name: (fn, has a backward, input dtype)
         "sdpa_dense": (lambda q, k, v, cu, pl: sdpa_dense(q, k, v, cu, pl, dense_mask), True, f32),
         "sdpa_loop": (lambda q, k, v, cu, pl: sdpa_loop(q, k, v, cu, pl, loop_masks), True, f32),
-        "torch": (pa.prefixlm_attention_reference, True, f32),
-        "cpu": (pa.prefixlm_attention_cpu, True, f32),
-        "cpu_bf16": (pa.prefixlm_attention_cpu, True, bf16),
+        "torch": (lambda q, k, v, cu, pl: prefixlm_attention_reference(q, k, v, packing), True, f32),
+        "cpu": (lambda q, k, v, cu, pl: prefixlm_attention_cpu(q, k, v, packing), True, f32),
+        "cpu_bf16": (lambda q, k, v, cu, pl: prefixlm_attention_cpu(q, k, v, packing), True, bf16),
         "flex": (flex_fn, False, f32),
     }
 
@@ -139,74 +144,128 @@ def main(argv: list[str] | None = None) -> dict:
         out = fn(*leaves[dtype], cu, pl)
         return torch.autograd.grad(out, leaves[dtype], inputs[dtype][3])
 
-    parity = {name: (forward(fn, dt)[:total].double() - want[:total]).abs().max().item()
-              for name, (fn, _, dt) in methods.items()}  # also compiles flex and builds the CPU kernel
+    parity = {
+        name: (forward(fn, dt)[:total].double() - want[:total]).abs().max().item()
+        for name, (fn, _, dt) in methods.items()
+    }  # also compiles flex and builds the CPU kernel
 
     peaks, times = {f32: [], bf16: []}, {}
     for _ in range(rounds):  # interleave everything, take medians: other processes may share the cores
         for dt in peaks:
             peaks[dt].append(matmul_peak_gflops(dt, reps=reps))
         for name, (fn, has_bwd, dt) in methods.items():
-            times.setdefault((name, "forward"), []).append(measure(lambda: forward(fn, dt), warmup=1, reps=reps))
+            times.setdefault((name, "forward"), []).append(
+                measure(lambda fn=fn, dt=dt: forward(fn, dt), warmup=1, reps=reps)
+            )
             if has_bwd:
                 times.setdefault((name, "forward+backward"), []).append(
-                    measure(lambda: forward_backward(fn, dt), warmup=1, reps=reps))
+                    measure(lambda fn=fn, dt=dt: forward_backward(fn, dt), warmup=1, reps=reps)
+                )
     peak = {dt: max(p) for dt, p in peaks.items()}  # the least disturbed measurement of the matmul peak
 
     rows = []
     for (name, mode), ts in times.items():
         sec, dt = statistics.median(ts), methods[name][2]
         flops = fwd_flops * (1.0 if mode == "forward" else 3.5)
-        rows.append({"method": name, "mode": mode, "dtype": str(dt).removeprefix("torch."), "ms": sec * 1e3,
-                     "best_ms": min(ts) * 1e3, "gflops": flops / sec / 1e9, "frac_peak": flops / sec / 1e9 / peak[dt],
-                     "best_frac_peak": flops / min(ts) / 1e9 / peak[dt], "parity": parity[name]})
+        rows.append(
+            {
+                "method": name,
+                "mode": mode,
+                "dtype": str(dt).removeprefix("torch."),
+                "ms": sec * 1e3,
+                "best_ms": min(ts) * 1e3,
+                "gflops": flops / sec / 1e9,
+                "frac_peak": flops / sec / 1e9 / peak[dt],
+                "best_frac_peak": flops / min(ts) / 1e9 / peak[dt],
+                "parity": parity[name],
+            }
+        )
     by = {(r["method"], r["mode"]): r for r in rows}
     for r in rows:
         base = by.get(("sdpa_loop", r["mode"]))
         r["speedup_vs_sdpa_loop"] = base["ms"] / r["ms"] if base else None
 
-    cpu_fb, loop_fb, cpu_f, flex_f = (by[("cpu", "forward+backward")], by[("sdpa_loop", "forward+backward")],
-                                      by[("cpu", "forward")], by[("flex", "forward")])
+    cpu_fb, loop_fb, cpu_f, flex_f = (
+        by[("cpu", "forward+backward")],
+        by[("sdpa_loop", "forward+backward")],
+        by[("cpu", "forward")],
+        by[("flex", "forward")],
+    )
     bf16_fb = by[("cpu_bf16", "forward+backward")]
     targets = {  # on medians; the best rounds are reported next to them
         "cpu fwd+bwd >= 2x faster than the per-sequence SDPA loop": (
-            loop_fb["ms"] / cpu_fb["ms"] >= 2.0, loop_fb["best_ms"] / cpu_fb["best_ms"] >= 2.0),
+            loop_fb["ms"] / cpu_fb["ms"] >= 2.0,
+            loop_fb["best_ms"] / cpu_fb["best_ms"] >= 2.0,
+        ),
         "cpu fwd+bwd >= 40% of the matmul peak on useful work": (
-            cpu_fb["frac_peak"] >= 0.40, cpu_fb["best_frac_peak"] >= 0.40),
+            cpu_fb["frac_peak"] >= 0.40,
+            cpu_fb["best_frac_peak"] >= 0.40,
+        ),
         "cpu forward faster than compiled flex_attention": (
-            cpu_f["ms"] < flex_f["ms"], cpu_f["best_ms"] < flex_f["best_ms"]),
+            cpu_f["ms"] < flex_f["ms"],
+            cpu_f["best_ms"] < flex_f["best_ms"],
+        ),
         "cpu fwd+bwd on bf16 inputs >= 2x faster than on fp32": (
-            cpu_fb["ms"] / bf16_fb["ms"] >= 2.0, cpu_fb["best_ms"] / bf16_fb["best_ms"] >= 2.0),
+            cpu_fb["ms"] / bf16_fb["ms"] >= 2.0,
+            cpu_fb["best_ms"] / bf16_fb["best_ms"] >= 2.0,
+        ),
     }
-    bf16_dots = pa._cpu_ops().bf16_dots()
+    bf16_dots = attention_cpu.cpu_ops().bf16_dots()
     result = {
-        "shape": {"tokens": T, "real_tokens": total, "sequences": len(pl_l), "heads": H, "head_dim": D,
-                  "dtype": "float32"},
-        "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
-        "torch": torch.__version__, "matmul_peak_gflops": peak[f32], "matmul_peak_samples": peaks[f32],
-        "bf16_matmul_peak_gflops": peak[bf16], "bf16_matmul_peak_samples": peaks[bf16],
-        "cpu_bf16_products": bf16_dots, "cpu_bf16_speedup": cpu_fb["ms"] / bf16_fb["ms"],
-        "useful_pairs": pairs, "tiles_64x64": tiles, "tiles_skipped": tiles["empty"] / tiles["total"],
-        "flex_mask_build_ms": mask_build_s * 1e3, "flex_mask_sparsity_pct": block_mask.sparsity(),
-        "rows": rows, "targets": targets,
+        "shape": {
+            "tokens": T,
+            "real_tokens": total,
+            "sequences": len(pl_l),
+            "heads": H,
+            "head_dim": D,
+            "dtype": "float32",
+        },
+        "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "matmul_peak_gflops": peak[f32],
+        "matmul_peak_samples": peaks[f32],
+        "bf16_matmul_peak_gflops": peak[bf16],
+        "bf16_matmul_peak_samples": peaks[bf16],
+        "cpu_bf16_products": bf16_dots,
+        "cpu_bf16_speedup": cpu_fb["ms"] / bf16_fb["ms"],
+        "useful_pairs": pairs,
+        "tiles_64x64": tiles,
+        "tiles_skipped": tiles["empty"] / tiles["total"],
+        "flex_mask_build_ms": mask_build_s * 1e3,
+        "flex_mask_sparsity_pct": block_mask.sparsity(),
+        "rows": rows,
+        "targets": targets,
     }
 
-    print(f"T={T} ({total} real, {len(pl_l)} sequences) heads={H} head_dim={D} fp32 (cpu_bf16: bf16), "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}")
-    print(f"tiles 64x64: {tiles['empty']}/{tiles['total']} empty (skipped {result['tiles_skipped']:.1%}), "
-          f"{tiles['full']} full, {tiles['partial']} partial; useful pairs {pairs} "
-          f"({pairs / total**2:.1%} of the real rows' T^2)")
-    print(f"matmul peak (2048^3, best of {len(peaks[f32])}): fp32 {peak[f32]:.1f}, bf16 {peak[bf16]:.1f} GFLOP/s; "
-          f"flex block mask build {mask_build_s * 1e3:.1f} ms ({block_mask.sparsity():.1f}% sparse)")
-    print(f"cpu_bf16 runs the {'bf16 products (AVX512_BF16)' if bf16_dots else 'fp32 path (no AVX512_BF16)'}: "
-          f"fwd+bwd {result['cpu_bf16_speedup']:.2f}x faster than cpu on fp32")
+    print(
+        f"T={T} ({total} real, {len(pl_l)} sequences) heads={H} head_dim={D} fp32 (cpu_bf16: bf16), "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}"
+    )
+    print(
+        f"tiles 64x64: {tiles['empty']}/{tiles['total']} empty (skipped {result['tiles_skipped']:.1%}), "
+        f"{tiles['full']} full, {tiles['partial']} partial; useful pairs {pairs} "
+        f"({pairs / total**2:.1%} of the real rows' T^2)"
+    )
+    print(
+        f"matmul peak (2048^3, best of {len(peaks[f32])}): fp32 {peak[f32]:.1f}, bf16 {peak[bf16]:.1f} GFLOP/s; "
+        f"flex block mask build {mask_build_s * 1e3:.1f} ms ({block_mask.sparsity():.1f}% sparse)"
+    )
+    print(
+        f"cpu_bf16 runs the {'bf16 products (AVX512_BF16)' if bf16_dots else 'fp32 path (no AVX512_BF16)'}: "
+        f"fwd+bwd {result['cpu_bf16_speedup']:.2f}x faster than cpu on fp32"
+    )
     print(f"median of {rounds} rounds x median of {reps} runs; 'best' is the fastest round")
-    print(f"{'method':<11} {'mode':<17} {'ms':>9} {'best ms':>9} {'GFLOP/s':>8} {'%peak':>6} {'best%pk':>7} "
-          f"{'vs loop':>8} {'parity':>9}")
+    print(
+        f"{'method':<11} {'mode':<17} {'ms':>9} {'best ms':>9} {'GFLOP/s':>8} {'%peak':>6} {'best%pk':>7} "
+        f"{'vs loop':>8} {'parity':>9}"
+    )
     for r in sorted(rows, key=lambda r: (r["mode"], r["ms"])):
         sp = f"{r['speedup_vs_sdpa_loop']:.2f}x" if r["speedup_vs_sdpa_loop"] else ""
-        print(f"{r['method']:<11} {r['mode']:<17} {r['ms']:9.2f} {r['best_ms']:9.2f} {r['gflops']:8.1f} "
-              f"{r['frac_peak']:6.1%} {r['best_frac_peak']:7.1%} {sp:>8} {r['parity']:9.2e}")
+        print(
+            f"{r['method']:<11} {r['mode']:<17} {r['ms']:9.2f} {r['best_ms']:9.2f} {r['gflops']:8.1f} "
+            f"{r['frac_peak']:6.1%} {r['best_frac_peak']:7.1%} {sp:>8} {r['parity']:9.2e}"
+        )
     for what, (ok, ok_best) in targets.items():
         print(f"target {'MET' if ok else 'NOT MET'} (best round: {'met' if ok_best else 'not met'}): {what}")
     if args.out:

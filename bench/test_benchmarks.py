@@ -24,8 +24,16 @@ from hrm.bench import suites
 from hrm.bench.workloads import train_batch
 from hrm.config import BENCH_CONFIGS, BenchConfig
 
-OPS = ["embedding", "rms_norm", "add_rms_norm", "magicnorm_transition", "swiglu", "split_rope", "prefixlm_attention",
-       "linear_cross_entropy"]
+OPS = [
+    "embedding",
+    "rms_norm",
+    "add_rms_norm",
+    "magicnorm_transition",
+    "swiglu",
+    "split_rope",
+    "prefixlm_attention",
+    "linear_cross_entropy",
+]
 
 
 @pytest.fixture(scope="session")
@@ -48,9 +56,11 @@ def test_op(benchmark, op_cases, op, backend, mode):
     case = op_cases[op]
     run = suites.op_run(case, backend)
     benchmark.group = f"{op} {mode}"
-    benchmark.extra_info.update(shape=case.shape, dtype="float32", tolerance=case.tolerance,
-                                parity=suites.op_parity(case, run.inputs, backend))
+    benchmark.extra_info.update(
+        shape=case.shape, dtype="float32", tolerance=case.tolerance, parity=suites.op_parity(case, run.inputs, backend)
+    )
     if mode == "backward":
+
         def setup():
             outs = run.forward_with_grad()
             return (outs, run.leaves, [torch.ones_like(o) for o in outs]), {}
@@ -65,8 +75,9 @@ def test_op(benchmark, op_cases, op, backend, mode):
 def test_adam_atan2(benchmark, bench_config, backend):
     step, parity, tensors, n = suites.adam_atan2_run(bench_config, backend)
     benchmark.group = "adam_atan2 step"
-    benchmark.extra_info.update(tensors=tensors, values=n, dtype="float32", parity=parity,
-                                tolerance=suites.OP_TOLERANCE)
+    benchmark.extra_info.update(
+        tensors=tensors, values=n, dtype="float32", parity=parity, tolerance=suites.OP_TOLERANCE
+    )
     benchmark(step)
     assert parity <= suites.OP_TOLERANCE
 
@@ -84,7 +95,8 @@ def test_train_step(benchmark, bench_config, label, backend, compiled):
     step, _ = suites.make_train_step(model, batch, bench_config.bp_steps, compiled=compiled)
     loss = float(step())  # warm-up: compiles
     benchmark.group = f"train step {bench_config.tokens} tokens"
-    benchmark.extra_info.update(tokens=batch.num_tokens, parity=abs(loss - want) / abs(want),
-                                tolerance=suites.LOSS_TOLERANCE)
+    benchmark.extra_info.update(
+        tokens=batch.num_tokens, parity=abs(loss - want) / abs(want), tolerance=suites.LOSS_TOLERANCE
+    )
     benchmark.pedantic(step, rounds=3, warmup_rounds=1)
     assert benchmark.extra_info["parity"] <= suites.LOSS_TOLERANCE

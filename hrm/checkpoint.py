@@ -66,9 +66,16 @@ def write_dir_atomically(path: str | os.PathLike, fill: Callable[[Path], None], 
     return path
 
 
-def save_checkpoint(path: str | os.PathLike, config: ModelConfig, state_dict: dict[str, torch.Tensor], *,
-                    ema_state_dict: dict[str, torch.Tensor] | None = None, meta: dict[str, Any] | None = None,
-                    extra: Callable[[Path], None] | None = None, overwrite: bool = False) -> Path:
+def save_checkpoint(
+    path: str | os.PathLike,
+    config: ModelConfig,
+    state_dict: dict[str, torch.Tensor],
+    *,
+    ema_state_dict: dict[str, torch.Tensor] | None = None,
+    meta: dict[str, Any] | None = None,
+    extra: Callable[[Path], None] | None = None,
+    overwrite: bool = False,
+) -> Path:
     """Write a checkpoint directory atomically; ``extra(tmp_dir)`` may add more files."""
 
     def fill(tmp: Path) -> None:
@@ -116,7 +123,7 @@ def read_config(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, Any]]:
         raise CheckpointError(f"{path} is not an hrm checkpoint: {CONFIG_FILE} is missing")
     doc = read_json(file)
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-        raise CheckpointError(f"{file}: not an hrm checkpoint config (expected \"format\": \"{FORMAT}\")")
+        raise CheckpointError(f'{file}: not an hrm checkpoint config (expected "format": "{FORMAT}")')
     if doc.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{file}: unsupported format_version {doc.get('format_version')!r}")
     try:
@@ -133,14 +140,18 @@ def check_state_dict(state: dict[str, torch.Tensor], expected: dict[str, torch.T
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing:
-        raise CheckpointError(f"{where}: missing tensor(s) {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
+        raise CheckpointError(
+            f"{where}: missing tensor(s) {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}"
+        )
     if unexpected:
-        raise CheckpointError(f"{where}: unexpected tensor(s) {', '.join(unexpected[:3])}"
-                              f"{' ...' if len(unexpected) > 3 else ''}")
+        raise CheckpointError(
+            f"{where}: unexpected tensor(s) {', '.join(unexpected[:3])}{' ...' if len(unexpected) > 3 else ''}"
+        )
     for key, ref in expected.items():
         if tuple(state[key].shape) != tuple(ref.shape):
-            raise CheckpointError(f"{where}: tensor {key!r} has shape {tuple(state[key].shape)} but the config "
-                                  f"expects {tuple(ref.shape)}")
+            raise CheckpointError(
+                f"{where}: tensor {key!r} has shape {tuple(state[key].shape)} but the config expects {tuple(ref.shape)}"
+            )
 
 
 def load_state(path: str | os.PathLike, *, ema: bool = False) -> dict[str, torch.Tensor]:
@@ -151,8 +162,9 @@ def load_state(path: str | os.PathLike, *, ema: bool = False) -> dict[str, torch
     return read_safetensors(file)
 
 
-def load_model(path: str | os.PathLike, *, ema: bool = False, backend: str | None = "torch",
-               dtype: torch.dtype = torch.float32):
+def load_model(
+    path: str | os.PathLike, *, ema: bool = False, backend: str | None = "torch", dtype: torch.dtype = torch.float32
+):
     """Build the model a checkpoint describes and load its (or its EMA's) weights."""
     from hrm.model import HRMText
 
@@ -182,5 +194,6 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
         if (ckpt / CONFIG_FILE).is_file():
             return ckpt
         raise CheckpointError(f"{latest} names {ckpt.name}, which is not a complete checkpoint")
-    raise CheckpointError(f"{path} is neither a checkpoint (no {CONFIG_FILE}) nor a run directory with "
-                          f"checkpoints/{LATEST_FILE}")
+    raise CheckpointError(
+        f"{path} is neither a checkpoint (no {CONFIG_FILE}) nor a run directory with checkpoints/{LATEST_FILE}"
+    )

@@ -15,8 +15,7 @@ from typing import Sequence
 
 from hrm.errors import HrmError
 
-_COMMAND_MODULES = ("hrm.training.commands", "hrm.inference_commands", "hrm.interop.commands",
-                    "hrm.bench.commands")
+_COMMAND_MODULES = ("hrm.training.commands", "hrm.inference_commands", "hrm.interop.commands", "hrm.bench.commands")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,7 +1,7 @@
 """Typed model configuration and named presets.
 
 A :class:`ModelConfig` fully determines a model's parameter shapes and forward semantics
-(see DESIGN.md, "Model semantics"). Build one with :func:`get_preset` (optionally
+(see docs/design.md, "Model semantics"). Build one with :func:`get_preset` (optionally
 overriding fields) or directly; :meth:`ModelConfig.validate` runs on construction.
 """
 
@@ -82,8 +82,16 @@ class ModelConfig:
         def fail(msg: str) -> None:
             raise ConfigError(f"invalid model config: {msg}")
 
-        for name in ("vocab_size", "hidden_size", "num_heads", "n_layers", "H_cycles", "L_cycles",
-                     "max_seq_len", "vocab_multiple"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "num_heads",
+            "n_layers",
+            "H_cycles",
+            "L_cycles",
+            "max_seq_len",
+            "vocab_multiple",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 fail(f"{name} must be a positive integer, got {value!r}")
@@ -109,10 +117,10 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         return dataclass_from_dict(cls, data, "model config")
 
-    def replace(self, **changes: Any) -> "ModelConfig":
+    def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
 
@@ -154,8 +162,9 @@ class BenchConfig:
 
 BENCH_CONFIGS: dict[str, BenchConfig] = {
     # The train-step benchmark: a 32K vocabulary, where the LM head dominates memory.
-    "bench": BenchConfig(ModelConfig(vocab_size=32000, hidden_size=256, num_heads=4, n_layers=4, max_seq_len=4096),
-                         tokens=4096),
+    "bench": BenchConfig(
+        ModelConfig(vocab_size=32000, hidden_size=256, num_heads=4, n_layers=4, max_seq_len=4096), tokens=4096
+    ),
 }
 
 

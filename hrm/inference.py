@@ -10,6 +10,8 @@ the cache gives the same tokens as recomputing the full sequence each step.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 
@@ -33,26 +35,27 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
         self.backend = model.backend
-        self._cu_seqlens: torch.Tensor | None = None  # set while prefilling
+        self._prompts: ops.AttentionPacking | None = None  # set while prefilling
 
-    def prefill(self, cu_seqlens: torch.Tensor) -> None:
-        self._cu_seqlens = cu_seqlens
+    def prefill(self, prompts: ops.AttentionPacking) -> None:
+        """Prefill mode: the prompts are packed as ``prompts`` (every token a prefix token)."""
+        self._prompts = prompts
 
     def decode(self) -> None:
-        self._cu_seqlens = None
+        self._prompts = None
 
     def advance(self, num_new: torch.Tensor | int) -> None:
         self.lengths += num_new
 
     def attend(self, slot: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        if self._cu_seqlens is not None:  # prefill: q/k/v packed [T, H, D]; every token is prefix
-            cu = self._cu_seqlens
+        if self._prompts is not None:  # prefill: q/k/v packed [T, H, D]; every token is prefix
+            cu = self._prompts.cu_seqlens
             lens = cu[1:] - cu[:-1]
-            seq = torch.repeat_interleave(torch.arange(lens.numel(), device=q.device), lens)
+            seq = torch.repeat_interleave(torch.arange(lens.numel(), device=q.device), lens, output_size=q.shape[0])
             pos = torch.arange(q.shape[0], device=q.device) - cu[:-1].long()[seq]
             self.k[slot, seq, pos] = k
             self.v[slot, seq, pos] = v
-            return ops.prefixlm_attention(q, k, v, cu, lens.to(torch.int32), gate=gate, backend=self.backend)
+            return ops.prefixlm_attention(q, k, v, self._prompts, gate=gate, backend=self.backend)
         # decode: one new token per sequence, q/k/v [B, H, D], written at position lengths[b]
         b = torch.arange(q.shape[0], device=q.device)
         self.k[slot, b, self.lengths] = k
@@ -65,8 +68,9 @@ class KVCache:
         return torch.sigmoid(gate) * o[:, :, 0, :]
 
 
-def _next_tokens(logits: torch.Tensor, vocab_size: int, temperature: float,
-                 generator: torch.Generator | None) -> torch.Tensor:
+def _next_tokens(
+    logits: torch.Tensor, vocab_size: int, temperature: float, generator: torch.Generator | None
+) -> torch.Tensor:
     logits = logits.float()
     logits[:, vocab_size:] = float("-inf")  # never emit vocabulary padding rows
     if temperature <= 0:
@@ -76,8 +80,15 @@ def _next_tokens(logits: torch.Tensor, vocab_size: int, temperature: float,
 
 
 @torch.inference_mode()
-def generate(model: HRMText, prompts: list[list[int]], *, max_new_tokens: int, eos_id: int,
-             temperature: float = 0.0, generator: torch.Generator | None = None) -> list[list[int]]:
+def generate(
+    model: HRMText,
+    prompts: list[list[int]],
+    *,
+    max_new_tokens: int,
+    eos_id: int,
+    temperature: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> list[list[int]]:
     """Continue each prompt (an encoded instruction) until ``eos_id`` or ``max_new_tokens``.
 
     Returns the generated ids per prompt, without the end token. ``temperature == 0`` is
@@ -88,14 +99,16 @@ def generate(model: HRMText, prompts: list[list[int]], *, max_new_tokens: int, e
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     batch = len(prompts)
-    lens = torch.tensor([len(p) for p in prompts], device=device)
-    cu = F.pad(lens.cumsum(0), (1, 0)).to(torch.int32)
-    cache = KVCache(model, batch, int(lens.max()) + max_new_tokens, dtype, device)
+    lengths = [len(p) for p in prompts]
+    lens = torch.tensor(lengths, device=device)
+    packing = ops.AttentionPacking.build([0, *itertools.accumulate(lengths)], lengths, sum(lengths), device)
+    cu = packing.cu_seqlens
+    cache = KVCache(model, batch, max(lengths) + max_new_tokens, dtype, device)
 
     ids = torch.tensor([t for p in prompts for t in p], device=device)
-    positions = torch.cat([torch.arange(n, device=device) for n in lens.tolist()])
-    cache.prefill(cu)
-    z = model.hidden_states(ids, positions, cu, lens.to(torch.int32), cache=cache)
+    positions = torch.cat([torch.arange(n, device=device) for n in lengths])
+    cache.prefill(packing)
+    z = model.hidden_states(ids, positions, cu, packing.prefix_lens, cache=cache, packing=packing)
     cache.advance(lens)
     logits = model.lm_head(z[cu[1:].long() - 1])  # [B, V]: the last prompt token predicts the answer
 
@@ -113,8 +126,9 @@ def generate(model: HRMText, prompts: list[list[int]], *, max_new_tokens: int, e
                     out[b].append(t)
         if bool(done.all()) or step == max_new_tokens - 1:
             break
-        z = model.hidden_states(token, cache.lengths.clone(), one_each, torch.ones(batch, dtype=torch.int32,
-                                                                                  device=device), cache=cache)
+        z = model.hidden_states(
+            token, cache.lengths.clone(), one_each, torch.ones(batch, dtype=torch.int32, device=device), cache=cache
+        )
         cache.advance(1)
         logits = model.lm_head(z)
     return out
@@ -128,9 +142,12 @@ def generate_uncached(model: HRMText, prompt: list[int], *, max_new_tokens: int,
     out: list[int] = []
     for _ in range(max_new_tokens):
         n = len(seq)
-        logits = model(torch.tensor(seq, device=device), torch.arange(n, device=device),
-                       torch.tensor([0, n], dtype=torch.int32, device=device),
-                       torch.tensor([len(prompt)], dtype=torch.int32, device=device))
+        logits = model(
+            torch.tensor(seq, device=device),
+            torch.arange(n, device=device),
+            torch.tensor([0, n], dtype=torch.int32, device=device),
+            torch.tensor([len(prompt)], dtype=torch.int32, device=device),
+        )
         token = int(_next_tokens(logits[-1:], model.config.vocab_size, 0.0, None))
         if token == eos_id:
             break
@@ -149,10 +166,12 @@ def exact_match(model: HRMText, samples: list, *, eos_id: int, batch_size: int =
         raise ValueError("exact_match needs at least one sample")
     hits = 0
     for i in range(0, len(samples), batch_size):
-        chunk = samples[i:i + batch_size]
-        targets = [list(s.response[:-1]) if s.response and s.response[-1] == eos_id else list(s.response)
-                   for s in chunk]
-        answers = generate(model, [list(s.instruction) for s in chunk],
-                           max_new_tokens=max(len(t) for t in targets) + 1, eos_id=eos_id)
+        chunk = samples[i : i + batch_size]
+        targets = [
+            list(s.response[:-1]) if s.response and s.response[-1] == eos_id else list(s.response) for s in chunk
+        ]
+        answers = generate(
+            model, [list(s.instruction) for s in chunk], max_new_tokens=max(len(t) for t in targets) + 1, eos_id=eos_id
+        )
         hits += sum(a == t for a, t in zip(answers, targets))
     return hits / len(samples)

@@ -22,8 +22,9 @@ def _load(path: str, ema: bool, backend: str | None):
     tokenizer = load_tokenizer(meta.get("tokenizer", "byte"))
     model = load_model(ckpt, ema=ema, backend=backend).eval()
     if tokenizer.vocab_size > model.config.padded_vocab_size:
-        raise HrmError(f"{ckpt}: tokenizer has {tokenizer.vocab_size} ids but the model only "
-                       f"{model.config.padded_vocab_size}")
+        raise HrmError(
+            f"{ckpt}: tokenizer has {tokenizer.vocab_size} ids but the model only {model.config.padded_vocab_size}"
+        )
     return model, tokenizer, meta
 
 
@@ -40,8 +41,14 @@ def _generate(args: argparse.Namespace) -> int:
         raise HrmError("give at least one non-empty --prompt (or --prompts-file)")
     model, tok, _ = _load(args.checkpoint, args.ema, args.backend)
     generator = torch.Generator().manual_seed(args.seed)
-    answers = generate(model, [tok.encode_instruction(p) for p in prompts], max_new_tokens=args.max_new_tokens,
-                       eos_id=tok.eoa_id, temperature=args.temperature, generator=generator)
+    answers = generate(
+        model,
+        [tok.encode_instruction(p) for p in prompts],
+        max_new_tokens=args.max_new_tokens,
+        eos_id=tok.eoa_id,
+        temperature=args.temperature,
+        generator=generator,
+    )
     for prompt, answer in zip(prompts, answers):
         print(f"{prompt} -> {tok.decode(answer)}")
     return 0
@@ -82,12 +89,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--seed", type=int, default=0, help="sampling seed")
     g.set_defaults(func=_generate)
 
-    e = sub.add_parser("eval", help="exact-match of greedy answers on a task or a JSONL file",
-                       formatter_class=_FORMATTER)
+    e = sub.add_parser(
+        "eval", help="exact-match of greedy answers on a task or a JSONL file", formatter_class=_FORMATTER
+    )
     _common(e)
     src = e.add_mutually_exclusive_group()
     src.add_argument("--task", help="a built-in task (its held-out split); default: the task the model was trained on")
-    src.add_argument("--data", help="a JSONL file of {\"instruction\", \"response\"} objects")
+    src.add_argument("--data", help='a JSONL file of {"instruction", "response"} objects')
     e.add_argument("--samples", type=int, default=500, help="how many samples to evaluate")
     e.add_argument("--seed", type=int, default=0, help="seed of the held-out task split")
     e.add_argument("--batch-size", type=int, default=64)

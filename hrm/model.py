@@ -2,8 +2,8 @@
 
 Reads top to bottom: Attention, MLP, Block, Stack (MagicNorm: pre-norm blocks + exit
 RMSNorm), then the model. All tensors are *packed*: ``T`` tokens of several sequences back
-to back, described by ``cu_seqlens [N+1]`` and ``prefix_lens [N]`` (DESIGN.md, "Data and
-the training objective"). The exact semantics are in DESIGN.md, "Model semantics".
+to back, described by ``cu_seqlens [N+1]`` and ``prefix_lens [N]`` (docs/design.md, "Data
+and the training objective"). The exact semantics are in docs/design.md, "Model semantics".
 """
 
 from __future__ import annotations
@@ -18,22 +18,22 @@ from torch import nn
 from hrm import ops, profiling
 from hrm.config import ModelConfig
 from hrm.errors import ConfigError
-from hrm.ops.cross_entropy import IGNORE_INDEX
+from hrm.ops import IGNORE_INDEX
 
 
 class AttentionCache(Protocol):
     """Replaces packed PrefixLM attention during generation (see :mod:`hrm.inference`)."""
 
-    def attend(self, slot: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               gate: torch.Tensor) -> torch.Tensor: ...
+    def attend(
+        self, slot: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor
+    ) -> torch.Tensor: ...
 
 
 @dataclass
 class Packing:
     """Per-forward context shared by every block: the packing, RoPE tables, backend, cache."""
 
-    cu_seqlens: torch.Tensor  # int32 [N+1]
-    prefix_lens: torch.Tensor  # int32 [N]
+    attention: ops.AttentionPacking | None  # None when a cache does the attending
     cos: torch.Tensor  # fp32 [T, head_dim]
     sin: torch.Tensor  # fp32 [T, head_dim]
     backend: str
@@ -76,7 +76,7 @@ class Attention(nn.Module):
         if ctx.cache is not None:
             o = ctx.cache.attend(slot, q, k, v, gate)
         else:
-            o = ops.prefixlm_attention(q, k, v, ctx.cu_seqlens, ctx.prefix_lens, gate=gate, backend=ctx.backend)
+            o = ops.prefixlm_attention(q, k, v, ctx.attention, gate=gate, backend=ctx.backend)
         return self.o_proj(o.reshape(T, self.num_heads * self.head_dim))
 
 
@@ -191,20 +191,48 @@ class HRMText(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    # -- forward ---------------------------------------------------------------------------
-    def packing(self, position_ids: torch.Tensor, cu_seqlens: torch.Tensor, prefix_lens: torch.Tensor,
-                cache: AttentionCache | None = None) -> Packing:
+    # -- forward ----------------------------------------------------------------------------
+    def packing(
+        self,
+        position_ids: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        prefix_lens: torch.Tensor,
+        cache: AttentionCache | None = None,
+        attention: ops.AttentionPacking | None = None,
+    ) -> Packing:
+        """The per-forward context. ``attention`` is the batch's prebuilt packing; without it one
+        is built here from ``cu_seqlens`` / ``prefix_lens`` (a host read of both), unless a
+        cache does the attending. What the backend's attention derives from the packing for
+        this forward's dtype (the Triton tile ranges) is computed here, once."""
+        T = position_ids.shape[0]
+        if attention is None and cache is None:
+            attention = ops.AttentionPacking.build(cu_seqlens, prefix_lens, T)
+        if attention is not None:
+            if attention.num_tokens != T:
+                raise ConfigError(f"the packing describes {attention.num_tokens} tokens, the batch has {T}")
+            device = position_ids.device.type
+            dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self.lm_head.weight.dtype
+            attention = ops.prepare_packing(attention, self.config.head_dim, dtype, self.backend)
         cos, sin = ops.rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta)
-        return Packing(cu_seqlens, prefix_lens, cos, sin, self.backend, cache)
+        return Packing(attention, cos, sin, self.backend, cache)
 
-    def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cu_seqlens: torch.Tensor,
-                      prefix_lens: torch.Tensor, *, bp_steps: int | None = None,
-                      cache: AttentionCache | None = None) -> torch.Tensor:
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        prefix_lens: torch.Tensor,
+        *,
+        bp_steps: int | None = None,
+        cache: AttentionCache | None = None,
+        packing: ops.AttentionPacking | None = None,
+    ) -> torch.Tensor:
         """The final state ``z_H`` ``[T, d]`` (the LM head's input)."""
         with profiling.range("embed"):
-            ctx = self.packing(position_ids, cu_seqlens, prefix_lens, cache)
-            x = ops.embedding(input_ids, self.embed_tokens.weight, 1.0 / self.config.embed_std,
-                              backend=ctx.backend)  # [T, d]
+            ctx = self.packing(position_ids, cu_seqlens, prefix_lens, cache, packing)
+            x = ops.embedding(
+                input_ids, self.embed_tokens.weight, 1.0 / self.config.embed_std, backend=ctx.backend
+            )  # [T, d]
         if self.config.arch == "transformer":
             with profiling.range("H0"):
                 return self.H_level(x, ctx, 0)
@@ -226,8 +254,9 @@ class HRMText(nn.Module):
         grad = torch.is_grad_enabled()
         steps: list[tuple[str, bool]] = []  # (level, runs with gradients), in call order
         for h in range(cfg.H_cycles):
-            steps += [("L", grad and h * cfg.L_cycles + l >= cfg.H_cycles * cfg.L_cycles - l_bp)
-                      for l in range(cfg.L_cycles)]
+            steps += [
+                ("L", grad and h * cfg.L_cycles + l >= cfg.H_cycles * cfg.L_cycles - l_bp) for l in range(cfg.L_cycles)
+            ]
             steps.append(("H", grad and h >= cfg.H_cycles - h_bp))
         z = {"H": x, "L": self.z_L_init.to(x.dtype).expand_as(x)}  # z_L broadcasts over tokens
         with torch.set_grad_enabled(steps[0][1]), profiling.range("norm"):
@@ -249,20 +278,42 @@ class HRMText(nn.Module):
         with torch.set_grad_enabled(steps[-1][1]), profiling.range("norm"):
             return ops.add_rms_norm(delta, x, eps, backend=backend)[1]  # the last H step's exit norm: z_H
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cu_seqlens: torch.Tensor,
-                prefix_lens: torch.Tensor, labels: torch.Tensor | None = None, *, bp_steps: int | None = None,
-                loss_divisor: torch.Tensor | float | None = None) -> Any:
-        z = self.hidden_states(input_ids, position_ids, cu_seqlens, prefix_lens, bp_steps=bp_steps)
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        prefix_lens: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        *,
+        bp_steps: int | None = None,
+        loss_divisor: torch.Tensor | float | None = None,
+        packing: ops.AttentionPacking | None = None,
+        supervised_rows: torch.Tensor | None = None,
+    ) -> Any:
+        """``packing`` (the batch's :class:`~hrm.ops.AttentionPacking`) and ``supervised_rows``
+        (:func:`~hrm.ops.supervised_rows` of ``labels``) are derived once per batch where it is
+        built (:class:`hrm.data.PackedBatch` carries both); without them the forward derives
+        them itself, which reads the packing and the labels' count back to the host."""
+        z = self.hidden_states(input_ids, position_ids, cu_seqlens, prefix_lens, bp_steps=bp_steps, packing=packing)
         with profiling.range("loss"):
             if labels is None:
                 return self.lm_head(z)
-            return self.loss(z, labels, cu_seqlens, loss_divisor)
+            return self.loss(z, labels, cu_seqlens, loss_divisor, supervised_rows)
 
-    def loss(self, z: torch.Tensor, labels: torch.Tensor, cu_seqlens: torch.Tensor,
-             loss_divisor: torch.Tensor | float | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss(
+        self,
+        z: torch.Tensor,
+        labels: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        loss_divisor: torch.Tensor | float | None = None,
+        supervised_rows: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Response-only loss: the LM head runs on supervised rows only (fused with the
         cross-entropy, in token chunks, on the fused backends)."""
-        loss_sum, pred = ops.linear_cross_entropy(z, self.lm_head.weight, labels, backend=self.backend)
+        loss_sum, pred = ops.linear_cross_entropy(
+            z, self.lm_head.weight, labels, rows=supervised_rows, backend=self.backend
+        )
         supervised = labels != IGNORE_INDEX  # [T]
         count = supervised.sum()
         divisor = loss_divisor if loss_divisor is not None else count.clamp(min=1)

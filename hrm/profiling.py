@@ -50,7 +50,7 @@ class _Range:
     def __init__(self, name: str, record: bool) -> None:
         self.name, self.record = name, record
 
-    def __enter__(self) -> "_Range":
+    def __enter__(self) -> _Range:
         if _nvtx is not None:
             _nvtx[0](self.name)
         if self.record:

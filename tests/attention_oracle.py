@@ -13,7 +13,21 @@ import math
 import torch
 from hypothesis import strategies as st
 
-from hrm.ops.prefixlm_attention import prefixlm_dense_mask
+from hrm import ops
+from hrm.ops.impl.prefixlm_attention import prefixlm_attention_reference
+from hrm.ops.impl.prefixlm_attention.packing import prefixlm_dense_mask
+
+
+def attention(q, k, v, cu, pl, gate=None, backend=None):
+    """The public op on the packing ``cu``/``pl`` (built here, on q's device)."""
+    return ops.prefixlm_attention(
+        q, k, v, ops.AttentionPacking.build(cu, pl, q.shape[0], q.device), gate=gate, backend=backend
+    )
+
+
+def reference(q, k, v, cu, pl, gate=None):
+    """The ``torch`` backend (the reference) on the packing ``cu``/``pl``."""
+    return prefixlm_attention_reference(q, k, v, ops.AttentionPacking.build(cu, pl, q.shape[0], q.device), gate)
 
 
 def packing(draw, max_seqs=6, max_len=40, pad=True, max_pad=7):

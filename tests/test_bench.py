@@ -13,16 +13,26 @@ from hrm.bench.report import read_results
 from hrm.bench.run import run_bench
 from hrm.config import BenchConfig, ModelConfig
 
-TINY = BenchConfig(ModelConfig(vocab_size=260, hidden_size=64, num_heads=2, n_layers=2, max_seq_len=512),
-                   tokens=128, median_seq_len=20)
+TINY = BenchConfig(
+    ModelConfig(vocab_size=260, hidden_size=64, num_heads=2, n_layers=2, max_seq_len=512), tokens=128, median_seq_len=20
+)
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     # Every backend; the whole-model torch.compile baseline (minutes of compiling) is left to `hrm bench`.
-    paths = run_bench("all", config=TINY, quick=True, out=out, reps=1, ops_config=TINY, train_warmup=0,
-                      op_min_time=0.0, backends=suites.bench_backends())
+    paths = run_bench(
+        "all",
+        config=TINY,
+        quick=True,
+        out=out,
+        reps=1,
+        ops_config=TINY,
+        train_warmup=0,
+        op_min_time=0.0,
+        backends=suites.bench_backends(),
+    )
     return paths, read_results(paths["json"])
 
 
@@ -69,8 +79,10 @@ def test_child_peak_memory_is_its_own():
     import torch
 
     ballast = torch.ones(256 << 20)  # 1 GiB resident in this (the parent) process
-    idle = suites._run_child({"device": "cpu", "bench": suites.bench_to_dict(TINY), "reps": 1, "warmup": 0,
-                              "threads": 1, "variant": None}, timeout=120)
+    idle = suites._run_child(
+        {"device": "cpu", "bench": suites.bench_to_dict(TINY), "reps": 1, "warmup": 0, "threads": 1, "variant": None},
+        timeout=120,
+    )
     assert idle["rss_bytes"] < ballast.numel() * ballast.element_size() // 2
 
 
@@ -114,13 +126,26 @@ def test_pytest_benchmark_suites_run(tmp_path):
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    base = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(root / "bench" / "test_benchmarks.py"),
-            "--hrm-tokens", "1024"]
+    base = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        str(root / "bench" / "test_benchmarks.py"),
+        "--hrm-tokens",
+        "1024",
+    ]
     listed = subprocess.run([*base, "--collect-only"], capture_output=True, text=True, cwd=tmp_path)
     assert listed.returncode == 0, listed.stdout[-2000:]
     for backend in suites.bench_backends("prefixlm_attention"):
         assert f"test_op[prefixlm_attention-{backend}-full]" in listed.stdout
-    ran = subprocess.run([*base, "--benchmark-disable", "-k", "add_rms_norm or adam_atan2 or (train_step and not True)"],
-                         capture_output=True, text=True, cwd=tmp_path)
+    ran = subprocess.run(
+        [*base, "--benchmark-disable", "-k", "add_rms_norm or adam_atan2 or (train_step and not True)"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert ran.returncode == 0, ran.stdout[-2000:]
     assert " passed" in ran.stdout and "failed" not in ran.stdout

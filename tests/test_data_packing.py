@@ -5,10 +5,10 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from hrm.data import (IGNORE_INDEX, ByteTokenizer, PackedLoader, Sample, fit_to_budget, multipack,
-                      pack_row, task_samples)
+from hrm.data import IGNORE_INDEX, ByteTokenizer, PackedLoader, Sample, fit_to_budget, multipack, pack_row, task_samples
 from hrm.errors import DataError
 
 PAD = 256
@@ -44,16 +44,21 @@ def unpack(batch):
     """Recover the (instruction, response) samples from a packed row."""
     cu, prefix = batch.cu_seqlens.tolist(), batch.prefix_lens.tolist()
     inputs, labels = batch.input_ids.tolist(), batch.labels.tolist()
-    return [Sample(inputs[cu[i]:cu[i] + prefix[i]], labels[cu[i] + prefix[i] - 1:cu[i + 1]])
-            for i in range(len(prefix))]
+    return [
+        Sample(inputs[cu[i] : cu[i] + prefix[i]], labels[cu[i] + prefix[i] - 1 : cu[i + 1]]) for i in range(len(prefix))
+    ]
 
 
 # -- rows -------------------------------------------------------------------------------
 
 
 def test_reference_row():
-    samples = [Sample([11, 12, 13, 14, 15], [21, 22, 23]), Sample([31], [41, 42, 43, 44]),
-               Sample([51, 52, 53], [61]), Sample([71, 72], [81, 82])]
+    samples = [
+        Sample([11, 12, 13, 14, 15], [21, 22, 23]),
+        Sample([31], [41, 42, 43, 44]),
+        Sample([51, 52, 53], [61]),
+        Sample([71, 72], [81, 82]),
+    ]
     batch = pack_row(samples, 24, PAD)
     X = IGNORE_INDEX
     assert batch.input_ids.tolist() == [11, 12, 13, 14, 15, 21, 22, 31, 41, 42, 43, 51, 52, 53, 71, 72, 81] + [PAD] * 7
@@ -93,7 +98,8 @@ def test_pack_row_edge_cases():
 
 def same_plan(a, b):
     return len(a) == len(b) and all(
-        len(x) == len(y) and all(np.array_equal(p, q) for p, q in zip(x, y)) for x, y in zip(a, b))
+        len(x) == len(y) and all(np.array_equal(p, q) for p, q in zip(x, y)) for x, y in zip(a, b)
+    )
 
 
 @FAST
@@ -138,8 +144,13 @@ def test_multipack_errors():
 def distinct_samples(n, rng_seed=0, max_len=12):
     """Samples whose instruction starts with a unique id, so they can be told apart."""
     rng = np.random.default_rng(rng_seed)
-    return [Sample([1000 + i] + rng.integers(0, 256, rng.integers(0, max_len)).tolist(),
-                   rng.integers(0, 256, rng.integers(1, max_len)).tolist() + [259]) for i in range(n)]
+    return [
+        Sample(
+            [1000 + i] + rng.integers(0, 256, rng.integers(0, max_len)).tolist(),
+            rng.integers(0, 256, rng.integers(1, max_len)).tolist() + [259],
+        )
+        for i in range(n)
+    ]
 
 
 def take(loader, n):
@@ -148,9 +159,15 @@ def take(loader, n):
 
 def same_steps(a, b):
     return len(a) == len(b) and all(
-        len(x) == len(y) and all(torch.equal(p.input_ids, q.input_ids) and torch.equal(p.labels, q.labels)
-                                 and torch.equal(p.cu_seqlens, q.cu_seqlens) for p, q in zip(x, y))
-        for x, y in zip(a, b))
+        len(x) == len(y)
+        and all(
+            torch.equal(p.input_ids, q.input_ids)
+            and torch.equal(p.labels, q.labels)
+            and torch.equal(p.cu_seqlens, q.cu_seqlens)
+            for p, q in zip(x, y)
+        )
+        for x, y in zip(a, b)
+    )
 
 
 @pytest.mark.parametrize("num_rows", [1, 3])

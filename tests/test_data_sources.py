@@ -1,7 +1,7 @@
 """JSONL and pre-tokenized readers: happy paths and every DataError case."""
 
-import importlib.util
 import json
+import runpy
 import shutil
 from pathlib import Path
 
@@ -24,16 +24,21 @@ def write_lines(path, lines):
 
 
 def test_jsonl_reads_and_skips(tmp_path):
-    path = write_lines(tmp_path / "d.jsonl", [
-        '\ufeff{"instruction": "1+1", "response": "2", "condition": "direct"}',
-        "",
-        "   ",
-        '{"instruction": "no answer", "response": ""}',
-        '{"response": "ok", "instruction": "héllo"}',
-    ])
+    path = write_lines(
+        tmp_path / "d.jsonl",
+        [
+            '\ufeff{"instruction": "1+1", "response": "2", "condition": "direct"}',
+            "",
+            "   ",
+            '{"instruction": "no answer", "response": ""}',
+            '{"response": "ok", "instruction": "héllo"}',
+        ],
+    )
     samples, stats = read_jsonl(path, ByteTokenizer())
-    assert samples == [Sample([257, 49, 43, 49, 258], [50, 259]),
-                       Sample([257, *"héllo".encode(), 258], [111, 107, 259])]
+    assert samples == [
+        Sample([257, 49, 43, 49, 258], [50, 259]),
+        Sample([257, *"héllo".encode(), 258], [111, 107, 259]),
+    ]
     assert stats == SourceStats(read=3, skipped_empty_response=1)
 
 
@@ -41,17 +46,20 @@ def test_jsonl_empty_file(tmp_path):
     assert read_jsonl(write_lines(tmp_path / "e.jsonl", []), ByteTokenizer()) == ([], SourceStats())
 
 
-@pytest.mark.parametrize("line, message", [
-    ('{"instruction": "a", "response": ', "malformed JSON"),
-    ('["instruction", "response"]', "expected a JSON object, got list"),
-    ('{"instruction": "a"}', "missing key 'response'"),
-    ('{"response": "a"}', "missing key 'instruction'"),
-    ('{"instruction": 3, "response": "a"}', "'instruction' must be a string, got int"),
-    ('{"instruction": "a", "response": null}', "'response' must be a string, got NoneType"),
-    ('{"instruction": "", "response": "a"}', "empty instruction"),
-    ('{"instruction": "a\\ud800", "response": "b"}', "not encodable as UTF-8"),
-    (b'{"instruction": "\xff", "response": "b"}\n', "invalid UTF-8"),
-])
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ('{"instruction": "a", "response": ', "malformed JSON"),
+        ('["instruction", "response"]', "expected a JSON object, got list"),
+        ('{"instruction": "a"}', "missing key 'response'"),
+        ('{"response": "a"}', "missing key 'instruction'"),
+        ('{"instruction": 3, "response": "a"}', "'instruction' must be a string, got int"),
+        ('{"instruction": "a", "response": null}', "'response' must be a string, got NoneType"),
+        ('{"instruction": "", "response": "a"}', "empty instruction"),
+        ('{"instruction": "a\\ud800", "response": "b"}', "not encodable as UTF-8"),
+        (b'{"instruction": "\xff", "response": "b"}\n', "invalid UTF-8"),
+    ],
+)
 def test_jsonl_errors_name_file_and_line(tmp_path, line, message):
     path = write_lines(tmp_path / "bad.jsonl", ['{"instruction": "ok", "response": "ok"}', line])
     with pytest.raises(DataError, match=message) as info:
@@ -74,8 +82,12 @@ def fixture_sample(inst: str, resp: str) -> Sample:
     return Sample([BOQ, DIRECT, *inst.encode(), EOQ], [*resp.encode(), EOA])
 
 
-PAIRS = [fixture_sample("2+2?", "4"), fixture_sample("Capital of France?", "Paris"),
-         fixture_sample("Hi", "Hello there"), fixture_sample("sort:312", "123")]
+PAIRS = [
+    fixture_sample("2+2?", "4"),
+    fixture_sample("Capital of France?", "Paris"),
+    fixture_sample("Hi", "Hello there"),
+    fixture_sample("sort:312", "123"),
+]
 
 
 def test_pretokenized_fixture():
@@ -87,10 +99,7 @@ def test_pretokenized_fixture():
 
 
 def test_pretokenized_fixture_is_reproducible(tmp_path):
-    spec = importlib.util.spec_from_file_location("make_fixture", FIXTURE / "make_fixture.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    module.write(tmp_path)
+    runpy.run_path(str(FIXTURE / "make_fixture.py"))["write"](tmp_path)
     for path in FIXTURE.rglob("*"):
         if path.is_file() and path.suffix in (".npy", ".json"):
             assert (tmp_path / path.relative_to(FIXTURE)).read_bytes() == path.read_bytes(), path
@@ -107,8 +116,11 @@ def test_pretokenized_bad_token_id(pretok_copy):
     tokens = np.load(pretok_copy / "tokens.npy")
     tokens[37] = 260  # inside "Hi" (sample 2), which is entry 2 of epoch_0
     np.save(pretok_copy / "tokens.npy", tokens)
-    with pytest.raises(DataError, match=r"tokens\.npy: entry 2 of epoch_0 \(inst\) has token id 260 "
-                                        r"at position 37, outside the vocab \[0, 260\)"):
+    with pytest.raises(
+        DataError,
+        match=r"tokens\.npy: entry 2 of epoch_0 \(inst\) has token id 260 "
+        r"at position 37, outside the vocab \[0, 260\)",
+    ):
         read_pretokenized(pretok_copy)
     assert read_pretokenized(pretok_copy, vocab_size=261)[0][2].instruction[1] == 260
     tokens[37] = -1

@@ -9,11 +9,11 @@ from hrm.errors import DataError
 def answer(instruction: str) -> str:
     """An independent solver for every task's instruction format."""
     if instruction.startswith("reverse:"):
-        return instruction[len("reverse:"):][::-1]
+        return instruction[len("reverse:") :][::-1]
     if instruction.startswith("sort:"):
-        return "".join(sorted(instruction[len("sort:"):]))
+        return "".join(sorted(instruction[len("sort:") :]))
     if instruction.startswith("copy:"):
-        return instruction[len("copy:"):]
+        return instruction[len("copy:") :]
     a, b = instruction.split("+")
     return str(int(a) + int(b))
 

@@ -3,7 +3,6 @@ sm_90a at the tiles their launchers pick on a GPU (no GPU needed), without regis
 
 from __future__ import annotations
 
-import importlib
 import shutil
 
 import pytest
@@ -11,10 +10,7 @@ import torch
 
 from hrm.config import BENCH_CONFIGS, get_preset
 from hrm.ops.aot import compile_report, format_rows
-
-# the modules (``hrm.ops`` re-exports functions of the same names)
-rmsnorm, magicnorm, swiglu, rope, linear_cross_entropy = (
-    importlib.import_module(f"hrm.ops.{m}") for m in ("rmsnorm", "magicnorm", "swiglu", "rope", "linear_cross_entropy"))
+from hrm.ops.impl import linear_cross_entropy, magicnorm_transition, rms_norm, split_rope, swiglu
 
 pytest.importorskip("triton")
 
@@ -32,10 +28,10 @@ def specs(config) -> list:
     """Every kernel at the shapes of ``config`` (a ModelConfig), in fp32 and bf16."""
     out = []
     for dtype in (torch.float32, torch.bfloat16):
-        out += rmsnorm.aot_specs(config.hidden_size, dtype)
-        out += magicnorm.aot_specs(config.hidden_size, dtype)
+        out += rms_norm.aot_specs(config.hidden_size, dtype)
+        out += magicnorm_transition.aot_specs(config.hidden_size, dtype)
         out += swiglu.aot_specs(config.intermediate_size, dtype)
-        out += rope.aot_specs(config.num_heads, config.head_dim, dtype)
+        out += split_rope.aot_specs(config.num_heads, config.head_dim, dtype)
         out += linear_cross_entropy.aot_specs(config.padded_vocab_size, dtype)
     return out
 

@@ -10,8 +10,7 @@ from saved_tensors import saved_bytes
 
 from hrm import HRMText, ModelConfig, bp_steps_at, get_preset, ops
 from hrm.data import load_tokenizer, pack_row, task_samples
-from hrm.ops import dispatch
-from hrm.ops.rope import rope_cos_sin
+from hrm.ops import dispatch, rope_cos_sin
 
 # head_dim 16: the smallest the Triton attention kernels take
 CFG = ModelConfig(vocab_size=70, vocab_multiple=16, hidden_size=48, num_heads=3, n_layers=4)
@@ -28,7 +27,7 @@ def batch():
     pl = torch.tensor([p for _, p in seqs], dtype=torch.int32)
     labels = torch.full_like(ids, -100)
     for (n, p), start in zip(seqs, cu[:-1].tolist()):
-        labels[start + p - 1:start + n] = torch.randint(0, 70, (n - p + 1,), generator=g)
+        labels[start + p - 1 : start + n] = torch.randint(0, 70, (n - p + 1,), generator=g)
     labels[cu[1] - 1] = -100  # the one-token sequence's response is empty
     return ids, pos, cu, pl, labels
 
@@ -44,12 +43,15 @@ def run(model, bp):
 # bp 3 runs L5, H0, H1 with gradients: seams from no-grad to grad and back (the triton run,
 # whose attention runs in the interpreter, takes that one only). ``cpu`` is what ``auto``
 # picks on a CPU: the C++ attention, every other op on ``compile``.
-NEEDS_CPU = pytest.mark.skipif(dispatch.unavailable_reason("cpu") is not None,
-                               reason="the cpu backend cannot be built here")
+NEEDS_CPU = pytest.mark.skipif(
+    dispatch.unavailable_reason("cpu") is not None, reason="the cpu backend cannot be built here"
+)
 
 
-@pytest.mark.parametrize("backend,bp", [("compile", 2), ("compile", 3), ("compile", 8), ("triton", 3),
-                                        pytest.param("cpu", 3, marks=NEEDS_CPU)])
+@pytest.mark.parametrize(
+    "backend,bp",
+    [("compile", 2), ("compile", 3), ("compile", 8), ("triton", 3), pytest.param("cpu", 3, marks=NEEDS_CPU)],
+)
 def test_model_matches_reference(backend, bp):
     """fp64 oracle; fp32 reference and fused backend within ``2 x`` the reference's error + 1e-5."""
     torch.manual_seed(0)
@@ -61,15 +63,15 @@ def test_model_matches_reference(backend, bp):
         models[name] = HRMText(CFG, backend=name)
         models[name].load_state_dict(state)
     ref, got = run(models["torch"], bp), run(models[backend], bp)
-    assert {k: int(v) for k, v in got[1].items() if k != "loss_sum"} == \
-        {k: int(v) for k, v in oracle[1].items() if k != "loss_sum"}
+    assert {k: int(v) for k, v in got[1].items() if k != "loss_sum"} == {
+        k: int(v) for k, v in oracle[1].items() if k != "loss_sum"
+    }
     pairs = [("loss", oracle[0], ref[0], got[0])] + [(n, oracle[2][n], ref[2][n], got[2][n]) for n in oracle[2]]
     for name, o, r, x in pairs:
         err, ref_err = (x.double() - o).abs().max().item(), (r.double() - o).abs().max().item()
         assert err <= 2 * ref_err + 1e-5 * max(1.0, o.abs().max().item()), f"{name}: {err:.3g} vs ref {ref_err:.3g}"
     with torch.no_grad():  # logits path (no labels)
-        torch.testing.assert_close(models[backend](*batch()[:4]), models["torch"](*batch()[:4]), rtol=1e-5,
-                                   atol=1e-5)
+        torch.testing.assert_close(models[backend](*batch()[:4]), models["torch"](*batch()[:4]), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("backend", FUSED)
@@ -80,7 +82,7 @@ def test_no_grad_steps_are_forward_only(backend):
         with torch.no_grad():
             model(*batch())
 
-    saved = {bp: saved_bytes(lambda: model(*batch(), bp_steps=bp)) for bp in (2, 8)}
+    saved = {bp: saved_bytes(lambda bp=bp: model(*batch(), bp_steps=bp)) for bp in (2, 8)}
     assert saved_bytes(no_grad_forward) == 0 and 0 < saved[2] < saved[8]
 
 
@@ -104,8 +106,9 @@ def test_fullgraph_fused_ops(backend):
     g = torch.Generator().manual_seed(0)
     T, d, I, V = 21, 32, 40, 100
     x, other = torch.randn(T, d, generator=g, requires_grad=True), torch.randn(T, d, generator=g)
-    ws = [torch.randn(*s, generator=g).div(s[1] ** 0.5).requires_grad_() for s in
-          [(2 * I, d), (d, I), (4 * d, d), (V, d)]]
+    ws = [
+        torch.randn(*s, generator=g).div(s[1] ** 0.5).requires_grad_() for s in [(2 * I, d), (d, I), (4 * d, d), (V, d)]
+    ]
     labels = torch.randint(0, V, (T,), generator=g)
     labels[::4] = -100
     cos, sin = rope_cos_sin(torch.arange(T), 8, 10000.0)
@@ -134,7 +137,8 @@ def test_fullgraph_train_step(backend):
     eager_grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad(set_to_none=True)
     step = torch.compile(model, backend="aot_eager", fullgraph=True)
-    loss, metrics = step(ids, pos, cu, pl, labels, bp_steps=3)
+    packing = ops.AttentionPacking.build(cu, pl, ids.shape[0])  # with the batch: the step reads nothing back
+    loss, metrics = step(ids, pos, cu, pl, labels, bp_steps=3, packing=packing)
     loss.backward()
     torch.testing.assert_close(loss, eager_loss, rtol=1e-6, atol=1e-6)
     assert {k: int(v) for k, v in metrics.items()} == {k: int(v) for k, v in eager_metrics.items()}
@@ -157,8 +161,7 @@ def train(backend: str, state: dict, data) -> list[float]:
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
     losses = []
     for step in range(STEPS):
-        loss, _ = model(data.input_ids, data.position_ids, data.cu_seqlens, data.prefix_lens, data.labels,
-                        bp_steps=bp_steps_at(cfg, step, STEPS))
+        loss, _ = model(**data.model_inputs(), bp_steps=bp_steps_at(cfg, step, STEPS))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -15,9 +15,8 @@ import torch
 from saved_tensors import saved_bytes
 
 from hrm import ops
-from hrm.ops import common
-from hrm.ops.linear_cross_entropy import ce_chunk_forward
-from hrm.ops.rope import rope_cos_sin
+from hrm.ops import common, rope_cos_sin
+from hrm.ops.impl.linear_cross_entropy import ce_chunk_forward
 
 FLOOR = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 K_REF = 2.0
@@ -63,8 +62,9 @@ def check_against_oracle(fn, args, backend, dtype):
     oracle_out = fn(*_cast(args, torch.float64, grad=False), backend="torch")
     oracle_out = oracle_out if isinstance(oracle_out, tuple) else (oracle_out,)
     g = torch.Generator().manual_seed(1)
-    upstream = [torch.randn(o.shape, dtype=torch.float64, generator=g) if o.is_floating_point() else None
-                for o in oracle_out]
+    upstream = [
+        torch.randn(o.shape, dtype=torch.float64, generator=g) if o.is_floating_point() else None for o in oracle_out
+    ]
     oracle = _run(fn, args, "torch", torch.float64, upstream)
     ref = _run(fn, args, "torch", dtype, upstream)
     got = _run(fn, args, backend, dtype, upstream)
@@ -91,20 +91,29 @@ NORM_SHAPES = [(37, 24), (2, 65, 100), (3, 123)]
 
 @pytest.mark.parametrize("backend,dtype,shape", cases(NORM_SHAPES))
 def test_rms_norm(backend, dtype, shape):
-    check_against_oracle(lambda x, backend: ops.rms_norm(x, 1e-6, backend=backend), [randn(*shape, scale=3)],
-                         backend, dtype)
+    check_against_oracle(
+        lambda x, backend: ops.rms_norm(x, 1e-6, backend=backend), [randn(*shape, scale=3)], backend, dtype
+    )
 
 
 @pytest.mark.parametrize("backend,dtype,shape", cases(NORM_SHAPES))
 def test_add_rms_norm(backend, dtype, shape):
-    check_against_oracle(lambda x, r, backend: ops.add_rms_norm(x, r, 1e-6, backend=backend),
-                         [randn(*shape), randn(*shape, scale=2)], backend, dtype)
+    check_against_oracle(
+        lambda x, r, backend: ops.add_rms_norm(x, r, 1e-6, backend=backend),
+        [randn(*shape), randn(*shape, scale=2)],
+        backend,
+        dtype,
+    )
 
 
 @pytest.mark.parametrize("backend,dtype,shape", cases(NORM_SHAPES))
 def test_magicnorm_transition(backend, dtype, shape):
-    check_against_oracle(lambda x, d, o, backend: ops.magicnorm_transition(x, d, o, 1e-6, backend=backend),
-                         [randn(*shape, scale=2), randn(*shape), randn(*shape)], backend, dtype)
+    check_against_oracle(
+        lambda x, d, o, backend: ops.magicnorm_transition(x, d, o, 1e-6, backend=backend),
+        [randn(*shape, scale=2), randn(*shape), randn(*shape)],
+        backend,
+        dtype,
+    )
 
 
 def test_magicnorm_transition_with_outputs_that_get_no_gradient():
@@ -125,8 +134,7 @@ def test_magicnorm_transition_with_outputs_that_get_no_gradient():
 # -- SwiGLU ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("backend,dtype,shape", cases([(37, 2 * 40), (2, 9, 2 * 123)]))
 def test_swiglu(backend, dtype, shape):
-    check_against_oracle(lambda gu, backend: ops.swiglu(gu, backend=backend), [randn(*shape, scale=2)],
-                         backend, dtype)
+    check_against_oracle(lambda gu, backend: ops.swiglu(gu, backend=backend), [randn(*shape, scale=2)], backend, dtype)
 
 
 # -- RoPE on the fused [gate | q | k | v] projection -------------------------------------------
@@ -141,8 +149,9 @@ def test_split_rope(backend, dtype, shape):
         cos, sin = torch.rand(T, hd) * 2 - 1, torch.rand(T, hd) * 2 - 1
     else:  # positions restart per packed sequence
         cos, sin = rope_cos_sin(_positions([5, 1, T - 6]), hd, 10000.0)
-    check_against_oracle(lambda gqkv, backend: ops.split_rope(gqkv, cos, sin, backend=backend),
-                         [randn(T, 4 * H, hd)], backend, dtype)
+    check_against_oracle(
+        lambda gqkv, backend: ops.split_rope(gqkv, cos, sin, backend=backend), [randn(T, 4 * H, hd)], backend, dtype
+    )
 
 
 # -- response-only linear cross-entropy -------------------------------------------------------
@@ -197,7 +206,6 @@ def test_linear_cross_entropy_default_chunks_and_no_grad(backend):
     assert torch.equal(pred, ref_pred)
 
 
-
 def test_linear_cross_entropy_follows_autocast():
     """Under bf16 autocast the fused head multiplies in bf16, as ``F.linear`` in the reference
     does (a custom op runs below autocast, so the op applies it itself): the loss matches the
@@ -221,6 +229,7 @@ def test_linear_cross_entropy_follows_autocast():
     torch.testing.assert_close(dz, ref_dz, rtol=0, atol=1e-2 * ref_dz.abs().max().item())
     torch.testing.assert_close(dw, ref_dw, rtol=0, atol=1e-2 * ref_dw.abs().max().item())
 
+
 @pytest.mark.parametrize("block_v", [16, 64, 512])
 def test_cross_entropy_chunk_kernel_vocabulary_blocks(block_v):
     """The online log-sum-exp across vocabulary blocks (the last one partial), ties resolved to
@@ -241,21 +250,31 @@ def test_cross_entropy_chunk_kernel_vocabulary_blocks(block_v):
 
 
 # -- the GPU tiling (many programs, partial tiles) under the interpreter ------------------------
-def test_gpu_tiling_matches_reference():
+def test_gpu_tiling_matches_reference(monkeypatch):
     """The launchers' GPU tile sizes: several programs per op, the last tile partial, a
     vocabulary spread over several blocks."""
-    with common.gpu_tiles():
-        check_against_oracle(lambda x, r, backend: ops.add_rms_norm(x, r, backend=backend),
-                             [randn(70, 100), randn(70, 100)], "triton", torch.float32)
-        check_against_oracle(lambda x, d, o, backend: ops.magicnorm_transition(x, d, o, backend=backend),
-                             [randn(70, 100), randn(70, 100), randn(70, 100)], "triton", torch.float32)
-        check_against_oracle(lambda gu, backend: ops.swiglu(gu, backend=backend), [randn(9, 2 * 1100)],
-                             "triton", torch.float32)
-        cos, sin = rope_cos_sin(torch.arange(70), 16, 10000.0)
-        check_against_oracle(lambda g, backend: ops.split_rope(g, cos, sin, backend=backend), [randn(70, 4 * 3, 16)],
-                             "triton", torch.float32)
-        check_against_oracle(_lce(_labels(9, 4500), 4), [randn(9, 16), randn(4500, 16, scale=0.3)], "triton",
-                             torch.float32)
+    monkeypatch.setenv("HRM_TRITON_TILES", "gpu")
+    assert common.tile_target() == "gpu"
+    check_against_oracle(
+        lambda x, r, backend: ops.add_rms_norm(x, r, backend=backend),
+        [randn(70, 100), randn(70, 100)],
+        "triton",
+        torch.float32,
+    )
+    check_against_oracle(
+        lambda x, d, o, backend: ops.magicnorm_transition(x, d, o, backend=backend),
+        [randn(70, 100), randn(70, 100), randn(70, 100)],
+        "triton",
+        torch.float32,
+    )
+    check_against_oracle(
+        lambda gu, backend: ops.swiglu(gu, backend=backend), [randn(9, 2 * 1100)], "triton", torch.float32
+    )
+    cos, sin = rope_cos_sin(torch.arange(70), 16, 10000.0)
+    check_against_oracle(
+        lambda g, backend: ops.split_rope(g, cos, sin, backend=backend), [randn(70, 4 * 3, 16)], "triton", torch.float32
+    )
+    check_against_oracle(_lce(_labels(9, 4500), 4), [randn(9, 16), randn(4500, 16, scale=0.3)], "triton", torch.float32)
 
 
 # -- forward-only without gradients; what the backward keeps -----------------------------------
@@ -273,10 +292,13 @@ def test_saved_tensors(backend):
     assert saved_bytes(lambda: ops.add_rms_norm(x, r, backend=backend)) == x.numel() * 4 + rows
     assert saved_bytes(lambda: ops.magicnorm_transition(x, r, x, backend=backend)) == 2 * x.numel() * 4 + 2 * rows
     with torch.no_grad():  # forward-only: nothing is kept
-        for fn in (lambda: ops.swiglu(gu, backend=backend), lambda: ops.add_rms_norm(x, r, backend=backend),
-                   lambda: ops.magicnorm_transition(x, r, x, backend=backend),
-                   lambda: ops.split_rope(gqkv, cos, sin, backend=backend),
-                   lambda: ops.linear_cross_entropy(x, gu[:, :d].contiguous(), _labels(T, T), backend=backend)):
+        for fn in (
+            lambda: ops.swiglu(gu, backend=backend),
+            lambda: ops.add_rms_norm(x, r, backend=backend),
+            lambda: ops.magicnorm_transition(x, r, x, backend=backend),
+            lambda: ops.split_rope(gqkv, cos, sin, backend=backend),
+            lambda: ops.linear_cross_entropy(x, gu[:, :d].contiguous(), _labels(T, T), backend=backend),
+        ):
             assert saved_bytes(fn) == 0
 
 
@@ -296,8 +318,8 @@ def _opcheck_cases():
         (hrm.magicnorm_transition, (x, r, o, 1e-6)),
         (hrm.swiglu, (gu,)),
         (hrm.split_rope, (gqkv, cos, sin)),
-        (hrm.linear_cross_entropy_triton, (x, w, labels, 4, True)),
-        (hrm.linear_cross_entropy_compile, (x, w, labels, 4, True)),
+        (hrm.linear_cross_entropy_triton, (x, w, labels, None, 4, True)),
+        (hrm.linear_cross_entropy_compile, (x, w, labels, (labels != -100).nonzero().squeeze(1), 4, True)),
     ]
 
 

@@ -27,6 +27,7 @@ def test_kv_cache_generation_equals_recomputation(cfg):
 
 def boost_logits(model, columns):
     """Make ``columns`` of the LM head's output win every argmax."""
+
     def hook(module, inputs, output):
         output[..., columns] += 1e4
         return output
@@ -49,8 +50,9 @@ def test_sampling_is_seeded():
     model = HRMText(CONFIGS[0]).eval()
 
     def sample(seed):
-        return generate(model, PROMPTS, max_new_tokens=8, eos_id=39, temperature=1.0,
-                        generator=torch.Generator().manual_seed(seed))
+        return generate(
+            model, PROMPTS, max_new_tokens=8, eos_id=39, temperature=1.0, generator=torch.Generator().manual_seed(seed)
+        )
 
     assert sample(3) == sample(3)
     assert sample(3) != sample(4)

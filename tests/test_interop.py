@@ -12,21 +12,42 @@ import torch
 from safetensors.torch import save_file
 
 import hrm.cli
-from hrm.checkpoint import load_state, read_config, save_checkpoint
+from hrm.checkpoint import load_state, read_config, read_safetensors, save_checkpoint
 from hrm.config import ModelConfig
 from hrm.errors import HrmError
 from hrm.interop import (
-    export_hf, from_reference_state_dict, hf_config_dict, import_hf, import_reference, load_transformers_model,
+    export_hf,
+    from_reference_state_dict,
+    hf_config_dict,
+    import_hf,
+    import_reference,
+    load_transformers_model,
 )
-from hrm.checkpoint import read_safetensors
 from hrm.model import HRMText
 
 CONFIGS = [
     ModelConfig(vocab_size=260, hidden_size=64, num_heads=2, n_layers=4, H_cycles=2, L_cycles=3, max_seq_len=64),
-    ModelConfig(vocab_size=300, hidden_size=96, num_heads=3, n_layers=2, H_cycles=1, L_cycles=2, max_seq_len=32,
-                rope_theta=500.0),
-    ModelConfig(vocab_size=1000, hidden_size=128, num_heads=4, n_layers=6, H_cycles=3, L_cycles=1, max_seq_len=128,
-                expansion=3.0, norm_eps=1e-5),
+    ModelConfig(
+        vocab_size=300,
+        hidden_size=96,
+        num_heads=3,
+        n_layers=2,
+        H_cycles=1,
+        L_cycles=2,
+        max_seq_len=32,
+        rope_theta=500.0,
+    ),
+    ModelConfig(
+        vocab_size=1000,
+        hidden_size=128,
+        num_heads=4,
+        n_layers=6,
+        H_cycles=3,
+        L_cycles=1,
+        max_seq_len=128,
+        expansion=3.0,
+        norm_eps=1e-5,
+    ),
 ]
 IDS = ["d64-h2-l4", "d96-h3-l2", "d128-h4-l6"]
 
@@ -64,8 +85,9 @@ def test_transformers_logits_match(config: ModelConfig, tmp_path: Path) -> None:
     ids = torch.randint(0, config.vocab_size, (n,), generator=torch.Generator().manual_seed(1))
     for prefix in (1, 5, n):
         with torch.no_grad():
-            ours = model(ids, torch.arange(n), torch.tensor([0, n], dtype=torch.int32),
-                         torch.tensor([prefix], dtype=torch.int32))
+            ours = model(
+                ids, torch.arange(n), torch.tensor([0, n], dtype=torch.int32), torch.tensor([prefix], dtype=torch.int32)
+            )
             token_type_ids = (torch.arange(n) < prefix).long()[None]  # 1 marks the bidirectional prefix
             theirs = hf_model(input_ids=ids[None], token_type_ids=token_type_ids).logits[0]
         torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5 * ours.abs().max().item())
@@ -180,11 +202,14 @@ def test_import_rejects_shape_mismatch(exported: Path, tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "hf"]
 
 
-@pytest.mark.parametrize("change, fragment", [
-    ({"prefix_lm": False}, "prefix_lm=False"),
-    ({"intermediate_size": 300}, "intermediate_size 300"),
-    ({"hidden_size": "wide"}, "malformed config"),
-])
+@pytest.mark.parametrize(
+    "change, fragment",
+    [
+        ({"prefix_lm": False}, "prefix_lm=False"),
+        ({"intermediate_size": 300}, "intermediate_size 300"),
+        ({"hidden_size": "wide"}, "malformed config"),
+    ],
+)
 def test_import_rejects_unsupported_config(exported: Path, tmp_path: Path, change: dict, fragment: str) -> None:
     _edit_config(exported, **change)
     with pytest.raises(HrmError) as excinfo:
@@ -196,8 +221,10 @@ def test_import_rejects_unsupported_config(exported: Path, tmp_path: Path, chang
 def test_no_overwrite_of_non_empty_out_dir(exported: Path, tmp_path: Path) -> None:
     (tmp_path / "out").mkdir()
     (tmp_path / "out/keep.txt").write_text("mine")
-    for convert in (lambda: export_hf(tmp_path / "ckpt", tmp_path / "out"),
-                    lambda: import_hf(exported, tmp_path / "out")):
+    for convert in (
+        lambda: export_hf(tmp_path / "ckpt", tmp_path / "out"),
+        lambda: import_hf(exported, tmp_path / "out"),
+    ):
         with pytest.raises(HrmError) as excinfo:
             convert()
         assert_one_line_error(excinfo, "already exists and is not empty")
@@ -216,8 +243,11 @@ def test_transformer_arch_is_not_exported(tmp_path: Path) -> None:
 # -- reference checkpoints ------------------------------------------------------------------------
 def reference_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Our state dict in the reference's naming (the inverse of from_reference_state_dict)."""
-    out = {"embed_tokens.embedding_weight": state["embed_tokens.weight"], "lm_head.weight": state["lm_head.weight"],
-           "model.zL_init": state["z_L_init"].bfloat16()}
+    out = {
+        "embed_tokens.embedding_weight": state["embed_tokens.weight"],
+        "lm_head.weight": state["lm_head.weight"],
+        "model.zL_init": state["z_L_init"].bfloat16(),
+    }
     for key, tensor in state.items():
         stack, _, rest = key.partition(".")
         if stack in ("H_level", "L_level"):
@@ -269,18 +299,41 @@ def cli():
 
 
 def test_cli_commands(cli, bf16_exact_model: HRMText, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    save_checkpoint(tmp_path / "ckpt", CONFIGS[0], bf16_exact_model.state_dict(),
-                    ema_state_dict=bf16_exact_model.state_dict())
+    save_checkpoint(
+        tmp_path / "ckpt", CONFIGS[0], bf16_exact_model.state_dict(), ema_state_dict=bf16_exact_model.state_dict()
+    )
     assert cli(["export-hf", str(tmp_path / "ckpt"), str(tmp_path / "hf"), "--ema"]) == 0
     assert cli(["import-hf", str(tmp_path / "hf"), str(tmp_path / "back")]) == 0
     assert_same_state(load_state(tmp_path / "back"), bf16_exact_model.state_dict())
 
     save_file(reference_state(bf16_exact_model.state_dict()), str(tmp_path / "ref.safetensors"))
     (tmp_path / "model.json").write_text(json.dumps(CONFIGS[0].to_dict()))
-    assert cli(["import-reference", str(tmp_path / "ref.safetensors"), str(tmp_path / "from_ref"),
-                "--config", str(tmp_path / "model.json")]) == 0
-    assert cli(["import-reference", str(tmp_path / "ref.safetensors"), str(tmp_path / "from_preset"),
-                "--preset", "tiny", "--max-seq-len", "64"]) == 0
+    assert (
+        cli(
+            [
+                "import-reference",
+                str(tmp_path / "ref.safetensors"),
+                str(tmp_path / "from_ref"),
+                "--config",
+                str(tmp_path / "model.json"),
+            ]
+        )
+        == 0
+    )
+    assert (
+        cli(
+            [
+                "import-reference",
+                str(tmp_path / "ref.safetensors"),
+                str(tmp_path / "from_preset"),
+                "--preset",
+                "tiny",
+                "--max-seq-len",
+                "64",
+            ]
+        )
+        == 0
+    )
     assert read_config(tmp_path / "from_preset")[0] == CONFIGS[0]
     assert_same_state(load_state(tmp_path / "from_ref"), bf16_exact_model.state_dict())
     out = capsys.readouterr().out.splitlines()
@@ -290,10 +343,12 @@ def test_cli_commands(cli, bf16_exact_model: HRMText, tmp_path: Path, capsys: py
 def test_cli_errors(cli, exported: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert cli(["export-hf", str(tmp_path / "ckpt"), str(exported)]) == 2
     assert cli(["import-hf", str(tmp_path / "ckpt"), str(tmp_path / "out")]) == 2
-    assert cli(["import-reference", str(exported / "model.safetensors"), str(tmp_path / "out"),
-                "--preset", "tiny"]) == 2
-    assert cli(["import-reference", str(exported / "model.safetensors"), str(tmp_path / "out"),
-                "--preset", "nope"]) == 2
+    assert (
+        cli(["import-reference", str(exported / "model.safetensors"), str(tmp_path / "out"), "--preset", "tiny"]) == 2
+    )
+    assert (
+        cli(["import-reference", str(exported / "model.safetensors"), str(tmp_path / "out"), "--preset", "nope"]) == 2
+    )
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 4
     assert err[0].startswith("hrm export-hf: error: ") and "not empty" in err[0]
@@ -322,7 +377,8 @@ except HrmError as e:
 else:
     raise AssertionError("load_transformers_model worked without transformers")
 """
-    result = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stderr
     assert_same_state(load_state(tmp_path / "back"), load_state(tmp_path / "ckpt"))

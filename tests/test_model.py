@@ -33,9 +33,13 @@ def test_packed_batch_equals_each_sequence_alone(arch):
         logits = m(*packed(seqs))
         start = 0
         for s, p in seqs:
-            alone = m(torch.tensor(s), torch.arange(len(s)), torch.tensor([0, len(s)], dtype=torch.int32),
-                      torch.tensor([p], dtype=torch.int32))
-            torch.testing.assert_close(logits[start:start + len(s)], alone, rtol=1e-10, atol=1e-10)
+            alone = m(
+                torch.tensor(s),
+                torch.arange(len(s)),
+                torch.tensor([0, len(s)], dtype=torch.int32),
+                torch.tensor([p], dtype=torch.int32),
+            )
+            torch.testing.assert_close(logits[start : start + len(s)], alone, rtol=1e-10, atol=1e-10)
             start += len(s)
     assert logits.shape == (start + 3, CFG.padded_vocab_size)
 

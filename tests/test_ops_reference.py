@@ -4,15 +4,13 @@ import math
 
 import pytest
 import torch
+from attention_oracle import attention, dense_attention, packing, reference
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hrm import ops
 from hrm.errors import BackendUnavailable, HrmError
 from hrm.ops import dispatch
-from hrm.ops.prefixlm_attention import prefixlm_attention_reference
-
-from attention_oracle import dense_attention, packing
 
 
 @settings(max_examples=40, deadline=None)
@@ -22,10 +20,10 @@ def test_attention_reference_matches_dense_fp64(data):
     H, D = data.draw(st.sampled_from([(1, 8), (2, 16), (3, 6)]))
     g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
     q, k, v, gate = (torch.randn(T, H, D, dtype=torch.float64, generator=g, requires_grad=True) for _ in range(4))
-    out = prefixlm_attention_reference(q, k, v, cu, pl, gate)
+    out = reference(q, k, v, cu, pl, gate)
     ref = dense_attention(q, k, v, cu, pl, gate)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
-    assert torch.all(out[cu[-1]:] == 0)
+    assert torch.all(out[cu[-1] :] == 0)
     go = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v, gate), go)
     grads_ref = torch.autograd.grad(ref, (q, k, v, gate), go)
@@ -40,7 +38,7 @@ def test_attention_degenerate_packings_fp32():
     pl = torch.tensor([1, 3, 5, 2], dtype=torch.int32)
     q, k, v, gate = (torch.randn(23, 2, 8, dtype=torch.float64) for _ in range(4))
     ref = dense_attention(q, k, v, cu, pl, gate)
-    out = ops.prefixlm_attention(q.float(), k.float(), v.float(), cu, pl, gate=gate.float())
+    out = attention(q.float(), k.float(), v.float(), cu, pl, gate=gate.float())
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
 
 
@@ -48,18 +46,18 @@ def test_attention_degenerate_packings_fp32():
 def test_attention_rejects_illegal_packing(cu, pl):
     q = torch.randn(8, 1, 4)
     with pytest.raises(HrmError):
-        ops.prefixlm_attention(q, q, q, torch.tensor(cu, dtype=torch.int32), torch.tensor(pl, dtype=torch.int32))
+        attention(q, q, q, torch.tensor(cu, dtype=torch.int32), torch.tensor(pl, dtype=torch.int32))
 
 
 def test_attention_sees_nothing_across_sequences():
     cu = torch.tensor([0, 5, 9], dtype=torch.int32)
     pl = torch.tensor([2, 3], dtype=torch.int32)
     q, k, v = (torch.randn(9, 2, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
-    out = ops.prefixlm_attention(q, k, v, cu, pl)
+    out = attention(q, k, v, cu, pl)
     (gk,) = torch.autograd.grad(out[:5].sum(), k, retain_graph=True)
     assert torch.all(gk[5:] == 0)  # the first sequence never reads the second one's keys
     (gk,) = torch.autograd.grad(out[5 + 1].sum(), k)  # a prefix query reads the whole prefix only
-    assert torch.all(gk[:5] == 0) and torch.all(gk[5 + 3:] == 0) and torch.all(gk[5:8] != 0)
+    assert torch.all(gk[:5] == 0) and torch.all(gk[5 + 3 :] == 0) and torch.all(gk[5:8] != 0)
 
 
 def test_rms_norm_matches_fp64():

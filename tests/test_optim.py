@@ -11,9 +11,9 @@ from torch import nn
 from hrm.config import get_preset
 from hrm.errors import BackendUnavailable
 from hrm.model import HRMText
-from hrm.ops import adam_atan2 as adam_atan2_module
 from hrm.ops import adam_atan2_, available_backends
 from hrm.ops.common import compiled
+from hrm.ops.impl import adam_atan2 as adam_atan2_module
 from hrm.training.optim import EMA, AdamAtan2, adam_atan2_reference, lr_at, param_groups
 
 BETAS = (0.9, 0.95)
@@ -30,8 +30,14 @@ def test_foreach_step_matches_per_tensor_reference():
     ref = [p.detach().clone() for p in params]
     ref_m = [torch.zeros_like(p) for p in ref]
     ref_v = [torch.zeros_like(p) for p in ref]
-    opt = AdamAtan2([{"params": [p for p in params if p.dim() >= 2], "weight_decay": wd},
-                     {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}], lr=lr, betas=BETAS)
+    opt = AdamAtan2(
+        [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": wd},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ],
+        lr=lr,
+        betas=BETAS,
+    )
     g = torch.Generator().manual_seed(1)
     for step in range(1, 6):
         grads = [torch.randn(p.shape, generator=g) * 10 ** (i - 2) for i, p in enumerate(params)]
@@ -57,7 +63,7 @@ def test_two_steps_by_hand():
     opt.step()
     m = 0.9 * 0.05 + 0.1 * -1.0
     v = 0.95 * 0.0125 + 0.05 * 1.0
-    expected = expected * (1 - lr * wd) - lr * math.atan2(m / (1 - 0.9 ** 2), math.sqrt(v / (1 - 0.95 ** 2)))
+    expected = expected * (1 - lr * wd) - lr * math.atan2(m / (1 - 0.9**2), math.sqrt(v / (1 - 0.95**2)))
     assert p.item() == pytest.approx(expected, rel=1e-12)
 
 
@@ -183,8 +189,17 @@ def test_fp64_reference_is_the_per_tensor_step():
         grads = [torch.randn(params[i].shape, generator=g, dtype=torch.float64) for i in live]
         for i in live:
             steps[i] += 1
-        adam_atan2_([params[i] for i in live], grads, [m[i] for i in live], [v[i] for i in live],
-                    [steps[i] for i in live], lr=lr, betas=BETAS, weight_decay=0.1, backend="torch")
+        adam_atan2_(
+            [params[i] for i in live],
+            grads,
+            [m[i] for i in live],
+            [v[i] for i in live],
+            [steps[i] for i in live],
+            lr=lr,
+            betas=BETAS,
+            weight_decay=0.1,
+            backend="torch",
+        )
         for i, grad in zip(live, grads):
             adam_atan2_reference(ref[i], grad, rm[i], rv[i], steps[i], lr=lr, betas=BETAS, weight_decay=0.1)
     for a, b in zip(params + m + v, ref + rm + rv):
@@ -217,8 +232,9 @@ def test_compile_step_on_a_differing_step_count_per_tensor():
     g = torch.Generator().manual_seed(6)
     grads = [torch.randn(p.shape, generator=g, dtype=torch.float64) for p in params]
     adam_atan2_(params, grads, m, v, steps, lr=0.01, betas=BETAS, weight_decay=0.1, backend="torch")
-    adam_atan2_(p32, [x.float() for x in grads], m32, v32, steps, lr=0.01, betas=BETAS, weight_decay=0.1,
-                backend="compile")
+    adam_atan2_(
+        p32, [x.float() for x in grads], m32, v32, steps, lr=0.01, betas=BETAS, weight_decay=0.1, backend="compile"
+    )
     for a, b in zip(p32 + m32 + v32, params + m + v):
         assert _rel_err(a, b) <= FP32_TOLERANCE
 

@@ -5,26 +5,34 @@ Tolerance rule (flash-attention's): for the output and every gradient,
 ``max|kernel - fp64| <= K * max|torch reference in the same dtype - fp64| + FLOOR[dtype]``.
 """
 
-import importlib
-
 import pytest
 import torch
+from attention_oracle import (
+    DEGENERATE,
+    attention,
+    bf16_products_emulation,
+    dense_attention,
+    make_packing,
+    packing,
+    reference,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hrm import ops
 from hrm.errors import BackendUnavailable
-from hrm.ops import dispatch
-
-from attention_oracle import DEGENERATE, bf16_products_emulation, dense_attention, make_packing, packing
-
-pa = importlib.import_module("hrm.ops.prefixlm_attention")
+from hrm.ops import cpp_extension, dispatch
+from hrm.ops.impl.prefixlm_attention import cpu as attention_cpu
+from hrm.ops.impl.prefixlm_attention import op as attention_op
+from hrm.ops.impl.prefixlm_attention import packing as layout
+from hrm.ops.impl.prefixlm_attention import triton_kernels
 
 K = 2.0
 FLOOR = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
 
-needs_cpu_kernel = pytest.mark.skipif(dispatch.unavailable_reason("cpu") is not None,
-                                      reason=f"cpu backend: {dispatch.unavailable_reason('cpu')}")
+needs_cpu_kernel = pytest.mark.skipif(
+    dispatch.unavailable_reason("cpu") is not None, reason=f"cpu backend: {dispatch.unavailable_reason('cpu')}"
+)
 
 
 def attention_errors(run, cu, pl, T, H, D, dtype, gated=True, seed=0):
@@ -45,7 +53,7 @@ def attention_errors(run, cu, pl, T, H, D, dtype, gated=True, seed=0):
         return [(a.double() - b).abs().max().item() for a, b in zip(got, want)], out.detach()
 
     err, out = errors(run)
-    err_torch, _ = errors(pa.prefixlm_attention_reference)
+    err_torch, _ = errors(reference)
     return err, err_torch, out
 
 
@@ -56,7 +64,7 @@ def assert_within(err, err_torch, dtype):
 
 
 def run_cpu(q, k, v, cu, pl, gate):
-    return ops.prefixlm_attention(q, k, v, cu, pl, gate=gate, backend="cpu")
+    return attention(q, k, v, cu, pl, gate=gate, backend="cpu")
 
 
 # -- tile classification ---------------------------------------------------------------------
@@ -65,19 +73,21 @@ def run_cpu(q, k, v, cu, pl, gate):
 def test_tile_ranges_classify_every_tile(data):
     cu, pl, T = packing(data.draw, max_seqs=8, max_len=50, max_pad=20)
     bm, bn = data.draw(st.sampled_from([(16, 16), (16, 32), (32, 16), (64, 64), (4, 8)]))
-    mask = pa.prefixlm_dense_mask(cu, pl, T)
-    lo, hi = pa.row_intervals(cu, pl, T)
+    mask = layout.prefixlm_dense_mask(cu, pl, T)
+    lo, hi = layout.row_intervals(cu, pl, T)
     # the intervals are the mask
     cols = torch.arange(T)
     assert torch.equal(mask, (cols[None, :] >= lo[:, None].long()) & (cols[None, :] < hi[:, None].long()))
-    col_lo, col_hi = pa.col_intervals(lo, hi)
+    col_lo, col_hi = layout.col_intervals(lo, hi)
     assert torch.equal(mask.T, (cols[None, :] >= col_lo[:, None].long()) & (cols[None, :] < col_hi[:, None].long()))
-    for ranges, m, b_rows, b_cols in ((pa.tile_ranges(lo, hi, bm, bn), mask, bm, bn),
-                                      (pa.tile_ranges(col_lo, col_hi, bn, bm), mask.T, bn, bm)):
+    for ranges, m, b_rows, b_cols in (
+        (layout.tile_ranges(lo, hi, bm, bn), mask, bm, bn),
+        (layout.tile_ranges(col_lo, col_hi, bn, bm), mask.T, bn, bm),
+    ):
         for blk, (first, full_first, full_end, end) in enumerate(ranges.tolist()):
             assert first <= full_first <= full_end <= end
             for other in range(-(-T // b_cols)):
-                tile = m[blk * b_rows:(blk + 1) * b_rows, other * b_cols:(other + 1) * b_cols]
+                tile = m[blk * b_rows : (blk + 1) * b_rows, other * b_cols : (other + 1) * b_cols]
                 whole = tile.shape == (b_rows, b_cols)
                 if not first <= other < end:
                     assert not tile.any(), "an empty tile must be skipped, never a non-empty one"
@@ -85,7 +95,7 @@ def test_tile_ranges_classify_every_tile(data):
                     assert whole and tile.all(), "a tile classified full must be entirely visible"
                 else:
                     assert tile.any() and not (whole and tile.all()), "partial means partly visible"
-    counts = pa.tile_counts(cu, pl, T, bm, bn)
+    counts = layout.tile_counts(cu, pl, T, bm, bn)
     assert counts["empty"] + counts["full"] + counts["partial"] == counts["total"]
 
 
@@ -93,9 +103,9 @@ def test_tile_ranges_find_full_tiles():
     # one sequence of 64 with a 32-token prefix, 16 x 16 tiles: every row sees the prefix
     # (full tiles); the response's diagonal tiles are partial, the tiles above them empty.
     cu, pl, T = make_packing([64], [32])
-    lo, hi = pa.row_intervals(cu, pl, T)
-    assert pa.tile_ranges(lo, hi, 16, 16).tolist() == [[0, 0, 2, 2], [0, 0, 2, 2], [0, 0, 2, 3], [0, 0, 3, 4]]
-    assert pa.tile_counts(cu, pl, T, 16, 16) == {"total": 16, "empty": 5, "full": 9, "partial": 2}
+    lo, hi = layout.row_intervals(cu, pl, T)
+    assert layout.tile_ranges(lo, hi, 16, 16).tolist() == [[0, 0, 2, 2], [0, 0, 2, 2], [0, 0, 2, 3], [0, 0, 3, 4]]
+    assert layout.tile_counts(cu, pl, T, 16, 16) == {"total": 16, "empty": 5, "full": 9, "partial": 2}
 
 
 # -- CPU backend parity ------------------------------------------------------------------------
@@ -106,10 +116,11 @@ def test_cpu_matches_fp64(data):
     cu, pl, T = packing(data.draw, max_seqs=8, max_len=80)
     H, D = data.draw(st.sampled_from([(1, 8), (2, 16), (3, 24), (2, 64)]))
     dtype = data.draw(st.sampled_from([torch.float32, torch.float16, torch.bfloat16]))
-    err, err_torch, out = attention_errors(run_cpu, cu, pl, T, H, D, dtype, gated=data.draw(st.booleans()),
-                                           seed=data.draw(st.integers(0, 2**16)))
+    err, err_torch, out = attention_errors(
+        run_cpu, cu, pl, T, H, D, dtype, gated=data.draw(st.booleans()), seed=data.draw(st.integers(0, 2**16))
+    )
     assert_within(err, err_torch, dtype)
-    assert torch.all(out[int(cu[-1]):] == 0)
+    assert torch.all(out[int(cu[-1]) :] == 0)
 
 
 @needs_cpu_kernel
@@ -119,7 +130,7 @@ def test_cpu_degenerate_packings(name, dtype):
     cu, pl, T = make_packing(*DEGENERATE[name])
     err, err_torch, out = attention_errors(run_cpu, cu, pl, T, 2, 32, dtype)
     assert_within(err, err_torch, dtype)
-    assert torch.all(out[int(cu[-1]):] == 0)
+    assert torch.all(out[int(cu[-1]) :] == 0)
 
 
 @needs_cpu_kernel
@@ -129,9 +140,9 @@ def test_cpu_strided_inputs_and_head_dim_128():
     gqkv = torch.randn(T, 4 * 2, 128, dtype=torch.float64)
     gate, q, k, v = gqkv.split(2, dim=1)
     want = dense_attention(q, k, v, cu, pl, gate)
-    got = ops.prefixlm_attention(*(x.float() for x in (q, k, v)), cu, pl, gate=gate.float(), backend="cpu")
+    got = attention(*(x.float() for x in (q, k, v)), cu, pl, gate=gate.float(), backend="cpu")
     f = gqkv.float()
-    got_strided = ops.prefixlm_attention(*f.split(2, dim=1)[1:], cu, pl, gate=f.split(2, dim=1)[0], backend="cpu")
+    got_strided = attention(*f.split(2, dim=1)[1:], cu, pl, gate=f.split(2, dim=1)[0], backend="cpu")
     torch.testing.assert_close(got.double(), want, rtol=0, atol=2e-6)
     torch.testing.assert_close(got_strided, got, rtol=0, atol=0)
 
@@ -165,7 +176,7 @@ def cpu_bf16_grads(q, k, v, gate, go, cu, pl, dtype=torch.bfloat16):
     gate)."""
     xs = [x.to(dtype).requires_grad_() for x in (q, k, v)]
     g = gate.to(dtype).requires_grad_() if gate is not None else None
-    out = ops.prefixlm_attention(*xs, cu, pl, gate=g, backend="cpu")
+    out = attention(*xs, cu, pl, gate=g, backend="cpu")
     grads = torch.autograd.grad(out, xs + ([g] if g is not None else []), go.to(dtype))
     return [out.detach(), *grads] + ([] if g is not None else [None])
 
@@ -179,7 +190,7 @@ def check_bf16_against_fp64(cu, pl, T, H, D, gated, seed):
     gate = gate if gated else None
     err, err_torch, out = attention_errors(run_cpu, cu, pl, T, H, D, torch.bfloat16, gated=gated, seed=seed)
     assert_within(err, err_torch, torch.bfloat16)
-    assert torch.all(out[int(cu[-1]):] == 0)
+    assert torch.all(out[int(cu[-1]) :] == 0)
     leaves = [x.clone().requires_grad_() for x in (q, k, v) + ((gate,) if gated else ())]
     ref = dense_attention(*leaves[:3], cu, pl, leaves[3] if gated else None)
     want = [ref.detach(), *torch.autograd.grad(ref, leaves, go)]
@@ -198,12 +209,13 @@ def check_bf16_against_emulation(cu, pl, T, H, D, seed):
     for name, a, b, c in zip(["out", "dq", "dk", "dv", "dgate"], got, want, fp32_path):
         if not (noise and name in ("dq", "dk")):
             e, e_fp32 = rel(a, b.to(torch.bfloat16).double()), rel(c, b)
-            assert e <= max(REL_EMULATION, e_fp32 / 2), \
+            assert e <= max(REL_EMULATION, e_fp32 / 2), (
                 f"{name}: relative difference {e:.3g} from the emulation (the fp32 path's: {e_fp32:.3g})"
+            )
 
 
 def needs_bf16_dots():
-    if not pa._cpu_ops().bf16_dots():
+    if not attention_cpu.cpu_ops().bf16_dots():
         pytest.skip("this CPU build has no AVX512_BF16: bf16 inputs take the fp32 path")
 
 
@@ -262,12 +274,25 @@ def test_cpu_bf16_strided_inputs_match_contiguous():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cpu_custom_ops_opcheck(gated, dtype):
     cu, pl, T = make_packing([9, 1, 14], [3, 1, 14], 4)
+    pk = ops.AttentionPacking.build(cu, pl, T)
+    index = (pk.row_lo, pk.row_hi, pk.col_lo, pk.col_hi)
     q, k, v, gate = (torch.randn(T, 2, 16).to(dtype).requires_grad_() for _ in range(4))
-    args = (q, k, v, cu, pl, gate if gated else None, "cpu")
+    args = (q, k, v, *index, None, None, None, gate if gated else None, "cpu")
     torch.library.opcheck(torch.ops.hrm.prefixlm_attention_fwd.default, args)
     out, lse = torch.ops.hrm.prefixlm_attention_fwd(*args)
-    bwd_args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), cu, pl,
-                gate.detach() if gated else None, "cpu")
+    bwd_args = (
+        torch.randn_like(out),
+        q.detach(),
+        k.detach(),
+        v.detach(),
+        out.detach(),
+        lse.detach(),
+        *index,
+        None,
+        None,
+        gate.detach() if gated else None,
+        "cpu",
+    )
     torch.library.opcheck(torch.ops.hrm.prefixlm_attention_bwd.default, bwd_args)
 
 
@@ -281,10 +306,11 @@ def test_model_compiles_fullgraph_with_cpu_attention():
     ids = torch.randint(0, 250, (T,))
     model = HRMText(get_preset("tiny"), backend="cpu")
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    torch.testing.assert_close(compiled(ids, pos, cu, pl), model(ids, pos, cu, pl), rtol=1e-5, atol=1e-5)
+    pk = ops.AttentionPacking.build(cu, pl, T)  # built with the batch: the forward reads nothing back
+    torch.testing.assert_close(compiled(ids, pos, cu, pl, packing=pk), model(ids, pos, cu, pl), rtol=1e-5, atol=1e-5)
 
     def attention_loss(q, k, v, gate):
-        return ops.prefixlm_attention(q, k, v, cu, pl, gate=gate, backend="cpu").square().sum()
+        return ops.prefixlm_attention(q, k, v, pk, gate=gate, backend="cpu").square().sum()
 
     xs = [torch.randn(T, 2, 16, requires_grad=True) for _ in range(4)]
     grads = torch.autograd.grad(torch.compile(attention_loss, fullgraph=True, backend="aot_eager")(*xs), xs)
@@ -303,23 +329,24 @@ def test_auto_never_picks_triton_without_cuda(monkeypatch):
 def test_auto_uses_the_cpu_kernel_on_cpu():
     if torch.cuda.is_available():
         pytest.skip("a CUDA device prefers the GPU backends")
-    assert dispatch.get_impl("prefixlm_attention", None) is pa.prefixlm_attention_cpu
+    assert dispatch.get_impl("prefixlm_attention", None) is attention_op.prefixlm_attention_cpu
     # the model passes the resolved name to every op: ops without a CPU kernel fall back to
     # the compile backend (where it has them), not to the slow references
-    for op, impls in dispatch._IMPLS.items():
+    for op in dispatch.registered_ops():
+        impls = dispatch.implementations(op)
         if "cpu" not in impls and "compile" in impls and dispatch.unavailable_reason("compile") is None:
             assert dispatch.get_impl(op, "cpu") is impls["compile"]
 
 
 def test_cpu_probe_reports_a_missing_compiler(monkeypatch):
     monkeypatch.setenv("CXX", "no-such-compiler-hrm")
-    assert "no C++ compiler" in pa._cpu_toolchain_missing()
+    assert "no C++ compiler" in cpp_extension.toolchain_missing()
 
 
 def test_triton_on_cpu_tensors_needs_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     cu, pl, T = make_packing([4], [2])
     q = torch.randn(T, 1, 16)
-    lo, hi = pa.row_intervals(cu, pl, T)
+    lo, hi = layout.row_intervals(cu, pl, T)
     with pytest.raises(BackendUnavailable, match="CUDA tensors"):
-        pa.prefixlm_attention_triton_forward(q, q, q, lo, hi)
+        triton_kernels.prefixlm_attention_triton_forward(q, q, q, lo, hi)

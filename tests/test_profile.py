@@ -55,8 +55,9 @@ def test_profile_step_ranges_cover_the_step(tmp_path):
     assert abs(result["ranges_seconds"] / result["step_seconds"] - 1) <= 0.10
 
 
-@pytest.mark.skipif(not _model_emits_ranges(), reason="hrm/model.py does not emit named ranges yet "
-                    "(apply the model ranges patch)")
+@pytest.mark.skipif(
+    not _model_emits_ranges(), reason="hrm/model.py does not emit named ranges yet (apply the model ranges patch)"
+)
 def test_profile_model_ranges(tmp_path):
     result, names = _run(tmp_path)
     assert STEP_RANGES | MODEL_RANGES <= names

@@ -16,23 +16,27 @@ from pathlib import Path
 import pytest
 import torch
 
-from hrm.checkpoint import load_state
+from hrm.checkpoint import load_state, read_safetensors
 from hrm.config import ModelConfig
 from hrm.interop import from_reference_state_dict, import_reference
-from hrm.checkpoint import read_safetensors
 from hrm.model import HRMText
 
 
 def _fixture_dir() -> Path:
-    root = Path(os.environ["HRM_FIXTURES"]) if "HRM_FIXTURES" in os.environ else \
-        Path(__file__).resolve().parents[2] / "shared/fixtures"
+    root = (
+        Path(os.environ["HRM_FIXTURES"])
+        if "HRM_FIXTURES" in os.environ
+        else Path(__file__).resolve().parents[2] / "shared/fixtures"
+    )
     return root / "reference_small"
 
 
 FIXTURE = _fixture_dir()
 # CI always has shared/ beside the clone: there a missing oracle is a failure, not a skip.
-pytestmark = pytest.mark.skipif(not (FIXTURE / "expected.safetensors").is_file() and not os.environ.get("CI"),
-                                reason=f"reference fixture not found at {FIXTURE} (set HRM_FIXTURES)")
+pytestmark = pytest.mark.skipif(
+    not (FIXTURE / "expected.safetensors").is_file() and not os.environ.get("CI"),
+    reason=f"reference fixture not found at {FIXTURE} (set HRM_FIXTURES)",
+)
 
 
 @pytest.fixture(scope="module")
@@ -43,10 +47,18 @@ def batch() -> dict:
 @pytest.fixture(scope="module")
 def config(batch: dict) -> ModelConfig:
     c = batch["config"]
-    return ModelConfig(vocab_size=c["vocab_size"], hidden_size=c["hidden_size"], num_heads=c["num_heads"],
-                       n_layers=c["n_layers"], expansion=float(c["expansion"]), H_cycles=c["H_cycles"],
-                       L_cycles=c["L_cycles"], max_seq_len=c["max_seq_len"], norm_eps=c["norm_eps"],
-                       rope_theta=c["rope_theta"])
+    return ModelConfig(
+        vocab_size=c["vocab_size"],
+        hidden_size=c["hidden_size"],
+        num_heads=c["num_heads"],
+        n_layers=c["n_layers"],
+        expansion=float(c["expansion"]),
+        H_cycles=c["H_cycles"],
+        L_cycles=c["L_cycles"],
+        max_seq_len=c["max_seq_len"],
+        norm_eps=c["norm_eps"],
+        rope_theta=c["rope_theta"],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -64,9 +76,12 @@ def model(config: ModelConfig) -> HRMText:
 @pytest.fixture(scope="module")
 def inputs(batch: dict) -> dict[str, torch.Tensor]:
     b = batch["batch"]
-    return {"input_ids": torch.tensor(b["inputs"]), "position_ids": torch.tensor(b["position_ids"]),
-            "cu_seqlens": torch.tensor(b["cu_seqlens"], dtype=torch.int32),
-            "prefix_lens": torch.tensor(b["prefix_lens"], dtype=torch.int32)}
+    return {
+        "input_ids": torch.tensor(b["inputs"]),
+        "position_ids": torch.tensor(b["position_ids"]),
+        "cu_seqlens": torch.tensor(b["cu_seqlens"], dtype=torch.int32),
+        "prefix_lens": torch.tensor(b["prefix_lens"], dtype=torch.int32),
+    }
 
 
 def test_logits(model: HRMText, inputs: dict, expected: dict) -> None:
@@ -83,7 +98,7 @@ def test_loss_and_gradients(model: HRMText, inputs: dict, batch: dict, expected:
     # The reference casts logits to fp32 before the cross-entropy: its loss and gradients carry fp32 rounding.
     assert loss.item() == pytest.approx(expected[f"loss_bp{bp_steps}"].item(), rel=1e-6)
     prefix = f"grad_bp{bp_steps}."
-    grads = from_reference_state_dict({k[len(prefix):]: v for k, v in expected.items() if k.startswith(prefix)})
+    grads = from_reference_state_dict({k[len(prefix) :]: v for k, v in expected.items() if k.startswith(prefix)})
     params = dict(model.named_parameters())
     assert grads.keys() == params.keys()
     for name, param in params.items():

@@ -26,17 +26,43 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
 STEPS = 60
 # small and fast: 60 steps of 256-token rows, a checkpoint every 2 steps, an evaluation every 20
-RUN_ARGS = ["--task", "add", "--steps", str(STEPS), "--batch-tokens", "256", "--train-samples", "3000",
-            "--warmup-steps", "5", "--lr", "3e-3", "--eval-every", "20", "--eval-samples", "16", "--save-every", "2",
-            "--log-every", "1"]
+RUN_ARGS = [
+    "--task",
+    "add",
+    "--steps",
+    str(STEPS),
+    "--batch-tokens",
+    "256",
+    "--train-samples",
+    "3000",
+    "--warmup-steps",
+    "5",
+    "--lr",
+    "3e-3",
+    "--eval-every",
+    "20",
+    "--eval-samples",
+    "16",
+    "--save-every",
+    "2",
+    "--log-every",
+    "1",
+]
 TRAIN_KEYS = {"step", "loss", "lr", "bp_steps", "tokens_per_s", "accuracy", "grad_norm"}
 EVAL_KEYS = {"step", "eval_loss", "eval_accuracy", "eval_exact_match"}
 LAST_LINE = re.compile(r"^held-out exact-match: [01]\.\d{4}$")
 
 
 def hrm_train(*args: str, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "hrm", "train", *args], cwd=ROOT, env=ENV, capture_output=True,
-                          text=True, timeout=300, **kwargs)
+    return subprocess.run(
+        [sys.executable, "-m", "hrm", "train", *args],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        **kwargs,
+    )
 
 
 def without_timing(records: list[dict]) -> list[dict]:
@@ -79,15 +105,18 @@ def test_config_round_trip_and_default_source():
     assert cfg.model_config(vocab_size=300).vocab_size == 300 and cfg.model_config(300).hidden_size == 32
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--preset", "huge"], "unknown preset 'huge'"),
-    (["--task", "nope"], "unknown task 'nope'"),
-    (["--data", "does/not/exist.jsonl"], "does/not/exist.jsonl: file not found"),
-    (["--task", "add", "--data", "x.jsonl"], "give one data source"),
-    (["--override", "hidden=3"], "bad model override 'hidden=3'"),
-    (["--override", "hidden_size=big"], "'big' is not a valid int"),
-    (["--steps", "0"], "steps must be a positive integer"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--preset", "huge"], "unknown preset 'huge'"),
+        (["--task", "nope"], "unknown task 'nope'"),
+        (["--data", "does/not/exist.jsonl"], "does/not/exist.jsonl: file not found"),
+        (["--task", "add", "--data", "x.jsonl"], "give one data source"),
+        (["--override", "hidden=3"], "bad model override 'hidden=3'"),
+        (["--override", "hidden_size=big"], "'big' is not a valid int"),
+        (["--steps", "0"], "steps must be a positive integer"),
+    ],
+)
 def test_bad_input_is_one_line_and_exit_code_2(capsys, tmp_path, argv, message):
     code, _, err = run_cli(capsys, "train", "--out", str(tmp_path / "run"), *argv)
     assert code == 2
@@ -111,8 +140,22 @@ def test_non_finite_loss_stops_and_names_the_last_checkpoint(capsys, tmp_path, m
 
     monkeypatch.setattr(HRMText, "loss", poisoned)
     out = tmp_path / "run"
-    code, _, err = run_cli(capsys, "train", "--out", str(out), "--steps", "10", "--batch-tokens", "128",
-                           "--train-samples", "200", "--save-every", "2", "--eval-every", "0")
+    code, _, err = run_cli(
+        capsys,
+        "train",
+        "--out",
+        str(out),
+        "--steps",
+        "10",
+        "--batch-tokens",
+        "128",
+        "--train-samples",
+        "200",
+        "--save-every",
+        "2",
+        "--eval-every",
+        "0",
+    )
     assert code == 2
     last = err.strip().splitlines()[-1]
     assert last == f"hrm train: error: non-finite loss at step 5; last good checkpoint: {out}/checkpoints/step_00000004"
@@ -123,13 +166,28 @@ def test_jsonl_and_pretokenized_sources(capsys, tmp_path):
     rows = [{"instruction": f"{a}+{b}", "response": str(a + b)} for a in range(20) for b in range(10)]
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    code, out, err = run_cli(capsys, "train", "--data", str(data), "--eval-data", str(data), "--eval-samples", "8",
-                             "--steps", "3", "--batch-tokens", "128", "--out", str(tmp_path / "jsonl"))
+    code, out, err = run_cli(
+        capsys,
+        "train",
+        "--data",
+        str(data),
+        "--eval-data",
+        str(data),
+        "--eval-samples",
+        "8",
+        "--steps",
+        "3",
+        "--batch-tokens",
+        "128",
+        "--out",
+        str(tmp_path / "jsonl"),
+    )
     assert code == 0, err
     assert LAST_LINE.match(out.strip().splitlines()[-1])
 
     # the reference's pre-tokenized layout with the same pairs, byte ids already framed
     from hrm.data import ByteTokenizer
+
     tok = ByteTokenizer()
     pairs = [(tok.encode_instruction(r["instruction"]), tok.encode_response(r["response"])) for r in rows]
     pre = tmp_path / "pre"
@@ -138,12 +196,26 @@ def test_jsonl_and_pretokenized_sources(capsys, tmp_path):
     lens = np.array([[len(i), len(r)] for i, r in pairs], dtype=np.int64)
     starts = np.concatenate([[0], np.cumsum(lens.sum(1))[:-1]])
     np.save(pre / "tokens.npy", tokens)
-    for name, arr in (("inst_start", starts), ("inst_len", lens[:, 0]), ("resp_start", starts + lens[:, 0]),
-                      ("resp_len", lens[:, 1])):
+    for name, arr in (
+        ("inst_start", starts),
+        ("inst_len", lens[:, 0]),
+        ("resp_start", starts + lens[:, 0]),
+        ("resp_len", lens[:, 1]),
+    ):
         np.save(pre / "epoch_0" / f"{name}.npy", arr.astype(np.int64))
     (pre / "metadata.json").write_text(json.dumps({"tokenizer_info": {"vocab_size": 260}, "max_seq_len": 64}))
-    code, out, err = run_cli(capsys, "train", "--pretokenized", str(pre), "--steps", "3", "--batch-tokens", "128",
-                             "--out", str(tmp_path / "pre_run"))
+    code, out, err = run_cli(
+        capsys,
+        "train",
+        "--pretokenized",
+        str(pre),
+        "--steps",
+        "3",
+        "--batch-tokens",
+        "128",
+        "--out",
+        str(tmp_path / "pre_run"),
+    )
     assert code == 0, err
     assert out.strip().splitlines()[-1] == "held-out exact-match: n/a (no held-out data; pass --eval-data)"
 
@@ -187,8 +259,13 @@ def test_run_outputs(full_run, capsys):
 def test_kill_and_resume_matches_an_uninterrupted_run(full_run, tmp_path, capsys):
     reference, _ = full_run
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "hrm", "train", *RUN_ARGS, "--out", str(out)], cwd=ROOT, env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hrm", "train", *RUN_ARGS, "--out", str(out)],
+        cwd=ROOT,
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     latest = out / "checkpoints" / "latest"
     deadline = time.monotonic() + 120
     while not (latest.exists() and latest.read_text().strip() >= "step_00000010"):
@@ -214,14 +291,33 @@ def test_kill_and_resume_matches_an_uninterrupted_run(full_run, tmp_path, capsys
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("torchrun", path=os.path.dirname(sys.executable)) is None,
-                    reason="torchrun is not installed")
+@pytest.mark.skipif(
+    shutil.which("torchrun", path=os.path.dirname(sys.executable)) is None, reason="torchrun is not installed"
+)
 def test_torchrun_two_ranks(tmp_path):
     out = tmp_path / "ddp"
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    result = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "hrm", "train", *RUN_ARGS,
-                             "--steps", "8", "--out", str(out)],
-                            cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [
+            torchrun,
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "hrm",
+            "train",
+            *RUN_ARGS,
+            "--steps",
+            "8",
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert LAST_LINE.match(result.stdout.strip().splitlines()[-1])
     train = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]

@@ -1,6 +1,6 @@
 // PrefixLM varlen attention on the CPU: forward and backward, block-sparse, fp32 accumulation.
 //
-// Built at first use by hrm/ops/prefixlm_attention.py through torch.utils.cpp_extension
+// Built at first use by hrm/ops/cpp_extension.py through torch.utils.cpp_extension
 // (-O3 -march=native -fopenmp); registers the ops hrm_cpu::prefixlm_fwd and hrm_cpu::prefixlm_bwd.
 //
 // The mask is one key interval per query row: query t sees keys [row_lo[t], row_hi[t])

@@ -10,30 +10,46 @@ from pathlib import Path
 def register(sub: argparse._SubParsersAction) -> None:
     from hrm.config import BENCH_CONFIGS
 
-    p = sub.add_parser("bench", help="benchmark every op and the train step on every backend; write a report",
-                       description="Time every fused op (forward / backward / full) and the train step on every "
-                                   "available backend next to the torch reference, with parity errors and roofline "
-                                   "context; writes OUT/<device>.json, .md and .png.")
+    p = sub.add_parser(
+        "bench",
+        help="benchmark every op and the train step on every backend; write a report",
+        description="Time every fused op (forward / backward / full) and the train step on every "
+        "available backend next to the torch reference, with parity errors and roofline "
+        "context; writes OUT/<device>.json, .md and .png.",
+    )
     p.add_argument("--suite", choices=["ops", "train", "all"], default="all")
-    p.add_argument("--quick", action="store_true",
-                   help="smaller op shapes and fewer repetitions (the train step stays at the bench config)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smaller op shapes and fewer repetitions (the train step stays at the bench config)",
+    )
     p.add_argument("--config", default="bench", choices=sorted(BENCH_CONFIGS), help="benchmark config (shapes)")
     p.add_argument("--backends", help="comma-separated subset of backends (and torch+compile) to time")
     p.add_argument("--reps", type=int, help="timed repetitions (default 5, quick 2)")
-    p.add_argument("--threads", type=int, help="torch.set_num_threads for every suite (default: torch's choice; "
-                                               "1 is steadier on cores shared with other processes)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="torch.set_num_threads for every suite (default: torch's choice; "
+        "1 is steadier on cores shared with other processes)",
+    )
     p.add_argument("--out", default="bench/results", help="results directory (default: bench/results)")
     p.set_defaults(func=run_bench)
 
-    p = sub.add_parser("profile", help="profile train steps: Chrome trace + time per named range; Nsight",
-                       description="Run train steps under torch.profiler; write OUT/trace.json and OUT/ranges.md "
-                                   "(time per named range, compared to the measured step time). --nsys / --ncu run "
-                                   "Nsight Systems / Compute around the steady-state steps instead.")
+    p = sub.add_parser(
+        "profile",
+        help="profile train steps: Chrome trace + time per named range; Nsight",
+        description="Run train steps under torch.profiler; write OUT/trace.json and OUT/ranges.md "
+        "(time per named range, compared to the measured step time). --nsys / --ncu run "
+        "Nsight Systems / Compute around the steady-state steps instead.",
+    )
     p.add_argument("--steps", type=int, default=3, help="profiled steps (after warm-up)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--preset", default="bench",
-                   help="a benchmark config (hrm.config.BENCH_CONFIGS) or a model preset (hrm.config.PRESETS)")
+    p.add_argument(
+        "--preset",
+        default="bench",
+        help="a benchmark config (hrm.config.BENCH_CONFIGS) or a model preset (hrm.config.PRESETS)",
+    )
     p.add_argument("--tokens", type=int, help="tokens in the packed row (default: the config's, or 1024)")
     p.add_argument("--bp-steps", type=int, help="truncated-backprop steps (default: the config's)")
     p.add_argument("--backend", default="auto", help="kernel backend (default: auto)")
@@ -46,9 +62,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    from hrm.bench.run import run_bench as run
-
     import torch
+
+    from hrm.bench.run import run_bench as run
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -23,8 +23,13 @@ def _cpu_name() -> str:
 
 def _git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        )
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
@@ -33,8 +38,12 @@ def _git_commit() -> str | None:
 def device_info(device: torch.device | str = "cpu") -> dict:
     """A JSON-able description of ``device`` and the software around it."""
     device = torch.device(device)
-    info: dict = {"device_type": device.type, "torch": torch.__version__, "python": platform.python_version(),
-                  "git_commit": _git_commit()}
+    info: dict = {
+        "device_type": device.type,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "git_commit": _git_commit(),
+    }
     try:
         import triton
 
@@ -43,8 +52,12 @@ def device_info(device: torch.device | str = "cpu") -> dict:
         info["triton"] = None
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        info.update(name=props.name, sm_count=props.multi_processor_count,
-                    capability=f"{props.major}.{props.minor}", cuda=torch.version.cuda)
+        info.update(
+            name=props.name,
+            sm_count=props.multi_processor_count,
+            capability=f"{props.major}.{props.minor}",
+            cuda=torch.version.cuda,
+        )
     else:
         info.update(name=_cpu_name(), cores=os.cpu_count(), threads=torch.get_num_threads())
     return info

@@ -39,8 +39,9 @@ def bench_config(preset: str, tokens: int | None = None, bp_steps: int | None = 
     elif preset in PRESETS:
         bench = BenchConfig(PRESETS[preset], tokens or DEFAULT_TOKENS)
     else:
-        raise ConfigError(f"unknown preset {preset!r}; bench configs: {', '.join(BENCH_CONFIGS)}; "
-                          f"model presets: {', '.join(PRESETS)}")
+        raise ConfigError(
+            f"unknown preset {preset!r}; bench configs: {', '.join(BENCH_CONFIGS)}; model presets: {', '.join(PRESETS)}"
+        )
     changes = {k: v for k, v in (("tokens", tokens), ("bp_steps", bp_steps)) if v is not None}
     if changes.get("tokens", bench.tokens) < 2:
         raise ConfigError("--tokens must be at least 2")
@@ -58,6 +59,7 @@ class RangeStat:
 def range_stats(events, names: set[str] | None = None) -> list[RangeStat]:
     """Inclusive time per named range from ``profiler.events()`` (user annotations only),
     keyed by (name, depth among named ranges); ``names`` restricts which annotations count."""
+
     def is_range(e) -> bool:
         return e.name in names if names is not None else _is_user_range(e)
 
@@ -85,26 +87,67 @@ def ranges_table(stats: list[RangeStat], steps: int, step_seconds: float) -> tup
     lines = ["| range | depth | calls/step | ms/step | % of step |", "|---|---|---|---|---|"]
     for s in stats:
         ms = s.seconds / steps * 1e3
-        lines.append(f"| {'  ' * s.depth}{s.name} | {s.depth} | {s.calls / steps:g} | {ms:.2f} | "
-                     f"{s.seconds / steps / step_seconds:.1%} |")
-    lines += ["", f"Top-level ranges: {top * 1e3:.2f} ms/step; measured step time {step_seconds * 1e3:.2f} ms/step "
-                  f"(ranges cover {top / step_seconds:.1%})."]
+        lines.append(
+            f"| {'  ' * s.depth}{s.name} | {s.depth} | {s.calls / steps:g} | {ms:.2f} | "
+            f"{s.seconds / steps / step_seconds:.1%} |"
+        )
+    lines += [
+        "",
+        f"Top-level ranges: {top * 1e3:.2f} ms/step; measured step time {step_seconds * 1e3:.2f} ms/step "
+        f"(ranges cover {top / step_seconds:.1%}).",
+    ]
     return "\n".join(lines) + "\n", top
 
 
 def _nsight_command(args: argparse.Namespace, tool: str, out: Path) -> list[str]:
-    inner = [sys.executable, "-m", "hrm", "profile", "--capture", "--steps", str(args.steps), "--warmup",
-             str(args.warmup), "--out", str(out), "--preset", args.preset, "--backend", args.backend]
+    inner = [
+        sys.executable,
+        "-m",
+        "hrm",
+        "profile",
+        "--capture",
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--out",
+        str(out),
+        "--preset",
+        args.preset,
+        "--backend",
+        args.backend,
+    ]
     for flag, value in (("--tokens", args.tokens), ("--bp-steps", args.bp_steps)):
         if value is not None:
             inner += [flag, str(value)]
     if args.compile:
         inner.append("--compile")
     if tool == "nsys":
-        return ["nsys", "profile", "--trace=cuda,nvtx,osrt,cudnn,cublas", "--capture-range=cudaProfilerApi",
-                "--capture-range-end=stop", "--force-overwrite=true", "-o", str(out / "nsys"), *inner]
-    return ["ncu", "--nvtx", "--nvtx-include", f"{args.ncu_range}/", "--profile-from-start", "off",
-            "--set", "full", "--force-overwrite", "-o", str(out / "ncu"), *inner]
+        return [
+            "nsys",
+            "profile",
+            "--trace=cuda,nvtx,osrt,cudnn,cublas",
+            "--capture-range=cudaProfilerApi",
+            "--capture-range-end=stop",
+            "--force-overwrite=true",
+            "-o",
+            str(out / "nsys"),
+            *inner,
+        ]
+    return [
+        "ncu",
+        "--nvtx",
+        "--nvtx-include",
+        f"{args.ncu_range}/",
+        "--profile-from-start",
+        "off",
+        "--set",
+        "full",
+        "--force-overwrite",
+        "-o",
+        str(out / "ncu"),
+        *inner,
+    ]
 
 
 def _run_nsight(args: argparse.Namespace, tool: str, out: Path) -> None:
@@ -114,8 +157,9 @@ def _run_nsight(args: argparse.Namespace, tool: str, out: Path) -> None:
     if shutil.which(tool) is None:
         missing.append(f"'{tool}' is not on PATH (install Nsight {'Systems' if tool == 'nsys' else 'Compute'})")
     if not torch.cuda.is_available():
-        missing.append("no CUDA device is visible (Nsight traces GPU work; NVTX ranges need CUDA or the 'nvtx' "
-                       "package)")
+        missing.append(
+            "no CUDA device is visible (Nsight traces GPU work; NVTX ranges need CUDA or the 'nvtx' package)"
+        )
     if missing:
         print(f"hrm profile: would run:\n  {line}", file=sys.stderr)
         raise HrmError(f"cannot run --{tool}: " + "; ".join(missing))
@@ -172,10 +216,18 @@ def main(args: argparse.Namespace) -> dict | None:
     prof.export_chrome_trace(str(trace))
     stats = range_stats(prof.events())
     table, top = ranges_table(stats, args.steps, seconds)
-    header = (f"hrm profile: {args.preset} (T={bench.tokens}, bp={bench.bp_steps}), backend {model.backend}"
-              f"{' + torch.compile' if args.compile else ''}, {device.type}, {args.steps} steps after "
-              f"{args.warmup} warm-up, bf16 autocast\n\n")
+    header = (
+        f"hrm profile: {args.preset} (T={bench.tokens}, bp={bench.bp_steps}), backend {model.backend}"
+        f"{' + torch.compile' if args.compile else ''}, {device.type}, {args.steps} steps after "
+        f"{args.warmup} warm-up, bf16 autocast\n\n"
+    )
     ranges = out / "ranges.md"
     ranges.write_text(header + table)
-    return {"trace": trace, "ranges": ranges, "table": header + table, "stats": stats, "step_seconds": seconds,
-            "ranges_seconds": top}
+    return {
+        "trace": trace,
+        "ranges": ranges,
+        "table": header + table,
+        "stats": stats,
+        "step_seconds": seconds,
+        "ranges_seconds": top,
+    }

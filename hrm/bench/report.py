@@ -63,8 +63,9 @@ def derive(rows: list[Row], peaks: dict[str, float], reference: str = "torch") -
     return rows
 
 
-def write_results(path: str | os.PathLike, device: dict, peaks: dict[str, float], rows: list[Row],
-                  settings: dict) -> Path:
+def write_results(
+    path: str | os.PathLike, device: dict, peaks: dict[str, float], rows: list[Row], settings: dict
+) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     doc = {"device": device, "peaks": peaks, "settings": settings, "rows": [dataclasses.asdict(r) for r in rows]}
@@ -85,36 +86,47 @@ def _fmt(value: float | None, spec: str) -> str:
 
 def markdown_table(device: dict, peaks: dict[str, float], rows: list[Row]) -> str:
     """The report: device line, measured peaks, then one table per suite."""
-    lines = [f"Device: {device.get('name')} ({device.get('cores') or device.get('sm_count')} "
-             f"{'cores' if device.get('device_type') == 'cpu' else 'SMs'}), torch {device.get('torch')}, "
-             f"triton {device.get('triton')}, commit {device.get('git_commit')}",
-             "",
-             "Measured peaks: " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(peaks.items())),
-             ""]
+    lines = [
+        f"Device: {device.get('name')} ({device.get('cores') or device.get('sm_count')} "
+        f"{'cores' if device.get('device_type') == 'cpu' else 'SMs'}), torch {device.get('torch')}, "
+        f"triton {device.get('triton')}, commit {device.get('git_commit')}",
+        "",
+        "Measured peaks: " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(peaks.items())),
+        "",
+    ]
     for suite in dict.fromkeys(r.suite for r in rows):
         sel = [r for r in rows if r.suite == suite]
         if suite == "train":
-            lines += ["| config | shape | backend | precision | ms/step | tokens/s | speedup | model GFLOP/s | MFU | "
-                      "peak MiB (tensors) | peak MiB (resident) | loss diff vs torch (tol) |",
-                      "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            lines += [
+                "| config | shape | backend | precision | ms/step | tokens/s | speedup | model GFLOP/s | MFU | "
+                "peak MiB (tensors) | peak MiB (resident) | loss diff vs torch (tol) |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|",
+            ]
             for r in sel:
                 if "error" in r.extra:
-                    lines.append(f"| {r.name} | {r.shape} | {r.backend} | {r.dtype} | failed: {r.extra['error']} "
-                                 "| | | | | | | |")
+                    lines.append(
+                        f"| {r.name} | {r.shape} | {r.backend} | {r.dtype} | failed: {r.extra['error']} | | | | | | | |"
+                    )
                     continue
                 parity = "" if r.parity is None else f"{r.parity:.1e} ({_fmt(r.tolerance, '.0e')})"
-                lines.append(f"| {r.name} | {r.shape} | {r.backend} | {r.dtype} | {r.seconds * 1e3:.0f} | "
-                             f"{_fmt(r.tokens_per_s, '.0f')} | {_fmt(r.speedup, '.2f')}x | {_fmt(r.gflops, '.1f')} | "
-                             f"{_fmt(r.frac_peak, '.1%')} | {_fmt(r.peak_mem_mb, '.0f')} | "
-                             f"{_fmt(r.extra.get('rss_peak_mb'), '.0f')} | {parity} |")
+                lines.append(
+                    f"| {r.name} | {r.shape} | {r.backend} | {r.dtype} | {r.seconds * 1e3:.0f} | "
+                    f"{_fmt(r.tokens_per_s, '.0f')} | {_fmt(r.speedup, '.2f')}x | {_fmt(r.gflops, '.1f')} | "
+                    f"{_fmt(r.frac_peak, '.1%')} | {_fmt(r.peak_mem_mb, '.0f')} | "
+                    f"{_fmt(r.extra.get('rss_peak_mb'), '.0f')} | {parity} |"
+                )
         else:
-            lines += ["| op | mode | shape | dtype | backend | ms | speedup | GFLOP/s | GB/s | of peak | parity err (tol) |",
-                      "|---|---|---|---|---|---|---|---|---|---|---|"]
+            lines += [
+                "| op | mode | shape | dtype | backend | ms | speedup | GFLOP/s | GB/s | of peak | parity err (tol) |",
+                "|---|---|---|---|---|---|---|---|---|---|---|",
+            ]
             for r in sel:
                 parity = "" if r.parity is None else f"{r.parity:.1e} ({_fmt(r.tolerance, '.0e')})"
-                lines.append(f"| {r.name} | {r.mode} | {r.shape} | {r.dtype} | {r.backend} | {r.seconds * 1e3:.2f} | "
-                             f"{_fmt(r.speedup, '.2f')}x | {_fmt(r.gflops, '.1f')} | {_fmt(r.gbps, '.1f')} | "
-                             f"{_fmt(r.frac_peak, '.1%')} | {parity} |")
+                lines.append(
+                    f"| {r.name} | {r.mode} | {r.shape} | {r.dtype} | {r.backend} | {r.seconds * 1e3:.2f} | "
+                    f"{_fmt(r.speedup, '.2f')}x | {_fmt(r.gflops, '.1f')} | {_fmt(r.gbps, '.1f')} | "
+                    f"{_fmt(r.frac_peak, '.1%')} | {parity} |"
+                )
         lines.append("")
     return "\n".join(lines)
 

@@ -19,23 +19,35 @@ from hrm.errors import ConfigError
 def measure_peaks(device: torch.device, quick: bool) -> dict[str, float]:
     """This device's practical matmul peak per dtype and its copy bandwidth (best of a few)."""
     reps = 3 if quick else 5
-    return {"matmul_gflops_float32": matmul_peak_gflops(torch.float32, device, reps=reps),
-            "matmul_gflops_bfloat16": matmul_peak_gflops(torch.bfloat16, device, reps=reps),
-            "copy_gbps": copy_bandwidth_gbps(device, reps=reps)}
+    return {
+        "matmul_gflops_float32": matmul_peak_gflops(torch.float32, device, reps=reps),
+        "matmul_gflops_bfloat16": matmul_peak_gflops(torch.bfloat16, device, reps=reps),
+        "copy_gbps": copy_bandwidth_gbps(device, reps=reps),
+    }
 
 
 def quick_ops_config(bench: BenchConfig) -> BenchConfig:
     """The op shapes of ``--quick``: the same model, a shorter row."""
     tokens = min(bench.tokens, suites.QUICK_OP_TOKENS)
-    return BenchConfig(bench.model, tokens, bench.supervised_fraction, bench.bp_steps,
-                       min(bench.median_seq_len, tokens // 4))
+    return BenchConfig(
+        bench.model, tokens, bench.supervised_fraction, bench.bp_steps, min(bench.median_seq_len, tokens // 4)
+    )
 
 
-def run_bench(suite: str = "all", *, config: str | BenchConfig = "bench", quick: bool = False,
-              out: str | os.PathLike = "bench/results", reps: int | None = None, backends: list[str] | None = None,
-              ops_config: BenchConfig | None = None, device: torch.device | str | None = None,
-              train_warmup: int = 1, op_min_time: float = suites.OP_MIN_TIME,
-              plots: bool = True) -> dict[str, Path]:
+def run_bench(
+    suite: str = "all",
+    *,
+    config: str | BenchConfig = "bench",
+    quick: bool = False,
+    out: str | os.PathLike = "bench/results",
+    reps: int | None = None,
+    backends: list[str] | None = None,
+    ops_config: BenchConfig | None = None,
+    device: torch.device | str | None = None,
+    train_warmup: int = 1,
+    op_min_time: float = suites.OP_MIN_TIME,
+    plots: bool = True,
+) -> dict[str, Path]:
     """Run ``suite`` (``ops``, ``train`` or ``all``) and write ``OUT/<device-slug>.{json,md,png}``.
 
     ``config`` names a :data:`~hrm.config.BENCH_CONFIGS` entry (or is one); ``ops_config``
@@ -63,18 +75,28 @@ def run_bench(suite: str = "all", *, config: str | BenchConfig = "bench", quick:
     derive(rows, peaks)
     out = Path(out)
     stem = out / device_slug(info)
-    settings = {"suite": suite, "config": name, "bench": suites.bench_to_dict(bench), "quick": quick, "reps": reps,
-                "threads": torch.get_num_threads(), "load_average_before": load_before,
-                "load_average_after": os.getloadavg()[0],
-                "backends": suites.bench_backends(), "time": time.strftime("%Y-%m-%d %H:%M:%S"),
-                "seconds": time.perf_counter() - started}
+    settings = {
+        "suite": suite,
+        "config": name,
+        "bench": suites.bench_to_dict(bench),
+        "quick": quick,
+        "reps": reps,
+        "threads": torch.get_num_threads(),
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg()[0],
+        "backends": suites.bench_backends(),
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "seconds": time.perf_counter() - started,
+    }
     paths = {"json": write_results(stem.with_suffix(".json"), info, peaks, rows, settings)}
     report = markdown_table(info, peaks, rows)
     if any(r.suite == "train" for r in rows):
         report += "\n".join(suites.target_lines(rows)) + "\n"
-    report += (f"\n{'quick' if quick else 'full'} run, {reps} reps, {torch.get_num_threads()} threads, "
-               f"{settings['seconds']:.0f} s; load average {load_before:.1f} before, "
-               f"{settings['load_average_after']:.1f} after (other processes on these cores slow every row)\n")
+    report += (
+        f"\n{'quick' if quick else 'full'} run, {reps} reps, {torch.get_num_threads()} threads, "
+        f"{settings['seconds']:.0f} s; load average {load_before:.1f} before, "
+        f"{settings['load_average_after']:.1f} after (other processes on these cores slow every row)\n"
+    )
     paths["md"] = stem.with_suffix(".md")
     paths["md"].write_text(report)
     if plots:

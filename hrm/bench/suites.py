@@ -45,9 +45,7 @@ from hrm.bench.workloads import train_batch
 from hrm.config import BenchConfig, ModelConfig
 from hrm.data import PackedBatch
 from hrm.model import grad_steps
-from hrm.ops import dispatch
-from hrm.ops.prefixlm_attention import allowed_pairs
-from hrm.ops.rope import rope_cos_sin
+from hrm.ops import allowed_pairs, dispatch, rope_cos_sin
 from hrm.training.optim import AdamAtan2
 
 OP_TOLERANCE = 1e-5  # fp32 vs the fp64 oracle, relative to its largest magnitude
@@ -68,7 +66,7 @@ def bench_backends(op: str | None = None) -> list[str]:
     names = [b for b in dispatch.available_backends() if b != "triton" or torch.cuda.is_available()]
     if op is None:
         return names
-    return [b for b in names if b in dispatch._IMPLS[op]]
+    return [b for b in names if b in dispatch.implementations(op)]
 
 
 def sync(device: torch.device) -> None:
@@ -108,33 +106,76 @@ def op_cases(bench: BenchConfig, device: torch.device | str = "cpu") -> list[OpC
     f32 = 4
     return [
         # The backward writes the whole dense table (zeros where no token points).
-        OpCase("embedding", f"{T} ids into {V}x{d}", lambda: [rand(V, d)],
-               lambda w, backend: ops.embedding(batch.input_ids, w, cfg.embed_std**-1, backend=backend),
-               2 * T * d * f32, (T + V) * d * f32),
-        OpCase("rms_norm", f"{T}x{d}", lambda: [rand(T, d)], lambda x, backend: ops.rms_norm(x, backend=backend),
-               2 * T * d * f32, 3 * T * d * f32),
-        OpCase("add_rms_norm", f"{T}x{d}", lambda: [rand(T, d), rand(T, d)],
-               lambda x, r, backend: ops.add_rms_norm(x, r, backend=backend), 4 * T * d * f32, 4 * T * d * f32),
-        OpCase("magicnorm_transition", f"{T}x{d}", lambda: [rand(T, d), rand(T, d), rand(T, d)],
-               lambda x, dl, o, backend: ops.magicnorm_transition(x, dl, o, backend=backend),
-               6 * T * d * f32, 7 * T * d * f32),
-        OpCase("swiglu", f"{T}x2x{I}", lambda: [rand(T, 2 * I)], lambda gu, backend: ops.swiglu(gu, backend=backend),
-               3 * T * I * f32, 5 * T * I * f32),
-        OpCase("split_rope", f"{T}x4x{H}x{hd}", lambda: [rand(T, 4 * H, hd)],
-               lambda x, backend: ops.split_rope(x, cos, sin, backend=backend),
-               (8 * T * d + 2 * T * hd) * f32, (8 * T * d + 2 * T * hd) * f32),
+        OpCase(
+            "embedding",
+            f"{T} ids into {V}x{d}",
+            lambda: [rand(V, d)],
+            lambda w, backend: ops.embedding(batch.input_ids, w, cfg.embed_std**-1, backend=backend),
+            2 * T * d * f32,
+            (T + V) * d * f32,
+        ),
+        OpCase(
+            "rms_norm",
+            f"{T}x{d}",
+            lambda: [rand(T, d)],
+            lambda x, backend: ops.rms_norm(x, backend=backend),
+            2 * T * d * f32,
+            3 * T * d * f32,
+        ),
+        OpCase(
+            "add_rms_norm",
+            f"{T}x{d}",
+            lambda: [rand(T, d), rand(T, d)],
+            lambda x, r, backend: ops.add_rms_norm(x, r, backend=backend),
+            4 * T * d * f32,
+            4 * T * d * f32,
+        ),
+        OpCase(
+            "magicnorm_transition",
+            f"{T}x{d}",
+            lambda: [rand(T, d), rand(T, d), rand(T, d)],
+            lambda x, dl, o, backend: ops.magicnorm_transition(x, dl, o, backend=backend),
+            6 * T * d * f32,
+            7 * T * d * f32,
+        ),
+        OpCase(
+            "swiglu",
+            f"{T}x2x{I}",
+            lambda: [rand(T, 2 * I)],
+            lambda gu, backend: ops.swiglu(gu, backend=backend),
+            3 * T * I * f32,
+            5 * T * I * f32,
+        ),
+        OpCase(
+            "split_rope",
+            f"{T}x4x{H}x{hd}",
+            lambda: [rand(T, 4 * H, hd)],
+            lambda x, backend: ops.split_rope(x, cos, sin, backend=backend),
+            (8 * T * d + 2 * T * hd) * f32,
+            (8 * T * d + 2 * T * hd) * f32,
+        ),
         # Useful work only: 4 * pairs * hd per head forward; forward + backward 3.5x that
         # (flash-attention's convention: the backward is 2.5 forwards, recomputation included).
-        OpCase("prefixlm_attention", f"{T}x{H}x{hd} ({pairs} pairs)", lambda: [rand(T, H, hd) for _ in range(4)],
-               lambda q, k, v, gate, backend: ops.prefixlm_attention(q, k, v, cu, pl, gate=gate, backend=backend),
-               fwd_flops=4.0 * pairs * hd * H, full_flops=14.0 * pairs * hd * H, bwd_flops=10.0 * pairs * hd * H,
-               tolerance=ATTENTION_TOLERANCE),
+        OpCase(
+            "prefixlm_attention",
+            f"{T}x{H}x{hd} ({pairs} pairs)",
+            lambda: [rand(T, H, hd) for _ in range(4)],
+            lambda q, k, v, gate, backend: ops.prefixlm_attention(q, k, v, batch.attention, gate=gate, backend=backend),
+            fwd_flops=4.0 * pairs * hd * H,
+            full_flops=14.0 * pairs * hd * H,
+            bwd_flops=10.0 * pairs * hd * H,
+            tolerance=ATTENTION_TOLERANCE,
+        ),
         # The fused backends compute the gradients in the forward that needs them (the
         # reference in its backward): only the forward and the full rows count FLOPs.
-        OpCase("linear_cross_entropy", f"{T}x{d}->{V} ({S} supervised)",
-               lambda: [rand(T, d), rand(V, d, scale=d**-0.5)],
-               lambda z, w, backend: ops.linear_cross_entropy(z, w, labels, backend=backend),
-               fwd_flops=2 * S * d * V, full_flops=6 * S * d * V),
+        OpCase(
+            "linear_cross_entropy",
+            f"{T}x{d}->{V} ({S} supervised)",
+            lambda: [rand(T, d), rand(V, d, scale=d**-0.5)],
+            lambda z, w, backend: ops.linear_cross_entropy(z, w, labels, rows=batch.supervised_rows, backend=backend),
+            fwd_flops=2 * S * d * V,
+            full_flops=6 * S * d * V,
+        ),
     ]
 
 
@@ -146,6 +187,7 @@ def _float_outputs(out) -> list[torch.Tensor]:
 def op_parity(case: OpCase, inputs: list, backend: str) -> float:
     """Max error of outputs and gradients (fp32 on ``backend``) against the fp64 reference,
     relative to the reference's largest magnitude."""
+
     def run(dtype):
         xs = [x.detach().to(dtype).requires_grad_() if torch.is_tensor(x) and x.requires_grad else x for x in inputs]
         outs = _float_outputs(case.call(*xs, backend="torch" if dtype == torch.float64 else backend))
@@ -153,12 +195,15 @@ def op_parity(case: OpCase, inputs: list, backend: str) -> float:
         grads = torch.autograd.grad(outs, leaves, [torch.ones_like(o) for o in outs])
         return [t.detach().double() for t in (*outs, *grads)]
 
-    return max(((a - b).abs().max() / b.abs().max().clamp(min=1e-30)).item()
-               for a, b in zip(run(torch.float32), run(torch.float64)))
+    return max(
+        ((a - b).abs().max() / b.abs().max().clamp(min=1e-30)).item()
+        for a, b in zip(run(torch.float32), run(torch.float64))
+    )
 
 
-def _backward_seconds(forward: Callable[[], list], leaves: list, reps: int, device: torch.device,
-                      min_time: float = 0.0) -> float:
+def _backward_seconds(
+    forward: Callable[[], list], leaves: list, reps: int, device: torch.device, min_time: float = 0.0
+) -> float:
     """Median seconds of the backward alone (each rep runs an untimed forward first)."""
     times: list[float] = []
     i = 0
@@ -205,8 +250,9 @@ def op_run(case: OpCase, backend: str) -> OpRun:
     return OpRun(inputs, leaves, forward, forward_with_grad, full)
 
 
-def bench_op(case: OpCase, backend: str, reps: int, device: torch.device | str = "cpu",
-             min_time: float = OP_MIN_TIME) -> list[Row]:
+def bench_op(
+    case: OpCase, backend: str, reps: int, device: torch.device | str = "cpu", min_time: float = OP_MIN_TIME
+) -> list[Row]:
     """Forward without gradients, backward alone, and forward + backward of ``case`` on ``backend``.
     (The fused linear cross-entropy computes its gradients during a forward that needs them,
     so its backward alone is only the scaling; compare its full rows.)"""
@@ -215,16 +261,31 @@ def bench_op(case: OpCase, backend: str, reps: int, device: torch.device | str =
     t_fwd = measure(run.forward, device=device, warmup=1, reps=reps, min_time=min_time)
     t_bwd = _backward_seconds(run.forward_with_grad, run.leaves, reps, device, min_time)
     t_full = measure(run.full, device=device, warmup=1, reps=reps, min_time=min_time)
-    common = dict(suite="ops", name=case.name, backend=backend, shape=case.shape, dtype="float32",
-                  parity=op_parity(case, run.inputs, backend), tolerance=case.tolerance)
-    return [Row(mode="forward", seconds=t_fwd, bytes=case.fwd_bytes or None, flops=case.fwd_flops or None, **common),
-            Row(mode="backward", seconds=t_bwd, bytes=case.bwd_bytes or None, flops=case.bwd_flops or None, **common),
-            Row(mode="full", seconds=t_full, bytes=(case.fwd_bytes + case.bwd_bytes) or None,
-                flops=case.full_flops or None, **common)]
+    common = dict(
+        suite="ops",
+        name=case.name,
+        backend=backend,
+        shape=case.shape,
+        dtype="float32",
+        parity=op_parity(case, run.inputs, backend),
+        tolerance=case.tolerance,
+    )
+    return [
+        Row(mode="forward", seconds=t_fwd, bytes=case.fwd_bytes or None, flops=case.fwd_flops or None, **common),
+        Row(mode="backward", seconds=t_bwd, bytes=case.bwd_bytes or None, flops=case.bwd_flops or None, **common),
+        Row(
+            mode="full",
+            seconds=t_full,
+            bytes=(case.fwd_bytes + case.bwd_bytes) or None,
+            flops=case.full_flops or None,
+            **common,
+        ),
+    ]
 
 
-def adam_atan2_run(bench: BenchConfig, backend: str, device: torch.device | str = "cpu"
-                   ) -> tuple[Callable[[], None], float, int, int]:
+def adam_atan2_run(
+    bench: BenchConfig, backend: str, device: torch.device | str = "cpu"
+) -> tuple[Callable[[], None], float, int, int]:
     """``(step, parity, tensors, values)``: one Adam-atan2 step (:func:`hrm.ops.adam_atan2_`)
     over fp32 copies of the config model's parameters (``tensors`` of them, ``values`` numbers)
     with random gradients, on ``backend``; its parity is the max error after 3 steps against
@@ -236,8 +297,12 @@ def adam_atan2_run(bench: BenchConfig, backend: str, device: torch.device | str 
 
     def tensors(dtype: torch.dtype) -> tuple[list[torch.Tensor], ...]:
         ps = [p.to(device, dtype) for p, _ in init]
-        return ps, [gr.to(device, dtype) for _, gr in init], [torch.zeros_like(p) for p in ps], \
-            [torch.zeros_like(p) for p in ps]
+        return (
+            ps,
+            [gr.to(device, dtype) for _, gr in init],
+            [torch.zeros_like(p) for p in ps],
+            [torch.zeros_like(p) for p in ps],
+        )
 
     def step(ts: tuple[list[torch.Tensor], ...], k: int, on: str) -> None:
         ops.adam_atan2_(*ts, [k] * len(ts[0]), lr=1e-3 * k, betas=(0.9, 0.95), weight_decay=0.1, backend=on)
@@ -246,24 +311,45 @@ def adam_atan2_run(bench: BenchConfig, backend: str, device: torch.device | str 
     for k in (1, 2, 3):
         step(out, k, backend)
         step(ref, k, "torch")
-    parity = max(((a.double() - b).abs().max() / b.abs().max().clamp(min=1e-30)).item()
-                 for a, b in zip([*out[0], *out[2], *out[3]], [*ref[0], *ref[2], *ref[3]]))
+    parity = max(
+        ((a.double() - b).abs().max() / b.abs().max().clamp(min=1e-30)).item()
+        for a, b in zip([*out[0], *out[2], *out[3]], [*ref[0], *ref[2], *ref[3]])
+    )
     counter = itertools.count(4)
     return (lambda: step(out, next(counter), backend)), parity, len(shapes), sum(p.numel() for p in out[0])
 
 
-def bench_adam_atan2(bench: BenchConfig, backend: str, reps: int, device: torch.device | str = "cpu",
-                     min_time: float = OP_MIN_TIME) -> list[Row]:
+def bench_adam_atan2(
+    bench: BenchConfig, backend: str, reps: int, device: torch.device | str = "cpu", min_time: float = OP_MIN_TIME
+) -> list[Row]:
     """The row of :func:`adam_atan2_run` (mode ``full``: the whole op). Traffic: read p, g, m,
     v; write p, m, v."""
     step, parity, tensors, n = adam_atan2_run(bench, backend, device)
     seconds = measure(step, device=device, warmup=1, reps=reps, min_time=min_time)
-    return [Row(suite="ops", name="adam_atan2", backend=backend, mode="full", shape=f"{tensors} tensors, {n}",
-                dtype="float32", seconds=seconds, bytes=7 * 4 * n, parity=parity, tolerance=OP_TOLERANCE)]
+    return [
+        Row(
+            suite="ops",
+            name="adam_atan2",
+            backend=backend,
+            mode="full",
+            shape=f"{tensors} tensors, {n}",
+            dtype="float32",
+            seconds=seconds,
+            bytes=7 * 4 * n,
+            parity=parity,
+            tolerance=OP_TOLERANCE,
+        )
+    ]
 
 
-def run_ops(bench: BenchConfig, *, reps: int, device: torch.device | str = "cpu",
-            backends: list[str] | None = None, min_time: float = OP_MIN_TIME) -> list[Row]:
+def run_ops(
+    bench: BenchConfig,
+    *,
+    reps: int,
+    device: torch.device | str = "cpu",
+    backends: list[str] | None = None,
+    min_time: float = OP_MIN_TIME,
+) -> list[Row]:
     rows: list[Row] = []
     for case in op_cases(bench, device):
         for backend in bench_backends(case.name):
@@ -290,8 +376,9 @@ def train_flops(cfg: ModelConfig, batch: PackedBatch, bp_steps: int) -> float:
     return per_call * (calls + 2 * grad_calls) + 3 * 2 * S * d * V
 
 
-def make_train_step(model: HRMText, batch: PackedBatch, bp_steps: int, *, compiled: bool = False,
-                    lr: float = 1e-4) -> tuple[Callable[[], torch.Tensor], AdamAtan2]:
+def make_train_step(
+    model: HRMText, batch: PackedBatch, bp_steps: int, *, compiled: bool = False, lr: float = 1e-4
+) -> tuple[Callable[[], torch.Tensor], AdamAtan2]:
     """One train step under the bench precision policy (bf16 autocast, fp32 master weights):
     forward + loss (``torch.compile``d with ``compiled``), backward, Adam-atan2 step. Each
     phase is a named range (``forward``, ``backward``, ``optimizer``)."""
@@ -300,8 +387,7 @@ def make_train_step(model: HRMText, batch: PackedBatch, bp_steps: int, *, compil
 
     def forward_loss():
         with torch.autocast(device.type, dtype=torch.bfloat16):
-            return model(batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.prefix_lens, batch.labels,
-                         bp_steps=bp_steps)[0]
+            return model(**batch.model_inputs(), bp_steps=bp_steps)[0]
 
     fwd = torch.compile(forward_loss) if compiled else forward_loss
 
@@ -373,14 +459,30 @@ def train_child(spec: dict) -> dict:
     first_loss = float(step())  # warm-up: compiles, allocates the optimizer state
     first_seconds = time.perf_counter() - t0
     seconds = measure(step, device=device, warmup=spec["warmup"], reps=spec["reps"])
-    out = {"backend": model.backend, "first_loss": first_loss, "first_seconds": first_seconds, "seconds": seconds,
-           "tokens": batch.num_tokens, "supervised": batch.num_supervised,
-           "flops": train_flops(bench.model, batch, bench.bp_steps)}
+    out = {
+        "backend": model.backend,
+        "first_loss": first_loss,
+        "first_seconds": first_seconds,
+        "seconds": seconds,
+        "tokens": batch.num_tokens,
+        "supervised": batch.num_supervised,
+        "flops": train_flops(bench.model, batch, bench.bp_steps),
+    }
     if device.type == "cuda":
         return {**out, "peak_bytes": torch.cuda.max_memory_allocated(device)}
     state = [t for st in optimizer.state.values() for t in st.values() if isinstance(t, torch.Tensor)]
-    held = held_bytes(*model.parameters(), *model.buffers(), *state, batch.input_ids, batch.position_ids,
-                      batch.labels, batch.cu_seqlens, batch.prefix_lens)
+    held = held_bytes(
+        *model.parameters(),
+        *model.buffers(),
+        *state,
+        batch.input_ids,
+        batch.position_ids,
+        batch.labels,
+        batch.cu_seqlens,
+        batch.prefix_lens,
+        batch.supervised_rows,
+        *batch.attention.tensors(),
+    )
     rss = _rss_peak_bytes()  # before the profiled step: the profiler holds its own records
     return {**out, "peak_bytes": held + step_peak_bytes(step), "rss_bytes": rss}
 
@@ -388,8 +490,12 @@ def train_child(spec: dict) -> dict:
 def _run_child(spec: dict, timeout: float | None) -> dict:
     """``train_child(spec)`` in a fresh interpreter; ``{"error": ...}`` when it fails."""
     try:
-        out = subprocess.run([sys.executable, "-m", "hrm.bench.suites", json.dumps(spec)], capture_output=True,
-                             text=True, timeout=timeout)
+        out = subprocess.run(
+            [sys.executable, "-m", "hrm.bench.suites", json.dumps(spec)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f} s"}
     if out.returncode != 0:
@@ -407,35 +513,74 @@ def train_variants(backends: list[str] | None = None) -> list[tuple[str, str, bo
     return variants
 
 
-def run_train(name: str, bench: BenchConfig, *, reps: int, warmup: int = 1, device: torch.device | str = "cpu",
-              backends: list[str] | None = None, timeout: float | None = None) -> list[Row]:
+def run_train(
+    name: str,
+    bench: BenchConfig,
+    *,
+    reps: int,
+    warmup: int = 1,
+    device: torch.device | str = "cpu",
+    backends: list[str] | None = None,
+    timeout: float | None = None,
+) -> list[Row]:
     """One row per variant (a failed variant's row has ``seconds`` NaN and the error in ``extra``)."""
     device = torch.device(device)
-    base = {"device": str(device), "bench": bench_to_dict(bench), "reps": reps, "warmup": warmup,
-            "threads": torch.get_num_threads()}
+    base = {
+        "device": str(device),
+        "bench": bench_to_dict(bench),
+        "reps": reps,
+        "warmup": warmup,
+        "threads": torch.get_num_threads(),
+    }
     idle = _run_child({**base, "variant": None}, timeout) if device.type == "cpu" else {}
-    results = {label: _run_child({**base, "variant": label, "backend": backend, "compiled": compiled}, timeout)
-               for label, backend, compiled in train_variants(backends)}
+    results = {
+        label: _run_child({**base, "variant": label, "backend": backend, "compiled": compiled}, timeout)
+        for label, backend, compiled in train_variants(backends)
+    }
     ref = results.get("torch", {})
     rows = []
     for label, r in results.items():
         extra: dict = {"precision": "bf16 autocast, fp32 master weights", "bp_steps": bench.bp_steps}
         if "error" in r:
             extra["error"] = r["error"]
-            rows.append(Row(suite="train", name=name, backend=label, mode="step", shape=f"T={bench.tokens}",
-                            dtype="bfloat16", seconds=float("nan"), extra=extra))
+            rows.append(
+                Row(
+                    suite="train",
+                    name=name,
+                    backend=label,
+                    mode="step",
+                    shape=f"T={bench.tokens}",
+                    dtype="bfloat16",
+                    seconds=float("nan"),
+                    extra=extra,
+                )
+            )
             continue
         extra.update(resolved_backend=r["backend"], supervised=r["supervised"], first_step_s=r["first_seconds"])
         if "rss_bytes" in r and "rss_bytes" in idle:
-            extra.update(rss_peak_mb=(r["rss_bytes"] - idle["rss_bytes"]) / 2**20,
-                         idle_rss_mb=idle["rss_bytes"] / 2**20)
+            extra.update(
+                rss_peak_mb=(r["rss_bytes"] - idle["rss_bytes"]) / 2**20, idle_rss_mb=idle["rss_bytes"] / 2**20
+            )
         parity = None
         if "first_loss" in ref:
             parity = abs(r["first_loss"] - ref["first_loss"]) / abs(ref["first_loss"])
-        rows.append(Row(suite="train", name=name, backend=label, mode="step",
-                        shape=f"T={bench.tokens} ({r['tokens']} real) bp={bench.bp_steps}", dtype="bfloat16",
-                        seconds=r["seconds"], flops=r["flops"], parity=parity, tolerance=LOSS_TOLERANCE,
-                        peak_mem_mb=r["peak_bytes"] / 2**20, tokens=r["tokens"], extra=extra))
+        rows.append(
+            Row(
+                suite="train",
+                name=name,
+                backend=label,
+                mode="step",
+                shape=f"T={bench.tokens} ({r['tokens']} real) bp={bench.bp_steps}",
+                dtype="bfloat16",
+                seconds=r["seconds"],
+                flops=r["flops"],
+                parity=parity,
+                tolerance=LOSS_TOLERANCE,
+                peak_mem_mb=r["peak_bytes"] / 2**20,
+                tokens=r["tokens"],
+                extra=extra,
+            )
+        )
     return rows
 
 
@@ -446,8 +591,10 @@ def target_lines(rows: list[Row]) -> list[str]:
     fast = [r for b, r in train.items() if b not in ("torch", COMPILED_REFERENCE)]
     if ref is None or not fast:
         failed = [f"{r.backend}: {r.extra.get('error')}" for r in rows if r.suite == "train" and "error" in r.extra]
-        return ["Train-step targets: not evaluated (need the torch reference and one fused backend)"
-                + (f"; failed: {'; '.join(failed)}" if failed else "")]
+        return [
+            "Train-step targets: not evaluated (need the torch reference and one fused backend)"
+            + (f"; failed: {'; '.join(failed)}" if failed else "")
+        ]
     best = min(fast, key=lambda r: r.seconds)
 
     def line(what: str, value: float | None, target: float, better_low: bool = False) -> str:
@@ -456,22 +603,31 @@ def target_lines(rows: list[Row]) -> list[str]:
         ok = value <= target if better_low else value >= target
         unit = "x" if "MFU" not in what else ""
         shown = f"{value:.1%}" if not unit else f"{value:.2f}x"
-        goal = f"{'<=' if better_low else '>='} {target:.0%}" if not unit else \
-            f"{'<=' if better_low else '>='} {target:.1f}x"
+        goal = (
+            f"{'<=' if better_low else '>='} {target:.0%}"
+            if not unit
+            else f"{'<=' if better_low else '>='} {target:.1f}x"
+        )
         return f"- {what}: {shown} (target {goal}): {'met' if ok else 'MISSED'}"
 
-    lines = [f"Train-step targets, fastest fused backend `{best.backend}` "
-             f"({best.tokens_per_s:.0f} tokens/s):"]
+    lines = [f"Train-step targets, fastest fused backend `{best.backend}` ({best.tokens_per_s:.0f} tokens/s):"]
     lines.append(line("speedup vs torch reference", ref.seconds / best.seconds, TARGETS["speedup_vs_torch"]))
-    lines.append(line(f"speedup vs {COMPILED_REFERENCE}", comp.seconds / best.seconds if comp else None,
-                      TARGETS["speedup_vs_compile"]))
+    lines.append(
+        line(
+            f"speedup vs {COMPILED_REFERENCE}",
+            comp.seconds / best.seconds if comp else None,
+            TARGETS["speedup_vs_compile"],
+        )
+    )
     lines.append(line("MFU vs measured bf16 matmul peak", best.frac_peak, TARGETS["mfu"]))
     mem = best.peak_mem_mb / ref.peak_mem_mb if best.peak_mem_mb and ref.peak_mem_mb else None
     lines.append(line("peak tensor memory vs torch reference", mem, TARGETS["memory_vs_torch"], better_low=True))
     rss, rss_ref = best.extra.get("rss_peak_mb"), ref.extra.get("rss_peak_mb")
     if rss and rss_ref:
-        lines.append(f"- peak resident memory vs torch reference: {rss / rss_ref:.2f}x (for reference; it also "
-                     "counts what the compilers and malloc keep)")
+        lines.append(
+            f"- peak resident memory vs torch reference: {rss / rss_ref:.2f}x (for reference; it also "
+            "counts what the compilers and malloc keep)"
+        )
     for r in rows:
         if r.suite == "train" and "error" in r.extra:
             lines.append(f"- {r.backend}: FAILED: {r.extra['error']}")

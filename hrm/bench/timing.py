@@ -14,8 +14,14 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(fn: Callable[[], object], *, device: torch.device | str = "cpu", warmup: int = 2, reps: int = 5,
-            min_time: float = 0.0) -> float:
+def measure(
+    fn: Callable[[], object],
+    *,
+    device: torch.device | str = "cpu",
+    warmup: int = 2,
+    reps: int = 5,
+    min_time: float = 0.0,
+) -> float:
     """Median seconds of ``fn()`` after ``warmup`` calls: CUDA events on a GPU, wall clock on a CPU.
 
     At least ``reps`` timed calls, more until ``min_time`` seconds have been spent timing.
@@ -43,8 +49,9 @@ def measure(fn: Callable[[], object], *, device: torch.device | str = "cpu", war
     return statistics.median(times)
 
 
-def matmul_peak_gflops(dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", n: int = 2048,
-                       reps: int = 5) -> float:
+def matmul_peak_gflops(
+    dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", n: int = 2048, reps: int = 5
+) -> float:
     """Achieved GFLOP/s of a square ``n x n`` matmul: this device's practical GEMM peak."""
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)

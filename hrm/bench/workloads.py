@@ -25,6 +25,6 @@ def train_batch(bench: BenchConfig, seed: int = 0) -> PackedBatch:
             break
         response = max(1, round(bench.supervised_fraction * length))
         ids = torch.randint(0, vocab, (length + 1,), generator=g).tolist()
-        samples.append(Sample(ids[:length + 1 - response], ids[length + 1 - response:]))
+        samples.append(Sample(ids[: length + 1 - response], ids[length + 1 - response :]))
         used += length
     return pack_row(samples, bench.tokens, pad_id=0)

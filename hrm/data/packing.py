@@ -1,6 +1,6 @@
 """Packing samples into fixed-size rows, and the endless training loader built on it.
 
-Row format (one row of exactly ``budget`` tokens, see DESIGN.md "Data and the training
+Row format (one row of exactly ``budget`` tokens, see docs/design.md "Data and the training
 objective"): sequences are laid out back to back from position 0. A sample
 ``(inst, resp)`` contributes
 
@@ -35,7 +35,7 @@ import torch
 from hrm.data.sample import Sample
 from hrm.data.sources import SourceStats
 from hrm.errors import DataError
-from hrm.ops.cross_entropy import IGNORE_INDEX
+from hrm.ops import IGNORE_INDEX, AttentionPacking
 
 
 @numba.njit(cache=False)
@@ -71,7 +71,8 @@ def _multipack_kernel(lengths, budget, num_rows, window_tokens):
             best = -1  # among the rows it fits in: least work, then fewest tokens, then first
             for r in range(num_rows):
                 if length <= budget - load[r] and (
-                        best < 0 or work[r] < work[best] or (work[r] == work[best] and load[r] < load[best])):
+                    best < 0 or work[r] < work[best] or (work[r] == work[best] and load[r] < load[best])
+                ):
                     best = r
             if best >= 0:
                 load[best] += length
@@ -93,14 +94,15 @@ def _multipack_kernel(lengths, budget, num_rows, window_tokens):
     return out_sample, out_row, step
 
 
-def multipack(lengths: Sequence[int] | np.ndarray, budget: int, num_rows: int = 1,
-              window_steps: int = 4) -> list[list[np.ndarray]]:
+def multipack(
+    lengths: Sequence[int] | np.ndarray, budget: int, num_rows: int = 1, window_steps: int = 4
+) -> list[list[np.ndarray]]:
     """Plan steps for samples with packed ``lengths`` (each in ``1..budget``), taken in order.
 
     Returns one entry per step, each a list of ``num_rows`` int64 arrays of sample indices
     whose lengths sum to at most ``budget``. Every index appears exactly once; only the
-    last step may leave rows empty (when fewer samples than rows remain). The window holds at least ``window_steps`` steps'
-    worth of tokens. Deterministic given its inputs.
+    last step may leave rows empty (when fewer samples than rows remain). The window holds at
+    least ``window_steps`` steps' worth of tokens. Deterministic given its inputs.
     """
     for name, value in (("budget", budget), ("num_rows", num_rows), ("window_steps", window_steps)):
         if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
@@ -113,11 +115,12 @@ def multipack(lengths: Sequence[int] | np.ndarray, budget: int, num_rows: int = 
     if lengths.min() < 1 or lengths.max() > budget:
         bad = int(np.argmax((lengths < 1) | (lengths > budget)))
         raise DataError(f"sample {bad} has packed length {lengths[bad]}, outside 1..{budget}")
-    sample, row, num_steps = _multipack_kernel(lengths, np.int64(budget), np.int64(num_rows),
-                                               np.int64(window_steps * num_rows * budget))
+    sample, row, num_steps = _multipack_kernel(
+        lengths, np.int64(budget), np.int64(num_rows), np.int64(window_steps * num_rows * budget)
+    )
     counts = np.bincount(row, minlength=num_steps * num_rows)
     rows = np.split(sample[np.argsort(row, kind="stable")], np.cumsum(counts)[:-1])
-    return [rows[s * num_rows:(s + 1) * num_rows] for s in range(num_steps)]
+    return [rows[s * num_rows : (s + 1) * num_rows] for s in range(num_steps)]
 
 
 @dataclass
@@ -127,7 +130,10 @@ class PackedBatch:
     ``input_ids``, ``labels``, ``position_ids``: int64 ``[T]``; ``cu_seqlens``: int32
     ``[N+1]`` sequence boundaries starting at 0; ``prefix_lens``: int32 ``[N]``;
     ``num_tokens``: real tokens (``cu_seqlens[-1]``); ``num_supervised``: labels that are
-    not -100 (the sum of response lengths).
+    not -100 (the sum of response lengths). Derived once, on the host, where the row is
+    built: ``attention``, the validated packing with the index tensors attention needs, and
+    ``supervised_rows`` (int64 ``[S]``), the rows the LM head runs on; passing both to the
+    model keeps every host read out of the train step.
     """
 
     input_ids: torch.Tensor
@@ -137,15 +143,38 @@ class PackedBatch:
     prefix_lens: torch.Tensor
     num_tokens: int
     num_supervised: int
+    attention: AttentionPacking
+    supervised_rows: torch.Tensor
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> PackedBatch:
         """A copy with every tensor on ``device``."""
+
         def move(t: torch.Tensor) -> torch.Tensor:
             return t.to(device, non_blocking=non_blocking)
 
-        return PackedBatch(move(self.input_ids), move(self.labels), move(self.position_ids),
-                           move(self.cu_seqlens), move(self.prefix_lens), self.num_tokens,
-                           self.num_supervised)
+        return PackedBatch(
+            move(self.input_ids),
+            move(self.labels),
+            move(self.position_ids),
+            move(self.cu_seqlens),
+            move(self.prefix_lens),
+            self.num_tokens,
+            self.num_supervised,
+            self.attention.to(device, non_blocking),
+            move(self.supervised_rows),
+        )
+
+    def model_inputs(self) -> dict[str, torch.Tensor | AttentionPacking]:
+        """The keyword arguments of :meth:`hrm.model.HRMText.forward` for this batch (labels included)."""
+        return {
+            "input_ids": self.input_ids,
+            "position_ids": self.position_ids,
+            "cu_seqlens": self.cu_seqlens,
+            "prefix_lens": self.prefix_lens,
+            "labels": self.labels,
+            "packing": self.attention,
+            "supervised_rows": self.supervised_rows,
+        }
 
 
 def pack_row(samples: Sequence[Sample], budget: int, pad_id: int) -> PackedBatch:
@@ -167,19 +196,24 @@ def pack_row(samples: Sequence[Sample], budget: int, pad_id: int) -> PackedBatch
     # position within the sequence: global index minus the sequence's start
     starts = np.repeat(cu_seqlens[:-1].astype(np.int64), lens)
     positions = np.concatenate([np.arange(total, dtype=np.int64) - starts, np.zeros(pad, np.int64)])
+    prefix_lens = [len(s.instruction) for s in samples]
+    label_array = np.array(labels + [IGNORE_INDEX] * pad, dtype=np.int64)
     return PackedBatch(
         input_ids=torch.tensor(inputs + [pad_id] * pad, dtype=torch.int64),
-        labels=torch.tensor(labels + [IGNORE_INDEX] * pad, dtype=torch.int64),
+        labels=torch.from_numpy(label_array),
         position_ids=torch.from_numpy(positions),
         cu_seqlens=torch.from_numpy(cu_seqlens),
-        prefix_lens=torch.tensor([len(s.instruction) for s in samples], dtype=torch.int32),
+        prefix_lens=torch.tensor(prefix_lens, dtype=torch.int32),
         num_tokens=total,
         num_supervised=sum(len(s.response) for s in samples),
+        attention=AttentionPacking.build(cu_seqlens.tolist(), prefix_lens, budget),
+        supervised_rows=torch.from_numpy(np.flatnonzero(label_array != IGNORE_INDEX)),
     )
 
 
-def fit_to_budget(samples: Sequence[Sample], budget: int,
-                  too_long: Literal["skip", "truncate"] = "skip") -> tuple[list[Sample], SourceStats]:
+def fit_to_budget(
+    samples: Sequence[Sample], budget: int, too_long: Literal["skip", "truncate"] = "skip"
+) -> tuple[list[Sample], SourceStats]:
     """Keep the samples that fit a row of ``budget`` tokens.
 
     A longer sample is skipped, or with ``too_long="truncate"`` has its response cut to
@@ -194,7 +228,7 @@ def fit_to_budget(samples: Sequence[Sample], budget: int,
         if s.packed_len <= budget:
             kept.append(s)
         elif too_long == "truncate" and len(s.instruction) <= budget:
-            kept.append(Sample(s.instruction, s.response[:budget - len(s.instruction) + 1]))
+            kept.append(Sample(s.instruction, s.response[: budget - len(s.instruction) + 1]))
             stats.truncated += 1
         else:
             stats.skipped_too_long += 1
@@ -213,9 +247,17 @@ class PackedLoader:
     restore the position, so a resumed loader yields exactly the steps the original would.
     """
 
-    def __init__(self, samples: Sequence[Sample], budget: int, *, seed: int, pad_id: int,
-                 num_rows: int = 1, too_long: Literal["skip", "truncate"] = "skip",
-                 window_steps: int = 4):
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        budget: int,
+        *,
+        seed: int,
+        pad_id: int,
+        num_rows: int = 1,
+        too_long: Literal["skip", "truncate"] = "skip",
+        window_steps: int = 4,
+    ):
         for name, value in (("budget", budget), ("num_rows", num_rows), ("window_steps", window_steps)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise DataError(f"{name} must be a positive integer, got {value!r}")
@@ -225,8 +267,10 @@ class PackedLoader:
         self.num_rows, self.window_steps, self.too_long = num_rows, window_steps, too_long
         self._samples, self.stats = fit_to_budget(samples, budget, too_long)
         if not self._samples:
-            raise DataError(f"no sample fits the row budget of {budget} tokens "
-                            f"({len(samples)} given, {self.stats.skipped_too_long} too long)")
+            raise DataError(
+                f"no sample fits the row budget of {budget} tokens "
+                f"({len(samples)} given, {self.stats.skipped_too_long} too long)"
+            )
         self._lengths = np.array([s.packed_len for s in self._samples], dtype=np.int64)
         self._fingerprint = hashlib.blake2b(self._lengths.tobytes(), digest_size=8).hexdigest()
         self._epoch, self._step = 0, 0
@@ -270,9 +314,15 @@ class PackedLoader:
         return float(self._lengths.sum()) / (len(self._plan) * self.num_rows * self.budget)
 
     def _config(self) -> dict:
-        return {"seed": self.seed, "budget": self.budget, "num_rows": self.num_rows,
-                "window_steps": self.window_steps, "too_long": self.too_long,
-                "num_samples": len(self._samples), "fingerprint": self._fingerprint}
+        return {
+            "seed": self.seed,
+            "budget": self.budget,
+            "num_rows": self.num_rows,
+            "window_steps": self.window_steps,
+            "too_long": self.too_long,
+            "num_samples": len(self._samples),
+            "fingerprint": self._fingerprint,
+        }
 
     def state_dict(self) -> dict:
         """The position of the next step (``epoch``, ``step`` within it) and the settings it is valid for."""

@@ -102,8 +102,12 @@ def read_jsonl(path: str | Path, tokenizer: Tokenizer) -> tuple[list[Sample], So
                 stats.skipped_empty_response += 1
                 continue
             try:
-                samples.append(Sample(tokenizer.encode_instruction(record["instruction"]),
-                                      tokenizer.encode_response(record["response"])))
+                samples.append(
+                    Sample(
+                        tokenizer.encode_instruction(record["instruction"]),
+                        tokenizer.encode_response(record["response"]),
+                    )
+                )
             except DataError as e:
                 raise DataError(f"{where} {e}") from None
     return samples, stats
@@ -152,8 +156,9 @@ def _load_int_array(path: Path) -> np.ndarray:
     return arr
 
 
-def read_pretokenized(directory: str | Path, epoch: int = 0,
-                      vocab_size: int | None = None) -> tuple[list[Sample], SourceStats]:
+def read_pretokenized(
+    directory: str | Path, epoch: int = 0, vocab_size: int | None = None
+) -> tuple[list[Sample], SourceStats]:
     """Read epoch ``epoch`` of a dataset in the reference's pre-tokenized layout.
 
     Samples come back in that epoch's stored order, mapped as described in the module
@@ -184,22 +189,26 @@ def read_pretokenized(directory: str | Path, epoch: int = 0,
     bad_ids = np.flatnonzero((tokens < 0) | (tokens >= vocab_size))
     for part in ("inst", "resp"):
         start, length = index[f"{part}_start"], index[f"{part}_len"]
-        problems = [("negative length", length < 0),
-                    (f"span outside tokens.npy ({len(tokens)} tokens)",
-                     (start < 0) | (start + length > len(tokens)))]
+        problems = [
+            ("negative length", length < 0),
+            (f"span outside tokens.npy ({len(tokens)} tokens)", (start < 0) | (start + length > len(tokens))),
+        ]
         if part == "inst":
             problems.append(("empty instruction", length == 0))
         for what, mask in problems:
             if mask.any():
                 i = int(np.argmax(mask))
-                raise DataError(f"{epoch_dir}/{part}_{{start,len}}.npy: entry {i}: {what} "
-                                f"(start {start[i]}, len {length[i]})")
+                raise DataError(
+                    f"{epoch_dir}/{part}_{{start,len}}.npy: entry {i}: {what} (start {start[i]}, len {length[i]})"
+                )
         hits = np.searchsorted(bad_ids, start + length) - np.searchsorted(bad_ids, start)
         if hits.any():
             i = int(np.argmax(hits > 0))
             pos = int(bad_ids[np.searchsorted(bad_ids, start[i])])
-            raise DataError(f"{tokens_path}: entry {i} of {epoch_dir.name} ({part}) has token id "
-                            f"{int(tokens[pos])} at position {pos}, outside the vocab [0, {vocab_size})")
+            raise DataError(
+                f"{tokens_path}: entry {i} of {epoch_dir.name} ({part}) has token id "
+                f"{int(tokens[pos])} at position {pos}, outside the vocab [0, {vocab_size})"
+            )
 
     stats = SourceStats(read=n)
     samples: list[Sample] = []
@@ -209,5 +218,5 @@ def read_pretokenized(directory: str | Path, epoch: int = 0,
             continue
         s, l = index["inst_start"][i], index["inst_len"][i]
         rs, rl = index["resp_start"][i], index["resp_len"][i]
-        samples.append(Sample(tokens[s:s + l].tolist(), tokens[rs:rs + rl].tolist()))
+        samples.append(Sample(tokens[s : s + l].tolist(), tokens[rs : rs + rl].tolist()))
     return samples, stats

@@ -40,7 +40,7 @@ class Task:
 
 def _number(rng: random.Random, max_digits: int) -> int:
     digits = rng.randint(1, max_digits)
-    return rng.randrange(10 ** (digits - 1) if digits > 1 else 0, 10 ** digits)
+    return rng.randrange(10 ** (digits - 1) if digits > 1 else 0, 10**digits)
 
 
 def _text(rng: random.Random, alphabet: str, max_len: int) -> str:
@@ -97,8 +97,7 @@ def make_task(name: str, n: int, split: str, seed: int = 0, **params: int) -> li
         raise DataError(f"unknown split {split!r}; known splits: {', '.join(SPLITS)}")
     unknown = sorted(set(params) - set(task.params))
     if unknown:
-        raise DataError(f"task {name!r} has no parameter {', '.join(unknown)}; "
-                        f"known: {', '.join(task.params)}")
+        raise DataError(f"task {name!r} has no parameter {', '.join(unknown)}; known: {', '.join(task.params)}")
     settings = {**task.params, **params}
     for key, value in settings.items():
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -112,8 +111,9 @@ def make_task(name: str, n: int, split: str, seed: int = 0, **params: int) -> li
     max_draws, draws = 1000 + 100 * n, 0
     while len(pairs) < n:
         if draws == max_draws:
-            raise DataError(f"task {name!r} with {settings} has too few distinct instructions "
-                            f"for a {split} split; make it harder")
+            raise DataError(
+                f"task {name!r} with {settings} has too few distinct instructions for a {split} split; make it harder"
+            )
         draws += 1
         instruction, response = task.make(rng, **settings)
         if is_heldout(instruction) == want_heldout:
@@ -121,7 +121,6 @@ def make_task(name: str, n: int, split: str, seed: int = 0, **params: int) -> li
     return pairs
 
 
-def task_samples(name: str, n: int, split: str, tokenizer: Tokenizer, seed: int = 0,
-                 **params: int) -> list[Sample]:
+def task_samples(name: str, n: int, split: str, tokenizer: Tokenizer, seed: int = 0, **params: int) -> list[Sample]:
     """:func:`make_task` pairs encoded with :func:`~hrm.data.sample.encode_pair`."""
     return [encode_pair(tokenizer, inst, resp) for inst, resp in make_task(name, n, split, seed, **params)]

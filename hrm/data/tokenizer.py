@@ -97,10 +97,12 @@ class HFTokenizer:
 
     def __init__(self, path: str | Path):
         try:
-            from tokenizers import AddedToken, Tokenizer as _HFTokenizer
+            from tokenizers import AddedToken
+            from tokenizers import Tokenizer as _HFTokenizer
         except ImportError:
-            raise DataError("the Hugging Face tokenizer needs the 'tokenizers' package: "
-                            "pip install tokenizers") from None
+            raise DataError(
+                "the Hugging Face tokenizer needs the 'tokenizers' package: pip install tokenizers"
+            ) from None
         self._path = str(path)
         if not Path(path).is_file():
             raise DataError(f"{path}: tokenizer file not found")
@@ -113,8 +115,7 @@ class HFTokenizer:
         if missing:
             self._tok.add_special_tokens([AddedToken(name, special=True) for name in missing])
         ids = {key: self._tok.token_to_id(name) for key, name in HF_SPECIAL_TOKENS.items()}
-        self.pad_id, self.boi_id, self.eoi_id, self.eoa_id = (ids["pad"], ids["boi"], ids["eoi"],
-                                                              ids["eoa"])
+        self.pad_id, self.boi_id, self.eoi_id, self.eoa_id = (ids["pad"], ids["boi"], ids["eoi"], ids["eoa"])
         self._special = frozenset(ids.values())
 
     @property

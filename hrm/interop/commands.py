@@ -38,8 +38,7 @@ def _config_file(path: str) -> ModelConfig:
 
 
 def _import_reference(args: argparse.Namespace) -> None:
-    overrides = {k: v for k, v in (("vocab_size", args.vocab_size), ("max_seq_len", args.max_seq_len))
-                 if v is not None}
+    overrides = {k: v for k, v in (("vocab_size", args.vocab_size), ("max_seq_len", args.max_seq_len)) if v is not None}
     config = get_preset(args.preset) if args.preset else _config_file(args.config)
     out = import_reference(args.file, config.replace(**overrides), args.out_dir)
     print(f"imported reference checkpoint {args.file} as checkpoint {out}")
@@ -57,8 +56,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("out_dir", metavar="OUT_DIR", help="must not exist or be empty")
     p.set_defaults(func=_import_hf)
 
-    p = subparsers.add_parser("import-reference",
-                              help="convert a sapientinc/HRM-Text state dict (.safetensors/.pt) to a checkpoint")
+    p = subparsers.add_parser(
+        "import-reference", help="convert a sapientinc/HRM-Text state dict (.safetensors/.pt) to a checkpoint"
+    )
     p.add_argument("file", metavar="FILE")
     p.add_argument("out_dir", metavar="OUT_DIR", help="must not exist or be empty")
     source = p.add_mutually_exclusive_group(required=True)

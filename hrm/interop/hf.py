@@ -46,8 +46,16 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from hrm.checkpoint import (check_state_dict, load_state, model_shapes, read_config, read_json, read_safetensors,
-                            save_checkpoint, write_dir_atomically)
+from hrm.checkpoint import (
+    check_state_dict,
+    load_state,
+    model_shapes,
+    read_config,
+    read_json,
+    read_safetensors,
+    save_checkpoint,
+    write_dir_atomically,
+)
 from hrm.config import ModelConfig
 from hrm.errors import CheckpointError, ConfigError, HrmError
 
@@ -58,26 +66,43 @@ WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
 
 #: ``ModelConfig`` fields that the transformers config determines (vocab and SwiGLU width as padded sizes).
-_HF_DETERMINED = ("arch", "hidden_size", "num_heads", "n_layers", "H_cycles", "L_cycles", "rope_theta", "norm_eps",
-                  "max_seq_len", "padded_vocab_size", "intermediate_size")
+_HF_DETERMINED = (
+    "arch",
+    "hidden_size",
+    "num_heads",
+    "n_layers",
+    "H_cycles",
+    "L_cycles",
+    "rope_theta",
+    "norm_eps",
+    "max_seq_len",
+    "padded_vocab_size",
+    "intermediate_size",
+)
 
 
 def _require_hrm_arch(config: ModelConfig) -> None:
     if config.arch != "hrm":
-        raise ConfigError(f"only arch='hrm' models can be exported to transformers (HrmTextForCausalLM); "
-                          f"this one has arch={config.arch!r}")
+        raise ConfigError(
+            f"only arch='hrm' models can be exported to transformers (HrmTextForCausalLM); "
+            f"this one has arch={config.arch!r}"
+        )
 
 
 # -- weights --------------------------------------------------------------------------------
 def _key_map(config: ModelConfig) -> dict[str, tuple[str, ...]]:
     """Our key -> the transformers keys its rows split into, in row order (one key: a rename)."""
-    keys = {"embed_tokens.weight": ("model.embed_tokens.weight",), "z_L_init": ("model.z_L_init",),
-            "lm_head.weight": ("lm_head.weight",)}
+    keys = {
+        "embed_tokens.weight": ("model.embed_tokens.weight",),
+        "z_L_init": ("model.z_L_init",),
+        "lm_head.weight": ("lm_head.weight",),
+    }
     for stack in ("H", "L"):
         for i in range(config.layers_per_stack):
             ours, hf = f"{stack}_level.layers.{i}", f"model.{stack}_module.layers.{i}"
-            keys[f"{ours}.attn.gqkv_proj.weight"] = tuple(f"{hf}.self_attn.{p}_proj.weight"
-                                                         for p in ("gate", "q", "k", "v"))
+            keys[f"{ours}.attn.gqkv_proj.weight"] = tuple(
+                f"{hf}.self_attn.{p}_proj.weight" for p in ("gate", "q", "k", "v")
+            )
             keys[f"{ours}.attn.o_proj.weight"] = (f"{hf}.self_attn.o_proj.weight",)
             keys[f"{ours}.mlp.gate_up_proj.weight"] = (f"{hf}.mlp.gate_proj.weight", f"{hf}.mlp.up_proj.weight")
             keys[f"{ours}.mlp.down_proj.weight"] = (f"{hf}.mlp.down_proj.weight",)
@@ -85,30 +110,38 @@ def _key_map(config: ModelConfig) -> dict[str, tuple[str, ...]]:
 
 
 def _split(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
-    return {hf_key: part for key, hf_keys in _key_map(config).items()
-            for hf_key, part in zip(hf_keys, state[key].chunk(len(hf_keys), dim=0))}
+    return {
+        hf_key: part
+        for key, hf_keys in _key_map(config).items()
+        for hf_key, part in zip(hf_keys, state[key].chunk(len(hf_keys), dim=0))
+    }
 
 
-def to_hf_state_dict(config: ModelConfig, state_dict: dict[str, torch.Tensor], *,
-                     where: str = "state dict") -> dict[str, torch.Tensor]:
+def to_hf_state_dict(
+    config: ModelConfig, state_dict: dict[str, torch.Tensor], *, where: str = "state dict"
+) -> dict[str, torch.Tensor]:
     """Our state dict -> ``HrmTextForCausalLM``'s (contiguous CPU tensors, dtypes kept)."""
     _require_hrm_arch(config)
     check_state_dict(state_dict, model_shapes(config), where)
     return {k: v.detach().cpu().contiguous() for k, v in _split(state_dict, config).items()}
 
 
-def from_hf_state_dict(config: ModelConfig, hf_state_dict: dict[str, torch.Tensor], *,
-                       where: str = "state dict") -> dict[str, torch.Tensor]:
+def from_hf_state_dict(
+    config: ModelConfig, hf_state_dict: dict[str, torch.Tensor], *, where: str = "state dict"
+) -> dict[str, torch.Tensor]:
     """``HrmTextForCausalLM``'s state dict -> ours; keys and shapes must match ``config`` exactly."""
     _require_hrm_arch(config)
     check_state_dict(hf_state_dict, _split(model_shapes(config), config), where)
-    return {key: torch.cat([hf_state_dict[k] for k in hf_keys]) if len(hf_keys) > 1 else hf_state_dict[hf_keys[0]]
-            for key, hf_keys in _key_map(config).items()}
+    return {
+        key: torch.cat([hf_state_dict[k] for k in hf_keys]) if len(hf_keys) > 1 else hf_state_dict[hf_keys[0]]
+        for key, hf_keys in _key_map(config).items()
+    }
 
 
 # -- config ---------------------------------------------------------------------------------
-def hf_config_dict(config: ModelConfig, meta: dict[str, Any] | None = None, *,
-                   dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+def hf_config_dict(
+    config: ModelConfig, meta: dict[str, Any] | None = None, *, dtype: torch.dtype = torch.float32
+) -> dict[str, Any]:
     """The ``config.json`` that ``transformers`` loads as ``HrmTextForCausalLM``."""
     _require_hrm_arch(config)
     return {
@@ -160,42 +193,54 @@ def config_from_hf_dict(doc: dict[str, Any], where: str = CONFIG_FILE) -> tuple[
     rope = doc.get("rope_parameters") or {}
     if not isinstance(rope, dict):
         raise CheckpointError(f"{where}: rope_parameters must be an object, got {rope!r}")
-    settings = {"prefix_lm": (doc.get("prefix_lm", True), True),
-                "tie_word_embeddings": (doc.get("tie_word_embeddings", False), False),
-                "attention_bias": (doc.get("attention_bias", False), False),
-                "mlp_bias": (doc.get("mlp_bias", False), False),
-                "hidden_act": (doc.get("hidden_act", "silu"), "silu"),
-                "rope_type": (rope.get("rope_type", "default"), "default")}
+    settings = {
+        "prefix_lm": (doc.get("prefix_lm", True), True),
+        "tie_word_embeddings": (doc.get("tie_word_embeddings", False), False),
+        "attention_bias": (doc.get("attention_bias", False), False),
+        "mlp_bias": (doc.get("mlp_bias", False), False),
+        "hidden_act": (doc.get("hidden_act", "silu"), "silu"),
+        "rope_type": (rope.get("rope_type", "default"), "default"),
+    }
     for name, (value, supported) in settings.items():
         if value != supported:
             raise CheckpointError(f"{where}: {name}={value!r} is not supported (only {supported!r})")
-    missing = [k for k in ("vocab_size", "hidden_size", "num_attention_heads", "intermediate_size",
-                           "num_hidden_layers") if k not in doc]
+    missing = [
+        k
+        for k in ("vocab_size", "hidden_size", "num_attention_heads", "intermediate_size", "num_hidden_layers")
+        if k not in doc
+    ]
     if missing:
         raise CheckpointError(f"{where}: missing field(s) {', '.join(missing)}")
     vocab, hidden, intermediate = doc["vocab_size"], doc["hidden_size"], doc["intermediate_size"]
     try:
         config = ModelConfig(
-            vocab_size=vocab, vocab_multiple=256 if vocab % 256 == 0 else 1,
-            hidden_size=hidden, num_heads=doc["num_attention_heads"],
+            vocab_size=vocab,
+            vocab_multiple=256 if vocab % 256 == 0 else 1,
+            hidden_size=hidden,
+            num_heads=doc["num_attention_heads"],
             expansion=intermediate * 3 / (2 * hidden),  # gives back intermediate when it is a multiple of 256
             n_layers=2 * (doc.get("num_layers_per_stack") or doc["num_hidden_layers"]),
-            H_cycles=doc.get("H_cycles", 2), L_cycles=doc.get("L_cycles", 3),
+            H_cycles=doc.get("H_cycles", 2),
+            L_cycles=doc.get("L_cycles", 3),
             rope_theta=float(rope.get("rope_theta", doc.get("rope_theta", 10000.0))),
             norm_eps=float(doc.get("rms_norm_eps", 1e-6)),
-            max_seq_len=doc.get("max_position_embeddings", 2048))
+            max_seq_len=doc.get("max_position_embeddings", 2048),
+        )
         embedding_scale = float(doc.get("embedding_scale") or 1.0 / doc.get("initializer_range", 0.02))
     except HrmError as e:
         raise CheckpointError(f"{where}: {e}") from None
     except (TypeError, ValueError, ZeroDivisionError) as e:
         raise CheckpointError(f"{where}: malformed config ({e})") from None
     if config.intermediate_size != intermediate:
-        raise CheckpointError(f"{where}: intermediate_size {intermediate} is not supported (this model's SwiGLU "
-                              "width is a multiple of 256)")
+        raise CheckpointError(
+            f"{where}: intermediate_size {intermediate} is not supported (this model's SwiGLU "
+            "width is a multiple of 256)"
+        )
     head_dim = doc.get("head_dim", config.head_dim)
     if head_dim != config.head_dim:
-        raise CheckpointError(f"{where}: head_dim {head_dim} != hidden_size / num_attention_heads "
-                              f"= {config.head_dim} is not supported")
+        raise CheckpointError(
+            f"{where}: head_dim {head_dim} != hidden_size / num_attention_heads = {config.head_dim} is not supported"
+        )
     block = doc.get("hrm")
     meta = block.get("meta") if isinstance(block, dict) and isinstance(block.get("meta"), dict) else {}
     return _restore_hrm_fields(config, block), meta, embedding_scale
@@ -212,11 +257,12 @@ def _read_hf_dir(hf_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]
     elif (hf_dir / WEIGHTS_INDEX_FILE).is_file():
         index = read_json(hf_dir / WEIGHTS_INDEX_FILE)
         if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
-            raise CheckpointError(f"{hf_dir / WEIGHTS_INDEX_FILE}: no \"weight_map\" object")
+            raise CheckpointError(f'{hf_dir / WEIGHTS_INDEX_FILE}: no "weight_map" object')
         files = sorted(set(index["weight_map"].values()))
     else:
-        raise CheckpointError(f"{hf_dir}: neither {WEIGHTS_FILE} nor {WEIGHTS_INDEX_FILE} found "
-                              "(only safetensors weights are supported)")
+        raise CheckpointError(
+            f"{hf_dir}: neither {WEIGHTS_FILE} nor {WEIGHTS_INDEX_FILE} found (only safetensors weights are supported)"
+        )
     state: dict[str, torch.Tensor] = {}
     for name in files:
         state.update(read_safetensors(hf_dir / name))
@@ -261,10 +307,16 @@ def load_transformers_model(hf_dir: str | os.PathLike, *, dtype: torch.dtype = t
     try:
         import transformers
     except ImportError:
-        raise HrmError("loading a transformers model needs the 'transformers' package: "
-                       "pip install 'hrm[hf]'") from None
+        raise HrmError("loading a transformers model needs the 'transformers' package: pip install 'hrm[hf]'") from None
     return transformers.AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=dtype).eval()
 
 
-__all__ = ["config_from_hf_dict", "export_hf", "from_hf_state_dict", "hf_config_dict", "import_hf",
-           "load_transformers_model", "to_hf_state_dict"]
+__all__ = [
+    "config_from_hf_dict",
+    "export_hf",
+    "from_hf_state_dict",
+    "hf_config_dict",
+    "import_hf",
+    "load_transformers_model",
+    "to_hf_state_dict",
+]

@@ -33,10 +33,15 @@ from hrm.config import ModelConfig
 from hrm.errors import CheckpointError, ConfigError
 
 _WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module")
-_RENAMES = {"embed_tokens.embedding_weight": "embed_tokens.weight", "lm_head.weight": "lm_head.weight",
-            "model.zL_init": "z_L_init"}
-_BLOCK_TENSOR = re.compile(r"model\.([HL])_level\.core\.layers\.(\d+)\."
-                           r"(attn\.gqkv_proj|attn\.o_proj|mlp\.gate_up_proj|mlp\.down_proj)\.weight")
+_RENAMES = {
+    "embed_tokens.embedding_weight": "embed_tokens.weight",
+    "lm_head.weight": "lm_head.weight",
+    "model.zL_init": "z_L_init",
+}
+_BLOCK_TENSOR = re.compile(
+    r"model\.([HL])_level\.core\.layers\.(\d+)\."
+    r"(attn\.gqkv_proj|attn\.o_proj|mlp\.gate_up_proj|mlp\.down_proj)\.weight"
+)
 
 
 def _strip_wrappers(name: str) -> str:
@@ -51,8 +56,10 @@ def _our_name(reference_name: str) -> str:
         return _RENAMES[name]
     match = _BLOCK_TENSOR.fullmatch(name)
     if match is None:
-        raise CheckpointError(f"unknown tensor {reference_name!r}: not in the reference's HRM naming "
-                              "(its Transformer baseline is not supported)")
+        raise CheckpointError(
+            f"unknown tensor {reference_name!r}: not in the reference's HRM naming "
+            "(its Transformer baseline is not supported)"
+        )
     stack, layer, tensor = match.groups()
     return f"{stack}_level.layers.{layer}.{tensor}.weight"
 
@@ -78,8 +85,9 @@ def _unwrap(obj: Any, file: Path) -> dict[str, torch.Tensor]:
     while isinstance(obj, dict) and not all(isinstance(v, torch.Tensor) for v in obj.values()):
         inner = next((obj[k] for k in _WRAPPER_KEYS if isinstance(obj.get(k), dict)), None)
         if inner is None:
-            raise CheckpointError(f"{file}: not a state dict (no tensors at the top level nor under any of "
-                                  f"{', '.join(_WRAPPER_KEYS)})")
+            raise CheckpointError(
+                f"{file}: not a state dict (no tensors at the top level nor under any of {', '.join(_WRAPPER_KEYS)})"
+            )
         obj = inner
     if not isinstance(obj, dict):
         raise CheckpointError(f"{file}: holds a {type(obj).__name__}, not a state dict")
@@ -108,8 +116,7 @@ def import_reference(path: str | os.PathLike, config: ModelConfig, out_dir: str 
     (atomically; an existing non-empty ``out_dir`` is an error). Tensors are copied unchanged
     except ``z_L_init``'s exact cast to the weights' dtype."""
     if config.arch != "hrm":
-        raise ConfigError("only arch='hrm' reference checkpoints can be imported; "
-                          f"the config has arch={config.arch!r}")
+        raise ConfigError(f"only arch='hrm' reference checkpoints can be imported; the config has arch={config.arch!r}")
     state = from_reference_state_dict(load_reference_state_dict(path))
     check_state_dict(state, model_shapes(config), str(path))
     return save_checkpoint(out_dir, config, state, meta={"imported_from": str(Path(path).resolve())})

@@ -14,9 +14,9 @@ without that variable; kernels are named there by ``module:attribute``.
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
+import pkgutil
 import re
 import subprocess
 import sys
@@ -65,14 +65,25 @@ def _ptxas_info(ptx: str, capability: int) -> dict[str, int]:
         src = os.path.join(tmp, "k.ptx")
         with open(src, "w") as f:
             f.write(ptx)
-        cmd = [get_ptxas(capability).path, "-v", "--regAllocOptLevel=2",
-               f"--gpu-name={sm_arch_from_capability(capability)}", src, "-o", os.path.join(tmp, "k.cubin")]
+        cmd = [
+            get_ptxas(capability).path,
+            "-v",
+            "--regAllocOptLevel=2",
+            f"--gpu-name={sm_arch_from_capability(capability)}",
+            src,
+            "-o",
+            os.path.join(tmp, "k.cubin"),
+        ]
         log = subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
     used, spill = _PTXAS_USED.search(log), _PTXAS_SPILL.search(log)
     if used is None or spill is None:
         raise RuntimeError(f"unexpected ptxas -v output: {log!r}")
-    return {"registers": int(used.group(1)), "stack_bytes": int(spill.group(1)),
-            "spill_stores": int(spill.group(2)), "spill_loads": int(spill.group(3))}
+    return {
+        "registers": int(used.group(1)),
+        "stack_bytes": int(spill.group(1)),
+        "spill_stores": int(spill.group(2)),
+        "spill_loads": int(spill.group(3)),
+    }
 
 
 def _compile_one(spec: KernelSpec, capability: int) -> dict[str, Any]:
@@ -80,23 +91,33 @@ def _compile_one(spec: KernelSpec, capability: int) -> dict[str, Any]:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    module, attr = spec.kernel.split(":")
-    fn = getattr(importlib.import_module(module), attr)
+    fn = pkgutil.resolve_name(spec.kernel)
     names = list(fn.arg_names)
     signature = {n: ("constexpr" if n in spec.constexprs else spec.signature[n]) for n in names}
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in spec.aligned}
-    row: dict[str, Any] = {"kernel": spec.name, "arch": _arch(capability), "num_warps": spec.num_warps,
-                           "num_stages": spec.num_stages, **{k: v for k, v in spec.constexprs.items()
-                                                             if k.startswith("BLOCK") or k == "HEAD_DIM"}}
+    row: dict[str, Any] = {
+        "kernel": spec.name,
+        "arch": _arch(capability),
+        "num_warps": spec.num_warps,
+        "num_stages": spec.num_stages,
+        **{k: v for k, v in spec.constexprs.items() if k.startswith("BLOCK") or k == "HEAD_DIM"},
+    }
     try:
-        compiled = triton.compile(ASTSource(fn, signature, spec.constexprs, attrs),
-                                  target=GPUTarget("cuda", capability, 32),
-                                  options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
-        row.update(_ptxas_info(compiled.asm["ptx"], capability), shared_bytes=int(compiled.metadata.shared),
-                   error=None)
+        compiled = triton.compile(
+            ASTSource(fn, signature, spec.constexprs, attrs),
+            target=GPUTarget("cuda", capability, 32),
+            options={"num_warps": spec.num_warps, "num_stages": spec.num_stages},
+        )
+        row.update(_ptxas_info(compiled.asm["ptx"], capability), shared_bytes=int(compiled.metadata.shared), error=None)
     except Exception as e:  # a row per failure: the report shows every kernel
-        row.update(registers=None, stack_bytes=None, spill_stores=None, spill_loads=None, shared_bytes=None,
-                   error=f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}")
+        row.update(
+            registers=None,
+            stack_bytes=None,
+            spill_stores=None,
+            spill_loads=None,
+            shared_bytes=None,
+            error=f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}",
+        )
     return row
 
 
@@ -115,8 +136,9 @@ def _compile_all(specs: list[KernelSpec], capabilities: tuple[int, ...], jobs: i
         return list(pool.map(_compile_star, work))
 
 
-def compile_report(specs: list[KernelSpec], capabilities: tuple[int, ...] = DEFAULT_CAPABILITIES,
-                   jobs: int | None = None) -> list[dict[str, Any]]:
+def compile_report(
+    specs: list[KernelSpec], capabilities: tuple[int, ...] = DEFAULT_CAPABILITIES, jobs: int | None = None
+) -> list[dict[str, Any]]:
     """One row per (spec, capability), in that order: ``kernel, arch, num_warps,
     num_stages, BLOCK_*, HEAD_DIM, registers, stack_bytes, spill_stores, spill_loads,
     shared_bytes, error``. ``jobs`` compiles run in parallel (default: one per CPU)."""
@@ -125,8 +147,14 @@ def compile_report(specs: list[KernelSpec], capabilities: tuple[int, ...] = DEFA
         return _compile_all(list(specs), tuple(capabilities), jobs)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     payload = json.dumps({"specs": [asdict(s) for s in specs], "capabilities": list(capabilities), "jobs": jobs})
-    proc = subprocess.run([sys.executable, "-c", "from hrm.ops.aot import _worker; _worker()"], input=payload,
-                          capture_output=True, text=True, env=env, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-c", "from hrm.ops.aot import _worker; _worker()"],
+        input=payload,
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"ahead-of-time compile worker failed:\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -141,8 +169,21 @@ def _worker() -> None:
 
 def format_rows(rows: list[dict[str, Any]]) -> str:
     """The report as a fixed-width text table."""
-    cols = ["kernel", "arch", "HEAD_DIM", "BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "registers",
-            "spill_stores", "spill_loads", "stack_bytes", "shared_bytes", "error"]
+    cols = [
+        "kernel",
+        "arch",
+        "HEAD_DIM",
+        "BLOCK_M",
+        "BLOCK_N",
+        "num_warps",
+        "num_stages",
+        "registers",
+        "spill_stores",
+        "spill_loads",
+        "stack_bytes",
+        "shared_bytes",
+        "error",
+    ]
     cols = [c for c in cols if any(c in r for r in rows)]
     cells = [[("" if r.get(c) is None else str(r.get(c))) for c in cols] for r in rows]
     widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(cols)]

@@ -1,15 +1,20 @@
-"""What the fused op files share: the optional Triton import, launch sizes, and the lazily
-compiled functions of the ``compile`` backend.
+"""What every op shares: the optional Triton import, the dtype policy, math constants, launch
+sizes for row-wise kernels, and the lazily compiled functions of the ``compile`` backend.
 
 Triton is optional: without it ``jit`` leaves kernels as plain, never-launched functions
 and :mod:`hrm.ops.dispatch` reports the ``triton`` backend unavailable.
+
+Tile pickers are pure functions of the shape and a *tile target*: ``"gpu"`` (tiles of about
+4K elements per program, what a GPU runs) or ``"interpreter"`` (the Triton interpreter pays
+~1 ms of Python per program whatever its size, so it takes whole tensors in as few
+programs as possible). Launchers ask :func:`tile_target` which one applies.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from typing import Callable, Iterator, NamedTuple
+from typing import Callable, Iterator, Literal, NamedTuple
 
 import torch
 
@@ -18,11 +23,22 @@ try:
     import triton.language as tl
 
     jit = triton.jit
+    constexpr = tl.constexpr
 except ImportError:  # the triton backend then reports itself unavailable
     triton = tl = None
 
     def jit(fn: Callable) -> Callable:
         return fn
+
+    class constexpr:  # what host code reads of a constant: .value
+        def __init__(self, value: float) -> None:
+            self.value = value
+
+
+# Math constants: inside @jit functions (which read only constexpr globals) as they are, in
+# host code as ``.value``.
+LOG2E = constexpr(1.4426950408889634)  # log2(e): exp(x) = exp2(x * LOG2E)
+LN2 = constexpr(0.6931471805599453)  # ln(2): ln(x) = log2(x) * LN2
 
 
 def interpreting() -> bool:
@@ -30,7 +46,13 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype norms, RoPE, losses and optimizer math compute in: fp32, or fp64 for fp64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def next_pow2(n: int) -> int:
+    """The smallest power of two >= ``n`` (1 for ``n <= 1``)."""
     return 1 << max(n - 1, 0).bit_length()
 
 
@@ -38,43 +60,41 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-# Elements one program holds in registers per loaded tile: about a 4K tile on a GPU. The
-# interpreter pays ~1 ms of Python per program whatever its size, so it takes whole
-# tensors in as few programs as possible (see :func:`whole_tensor_tiles`).
-TILE_ELEMS_GPU = 4096
-TILE_ELEMS_INTERPRETER = 1 << 18
-_gpu_tiles_forced = False
+# -- launch sizes ----------------------------------------------------------------------------
+TileTarget = Literal["gpu", "interpreter"]
+TILE_ELEMS = {"gpu": 4096, "interpreter": 1 << 18}  # elements one program holds per loaded tile
 
 
-def whole_tensor_tiles() -> bool:
-    """Whether launchers should size tiles for the interpreter (few, huge programs) rather
-    than for a GPU; :func:`gpu_tiles` turns it off so that tests run the GPU tiling."""
-    return interpreting() and not _gpu_tiles_forced
+def tile_target() -> TileTarget:
+    """``"interpreter"`` under ``TRITON_INTERPRET=1``, else ``"gpu"``. ``HRM_TRITON_TILES=gpu``
+    makes the interpreter run the GPU tiling (many programs, partial tiles) for tests of it."""
+    if interpreting() and os.environ.get("HRM_TRITON_TILES") != "gpu":
+        return "interpreter"
+    return "gpu"
 
 
-@contextlib.contextmanager
-def gpu_tiles() -> Iterator[None]:
-    """Launch with the GPU tile sizes even under the interpreter (for tests of the tiling)."""
-    global _gpu_tiles_forced
-    before, _gpu_tiles_forced = _gpu_tiles_forced, True
-    try:
-        yield
-    finally:
-        _gpu_tiles_forced = before
-
-
-def tile_elems() -> int:
-    return TILE_ELEMS_INTERPRETER if whole_tensor_tiles() else TILE_ELEMS_GPU
-
-
-def rows_per_program(n_rows: int, block_cols: int) -> int:
-    """Rows per program for a row-wise kernel whose rows are ``block_cols`` wide (a power of two)."""
-    return max(1, min(next_pow2(max(n_rows, 1)), tile_elems() // block_cols))
+def row_settings(n_rows: int, block_cols: int, target: TileTarget) -> tuple[int, int]:
+    """``(block_rows, num_warps)`` for a row-wise kernel whose programs hold ``block_rows``
+    rows of ``block_cols`` (a power of two) elements: about :data:`TILE_ELEMS` per program,
+    at least one row, and one warp per 512 elements (4 to 16)."""
+    block_rows = max(1, min(next_pow2(max(n_rows, 1)), TILE_ELEMS[target] // block_cols))
+    return block_rows, min(16, max(4, block_rows * block_cols // 512))
 
 
 def rows_2d(x: torch.Tensor) -> torch.Tensor:
     """``x`` as a contiguous ``[rows, last_dim]`` matrix (a view when it already is one)."""
     return x.reshape(-1, x.shape[-1]).contiguous()
+
+
+@contextlib.contextmanager
+def device_of(t: torch.Tensor) -> Iterator[None]:
+    """Make ``t``'s CUDA device current for a kernel launch (Triton launches on the current
+    device, whatever device its arguments live on); a no-op for CPU tensors."""
+    if t.device.type == "cuda":
+        with torch.cuda.device(t.device):
+            yield
+    else:
+        yield
 
 
 class compiled:
@@ -99,21 +119,18 @@ class compiled:
         return self._compiled(*args)
 
 
+def needs_grad(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd will want gradients for any of ``tensors`` (else run forward-only)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+# -- ahead-of-time specs ------------------------------------------------------------------------
 TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
 def pointers(dtype: torch.dtype, *names: str) -> dict[str, str]:
     """Ahead-of-time signature entries: ``names`` are pointers to ``dtype``."""
     return {n: f"*{TRITON_TYPES[dtype]}" for n in names}
-
-
-def needs_grad(*tensors: torch.Tensor | None) -> bool:
-    """Whether autograd will want gradients for any of ``tensors`` (else run forward-only)."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
-__all__ = ["TRITON_TYPES", "cdiv", "compiled", "gpu_tiles", "interpreting", "jit", "needs_grad", "next_pow2",
-           "pointers", "rows_2d", "rows_per_program", "tile_elems", "tl", "triton", "whole_tensor_tiles"]
 
 
 class RowKernelAot(NamedTuple):
@@ -127,13 +144,43 @@ class RowKernelAot(NamedTuple):
     num_warps: int
 
 
-def row_kernel_aot(tile_fn: Callable, rows: int, cols: int, dtype: torch.dtype, module: str,
-                   label: str) -> RowKernelAot:
+def row_kernel_aot(
+    tile_fn: Callable, rows: int, cols: int, dtype: torch.dtype, module: str, label: str
+) -> RowKernelAot:
     """:class:`RowKernelAot` for a kernel over ``rows x cols`` whose launcher picks tiles with
-    ``tile_fn(rows, cols) -> (grid, block_rows, block_cols, num_warps)``."""
-    with gpu_tiles():
-        _, block_rows, block_cols, num_warps = tile_fn(rows, cols)
-    return RowKernelAot({"BLOCK_ROWS": block_rows, "BLOCK_COLS": block_cols}, {"n_rows": "i32", "n_cols": "i32"},
-                        ("n_cols",) if cols % 16 == 0 else (), f"{label}={cols} {TRITON_TYPES[dtype]}",
-                        f"{module}:", num_warps)
+    ``tile_fn(rows, cols, target) -> (grid, block_rows, block_cols, num_warps)``."""
+    _, block_rows, block_cols, num_warps = tile_fn(rows, cols, "gpu")
+    return RowKernelAot(
+        {"BLOCK_ROWS": block_rows, "BLOCK_COLS": block_cols},
+        {"n_rows": "i32", "n_cols": "i32"},
+        ("n_cols",) if cols % 16 == 0 else (),
+        f"{label}={cols} {TRITON_TYPES[dtype]}",
+        f"{module}:",
+        num_warps,
+    )
 
+
+__all__ = [
+    "LN2",
+    "LOG2E",
+    "TILE_ELEMS",
+    "TRITON_TYPES",
+    "RowKernelAot",
+    "TileTarget",
+    "cdiv",
+    "compiled",
+    "compute_dtype",
+    "constexpr",
+    "device_of",
+    "interpreting",
+    "jit",
+    "needs_grad",
+    "next_pow2",
+    "pointers",
+    "row_kernel_aot",
+    "row_settings",
+    "rows_2d",
+    "tile_target",
+    "tl",
+    "triton",
+]

@@ -2,7 +2,8 @@
 
 Backends, in the order ``auto`` prefers them:
 
-- ``cuda``: hand-written CUDA/CUTLASS kernels from ``csrc/`` (GPU).
+- ``cuda``: reserved for hand-written CUDA/CUTLASS kernels from ``csrc/`` (GPU); no op
+  implements it yet, so it reports itself unavailable.
 - ``triton``: Triton kernels (GPU; the interpreter runs them on the CPU for tests, but
   ``auto`` never picks it where no CUDA device is visible).
 - ``cpu``: hand-written CPU kernels.
@@ -20,14 +21,14 @@ name: an explicit name that cannot run raises :class:`~hrm.errors.BackendUnavail
 
 from __future__ import annotations
 
-import importlib.util
 import logging
-import os
-from typing import Callable
+from types import MappingProxyType
+from typing import Callable, Mapping
 
 import torch
 
 from hrm.errors import BackendUnavailable
+from hrm.ops.common import interpreting, triton
 
 log = logging.getLogger("hrm")
 
@@ -50,6 +51,16 @@ def register(op: str, backend: str) -> Callable[[Callable], Callable]:
     return deco
 
 
+def registered_ops() -> list[str]:
+    """Every op that has at least one implementation, in registration order."""
+    return list(_IMPLS)
+
+
+def implementations(op: str) -> Mapping[str, Callable]:
+    """The backends that implement ``op`` directly, each with its function (read-only)."""
+    return MappingProxyType(_IMPLS[op])
+
+
 def register_probe(backend: str, probe: Callable[[], str | None]) -> None:
     """Add a runtime check to ``backend`` (e.g. "a C++ compiler is on PATH"): ``probe()``
     returns why the backend cannot run here, or ``None``."""
@@ -64,11 +75,11 @@ def _probe(backend: str) -> str | None:
     if backend == "torch":
         return None
     if backend in ("cuda", "triton") and not torch.cuda.is_available():
-        if backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
+        if backend == "triton" and interpreting():
             pass  # the interpreter runs Triton kernels on the CPU
         else:
             return "no CUDA device is visible"
-    if backend == "triton" and importlib.util.find_spec("triton") is None:
+    if backend == "triton" and triton is None:
         return "the 'triton' package is not installed"
     if not any(backend in impls for impls in _IMPLS.values()):
         return "no op implements it in this version of hrm"

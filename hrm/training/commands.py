@@ -26,29 +26,41 @@ def _option(parser: argparse._ActionGroup, field: str, help: str, **kwargs: Any)
     """``--field-name`` for TrainConfig ``field``; the help shows the dataclass default."""
     default = getattr(_DEFAULTS, field)
     shown = " ".join(map(str, default)) if isinstance(default, tuple) else "none" if default is None else default
-    parser.add_argument("--" + field.replace("_", "-"), dest=field, default=None,
-                        help=f"{help} (default: {shown})", **kwargs)
+    parser.add_argument(
+        "--" + field.replace("_", "-"), dest=field, default=None, help=f"{help} (default: {shown})", **kwargs
+    )
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "train", help="train a model (single process or under torchrun)",
+        "train",
+        help="train a model (single process or under torchrun)",
         description="Train an HRM-Text model. Writes metrics.jsonl, metrics.png and checkpoints to --out; "
-                    "the last line printed is the held-out exact match. Under torchrun every rank takes one "
-                    "packed row per step.")
+        "the last line printed is the held-out exact match. Under torchrun every rank takes one "
+        "packed row per step.",
+    )
     model = p.add_argument_group("model")
     _option(model, "preset", f"model size: {', '.join(PRESETS)}")
-    model.add_argument("--override", dest="model_overrides", action="append", metavar="FIELD=VALUE",
-                       help="set a ModelConfig field over the preset, e.g. hidden_size=128 (repeatable)")
+    model.add_argument(
+        "--override",
+        dest="model_overrides",
+        action="append",
+        metavar="FIELD=VALUE",
+        help="set a ModelConfig field over the preset, e.g. hidden_size=128 (repeatable)",
+    )
     _option(model, "tokenizer", "'byte' or a path to a tokenizer.json")
     _option(model, "backend", "kernel backend (torch, compile, triton, cuda, auto)")
 
     data = p.add_argument_group("data (one source; the default is the task " + DEFAULT_TASK + ")")
     _option(data, "task", f"built-in task: {', '.join(TASKS)}")
-    _option(data, "data", "JSONL file of {\"instruction\", \"response\"} objects", metavar="FILE")
+    _option(data, "data", 'JSONL file of {"instruction", "response"} objects', metavar="FILE")
     _option(data, "pretokenized", "directory in the reference's pre-tokenized layout", metavar="DIR")
-    _option(data, "eval_data", "held-out JSONL file or pre-tokenized directory (a task uses its held-out split)",
-            metavar="PATH")
+    _option(
+        data,
+        "eval_data",
+        "held-out JSONL file or pre-tokenized directory (a task uses its held-out split)",
+        metavar="PATH",
+    )
     _option(data, "train_samples", "samples drawn from a task", type=int)
     _option(data, "too_long", "what to do with a sample longer than a row", choices=["skip", "truncate"])
 
@@ -68,12 +80,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run = p.add_argument_group("run")
     _option(run, "out", "output directory", metavar="DIR")
     _option(run, "log_every", "write a metrics line every N steps", type=int, metavar="N")
-    _option(run, "eval_every", "evaluate on held-out data every N steps (0: only at the end)", type=int,
-            metavar="N")
+    _option(run, "eval_every", "evaluate on held-out data every N steps (0: only at the end)", type=int, metavar="N")
     _option(run, "eval_samples", "held-out samples per evaluation", type=int, metavar="N")
     _option(run, "save_every", "checkpoint every N steps (0: only at the end)", type=int, metavar="N")
-    run.add_argument("--resume", metavar="DIR", default=None,
-                     help="continue the run in DIR from its latest checkpoint (default: start a new run)")
+    run.add_argument(
+        "--resume",
+        metavar="DIR",
+        default=None,
+        help="continue the run in DIR from its latest checkpoint (default: start a new run)",
+    )
     p.set_defaults(func=run_train)
 
 
@@ -81,8 +96,11 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
     """The TrainConfig the arguments describe (on ``--resume``: the saved one, updated)."""
     from hrm.training.loop import resume_config
 
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
-             if getattr(args, f.name, None) is not None}
+    given = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(TrainConfig)
+        if getattr(args, f.name, None) is not None
+    }
     if "model_overrides" in given:
         given["model_overrides"] = dict(parse_override(text) for text in given["model_overrides"])
     if any(k in given for k in _SOURCES):
@@ -99,9 +117,11 @@ def run_train(args: argparse.Namespace) -> int:
     cfg = build_config(args)
     result = train(cfg, resume=args.resume)
     if result["rank"] == 0:
-        print(f"ran {result['steps_run']} steps in {result['seconds']:.0f} s; final loss {result['loss']:.4f}, "
-              f"token accuracy {result['accuracy']:.4f}; checkpoint {result['checkpoint']}; metrics and plot in "
-              f"{cfg.out}")
+        print(
+            f"ran {result['steps_run']} steps in {result['seconds']:.0f} s; final loss {result['loss']:.4f}, "
+            f"token accuracy {result['accuracy']:.4f}; checkpoint {result['checkpoint']}; metrics and plot in "
+            f"{cfg.out}"
+        )
         if "eval_exact_match" in result:
             print(f"held-out exact-match: {result['eval_exact_match']:.4f}")
         else:

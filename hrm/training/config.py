@@ -21,8 +21,7 @@ TooLong = Literal["skip", "truncate"]
 DEFAULT_TASK = "add"
 
 #: Fields a resumed run may change; every other field must equal the checkpoint's.
-RESUMABLE_CHANGES = frozenset({"out", "backend", "save_every", "eval_every", "eval_samples", "eval_data",
-                               "log_every"})
+RESUMABLE_CHANGES = frozenset({"out", "backend", "save_every", "eval_every", "eval_samples", "eval_data", "log_every"})
 
 
 @dataclass(frozen=True)
@@ -110,7 +109,7 @@ class TrainConfig:
         """The preset with the tokenizer's ``vocab_size`` and then ``model_overrides`` applied."""
         return get_preset(self.preset, **{"vocab_size": vocab_size, **self.model_overrides})
 
-    def replace(self, **changes: Any) -> "TrainConfig":
+    def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -119,7 +118,7 @@ class TrainConfig:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         return dataclass_from_dict(cls, data, "training config")
 
 
@@ -128,8 +127,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     key, sep, raw = text.partition("=")
     fields = {f.name: f for f in dataclasses.fields(ModelConfig)}
     if not sep or key not in fields:
-        raise ConfigError(f"bad model override {text!r}: expected FIELD=VALUE with FIELD one of "
-                          f"{', '.join(fields)}")
+        raise ConfigError(f"bad model override {text!r}: expected FIELD=VALUE with FIELD one of {', '.join(fields)}")
     kind = type(getattr(ModelConfig(), key))
     try:
         value = kind(raw)

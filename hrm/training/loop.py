@@ -43,11 +43,18 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from hrm import profiling
-from hrm.checkpoint import LATEST_FILE, check_state_dict, load_state, read_config, resolve_checkpoint, \
-    save_checkpoint
+from hrm.checkpoint import LATEST_FILE, check_state_dict, load_state, read_config, resolve_checkpoint, save_checkpoint
 from hrm.config import bp_steps_at
-from hrm.data import PackedLoader, Sample, load_tokenizer, multipack, pack_row, read_jsonl, read_pretokenized, \
-    task_samples
+from hrm.data import (
+    PackedLoader,
+    Sample,
+    load_tokenizer,
+    multipack,
+    pack_row,
+    read_jsonl,
+    read_pretokenized,
+    task_samples,
+)
 from hrm.errors import CheckpointError, ConfigError, HrmError
 from hrm.inference import exact_match
 from hrm.model import HRMText
@@ -97,7 +104,8 @@ def parallelize(model: HRMText, env: Dist) -> torch.nn.Module:
     if env.world_size == 1:
         return model
     return torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[env.device.index] if env.device.type == "cuda" else None, find_unused_parameters=True)
+        model, device_ids=[env.device.index] if env.device.type == "cuda" else None, find_unused_parameters=True
+    )
 
 
 def seed_everything(seed: int) -> None:
@@ -142,9 +150,12 @@ def load_samples(cfg: TrainConfig, tokenizer, vocab_size: int) -> tuple[list[Sam
     skipped = f", {stats.skipped_empty_response} with an empty response skipped" if stats.skipped_empty_response else ""
     heldout: list[Sample] = []
     if cfg.eval_data is not None:
-        heldout, _ = (read_pretokenized(cfg.eval_data, 0, vocab_size) if Path(cfg.eval_data).is_dir()
-                      else read_jsonl(cfg.eval_data, tokenizer))
-        heldout = heldout[:cfg.eval_samples]
+        heldout, _ = (
+            read_pretokenized(cfg.eval_data, 0, vocab_size)
+            if Path(cfg.eval_data).is_dir()
+            else read_jsonl(cfg.eval_data, tokenizer)
+        )
+        heldout = heldout[: cfg.eval_samples]
     return train, heldout, f"{value} ({stats.read} records{skipped})"
 
 
@@ -170,8 +181,10 @@ def resume_config(out: str | os.PathLike) -> TrainConfig:
 def check_resumable(saved: TrainConfig, cfg: TrainConfig) -> None:
     """ConfigError naming the first setting that a resumed run may not change."""
     if saved.source != cfg.source:
-        raise ConfigError(f"cannot resume: the data source is --{cfg.source[0]} {cfg.source[1]} but the checkpoint "
-                          f"was trained on --{saved.source[0]} {saved.source[1]}")
+        raise ConfigError(
+            f"cannot resume: the data source is --{cfg.source[0]} {cfg.source[1]} but the checkpoint "
+            f"was trained on --{saved.source[0]} {saved.source[1]}"
+        )
     for f in dataclasses.fields(TrainConfig):
         old, new = getattr(saved, f.name), getattr(cfg, f.name)
         if f.name not in RESUMABLE_CHANGES and old != new:
@@ -204,12 +217,15 @@ def evaluate(model: HRMText, samples: list[Sample], *, budget: int, pad_id: int,
     loss_sum, supervised, correct = 0.0, 0, 0
     for step in multipack([s.packed_len for s in fitting], budget):
         batch = pack_row([fitting[i] for i in step[0]], budget, pad_id).to(device)
-        _, m = model(batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.prefix_lens, batch.labels)
+        _, m = model(**batch.model_inputs())
         loss_sum += float(m["loss_sum"])
         supervised += int(m["num_supervised"])
         correct += int(m["num_correct"])
-    return {"eval_loss": loss_sum / max(supervised, 1), "eval_accuracy": correct / max(supervised, 1),
-            "eval_exact_match": exact_match(model, samples, eos_id=eos_id)}
+    return {
+        "eval_loss": loss_sum / max(supervised, 1),
+        "eval_accuracy": correct / max(supervised, 1),
+        "eval_exact_match": exact_match(model, samples, eos_id=eos_id),
+    }
 
 
 # -- the loop ------------------------------------------------------------------------------
@@ -229,9 +245,11 @@ class _Window:
 
     def summary(self) -> dict[str, float]:
         s = self.sums
-        return {"loss": s["loss_sum"] / max(s["num_supervised"], 1),
-                "accuracy": s["num_correct"] / max(s["num_supervised"], 1),
-                "exact_accuracy": s["num_exact"] / max(s["num_sequences"], 1)}
+        return {
+            "loss": s["loss_sum"] / max(s["num_supervised"], 1),
+            "accuracy": s["num_correct"] / max(s["num_supervised"], 1),
+            "exact_accuracy": s["num_exact"] / max(s["num_sequences"], 1),
+        }
 
 
 def train(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> dict[str, Any]:
@@ -261,14 +279,17 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> dict[str
             dist.destroy_process_group()
 
 
-def _restore(path: Path, model: HRMText, optimizer: AdamAtan2, ema: EMA, loader: PackedLoader,
-             device: torch.device) -> tuple[int, _Window]:
+def _restore(
+    path: Path, model: HRMText, optimizer: AdamAtan2, ema: EMA, loader: PackedLoader, device: torch.device
+) -> tuple[int, _Window]:
     """Load a training checkpoint into the run's objects; returns ``(step, metric window)``."""
     saved_model_cfg, meta = read_config(path)
     if saved_model_cfg != model.config:
         field = next(k for k, v in model.config.to_dict().items() if saved_model_cfg.to_dict()[k] != v)
-        raise ConfigError(f"cannot resume: model {field} is {getattr(model.config, field)!r} but the checkpoint "
-                          f"has {getattr(saved_model_cfg, field)!r}")
+        raise ConfigError(
+            f"cannot resume: model {field} is {getattr(model.config, field)!r} but the checkpoint "
+            f"has {getattr(saved_model_cfg, field)!r}"
+        )
     weights = load_state(path)
     check_state_dict(weights, model.state_dict(), str(path))
     model.load_state_dict(weights)
@@ -285,11 +306,22 @@ def _train(cfg: TrainConfig, out: Path, ckpt_path: Path | None, env: Dist) -> di
     tokenizer = load_tokenizer(cfg.tokenizer)
     model_cfg = cfg.model_config(tokenizer.vocab_size)
     train_samples, heldout, described = load_samples(cfg, tokenizer, model_cfg.vocab_size)
-    loader = PackedLoader(train_samples, cfg.batch_tokens, seed=cfg.seed, pad_id=tokenizer.pad_id,
-                          num_rows=env.world_size, too_long=cfg.too_long)
+    loader = PackedLoader(
+        train_samples,
+        cfg.batch_tokens,
+        seed=cfg.seed,
+        pad_id=tokenizer.pad_id,
+        num_rows=env.world_size,
+        too_long=cfg.too_long,
+    )
     model = HRMText(model_cfg, backend=cfg.backend).to(env.device)
-    optimizer = AdamAtan2(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas,
-                          weight_decay=cfg.weight_decay, backend=model.backend)
+    optimizer = AdamAtan2(
+        param_groups(model, cfg.weight_decay),
+        lr=cfg.lr,
+        betas=cfg.betas,
+        weight_decay=cfg.weight_decay,
+        backend=model.backend,
+    )
     ema = EMA(model, cfg.ema_decay)
     start, window = 0, _Window()
     if ckpt_path is not None:
@@ -303,23 +335,38 @@ def _train(cfg: TrainConfig, out: Path, ckpt_path: Path | None, env: Dist) -> di
         (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
         (out / "model_config.json").write_text(json.dumps(model_cfg.to_dict(), indent=2) + "\n")
         log = MetricsLog(out / "metrics.jsonl", keep_through=start)
-        print(f"hrm train: {cfg.preset} ({model.num_parameters() / 1e6:.2f}M parameters), {described}: "
-              f"{loader.num_samples} samples in rows of {cfg.batch_tokens} tokens "
-              f"({loader.packing_efficiency:.1%} full, {loader.stats.skipped_too_long} too long), "
-              f"{env.world_size} x {env.device.type}, backend {model.backend}"
-              + (f"; resuming after step {start}" if start else ""), file=sys.stderr)
-        progress = tqdm(total=cfg.steps, initial=start, file=sys.stderr, unit="step", dynamic_ncols=True,
-                        disable=None)
+        print(
+            f"hrm train: {cfg.preset} ({model.num_parameters() / 1e6:.2f}M parameters), {described}: "
+            f"{loader.num_samples} samples in rows of {cfg.batch_tokens} tokens "
+            f"({loader.packing_efficiency:.1%} full, {loader.stats.skipped_too_long} too long), "
+            f"{env.world_size} x {env.device.type}, backend {model.backend}"
+            + (f"; resuming after step {start}" if start else ""),
+            file=sys.stderr,
+        )
+        progress = tqdm(total=cfg.steps, initial=start, file=sys.stderr, unit="step", dynamic_ncols=True, disable=None)
 
     checkpoints = out / CHECKPOINTS
 
     def save(step: int) -> None:
-        train_state = {"step": step, "optimizer": optimizer.state_dict(), "ema_updates": ema.num_updates,
-                       "loader": loader.state_dict(), "window": window.sums, "rng": rng_state()}
+        train_state = {
+            "step": step,
+            "optimizer": optimizer.state_dict(),
+            "ema_updates": ema.num_updates,
+            "loader": loader.state_dict(),
+            "window": window.sums,
+            "rng": rng_state(),
+        }
         meta = {"step": step, "tokenizer": tokenizer.spec, "task": cfg.task, "train_config": cfg.to_dict()}
         name = f"step_{step:08d}"
-        save_checkpoint(checkpoints / name, model_cfg, model.state_dict(), ema_state_dict=ema.state_dict(),
-                        meta=meta, extra=lambda tmp: torch.save(train_state, tmp / TRAIN_STATE), overwrite=True)
+        save_checkpoint(
+            checkpoints / name,
+            model_cfg,
+            model.state_dict(),
+            ema_state_dict=ema.state_dict(),
+            meta=meta,
+            extra=lambda tmp: torch.save(train_state, tmp / TRAIN_STATE),
+            overwrite=True,
+        )
         write_latest(checkpoints, name)
         prune_checkpoints(checkpoints, KEEP_CHECKPOINTS)
 
@@ -342,12 +389,13 @@ def _train(cfg: TrainConfig, out: Path, ckpt_path: Path | None, env: Dist) -> di
             group["lr"] = lr
         divisor = sum(r.num_supervised for r in rows) / env.world_size
         with autocast:
-            loss, m = net(batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.prefix_lens, batch.labels,
-                          bp_steps=bp, loss_divisor=divisor)
+            loss, m = net(**batch.model_inputs(), bp_steps=bp, loss_divisor=divisor)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
-        stats = torch.stack([m[k].to(torch.float64) for k in _Window.KEYS]
-                            + [loss.detach().to(torch.float64), grad_norm.to(torch.float64)])
+        stats = torch.stack(
+            [m[k].to(torch.float64) for k in _Window.KEYS]
+            + [loss.detach().to(torch.float64), grad_norm.to(torch.float64)]
+        )
         if env.world_size > 1:
             dist.all_reduce(stats)
         *values, loss_value, grad_norm_sum = stats.tolist()
@@ -365,21 +413,32 @@ def _train(cfg: TrainConfig, out: Path, ckpt_path: Path | None, env: Dist) -> di
             timer_tokens += sum(r.num_tokens for r in rows)
             if done % cfg.log_every == 0 or done == cfg.steps:
                 now = time.perf_counter()
-                record = {"step": done, **window.summary(), "lr": lr, "bp_steps": bp,
-                          "tokens_per_s": timer_tokens / (now - timer),
-                          "grad_norm": grad_norm_sum / env.world_size, "epoch": loader.epoch}
+                record = {
+                    "step": done,
+                    **window.summary(),
+                    "lr": lr,
+                    "bp_steps": bp,
+                    "tokens_per_s": timer_tokens / (now - timer),
+                    "grad_norm": grad_norm_sum / env.world_size,
+                    "epoch": loader.epoch,
+                }
                 log.write(record)
-                progress.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}", bp=bp,
-                                     refresh=False)
+                progress.set_postfix(
+                    loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}", bp=bp, refresh=False
+                )
                 window, timer, timer_tokens = _Window(), now, 0
             progress.update()
             if heldout and (done == cfg.steps or cfg.eval_every and done % cfg.eval_every == 0):
                 with ema.swapped(model):
-                    last_eval = evaluate(model, heldout, budget=cfg.batch_tokens, pad_id=tokenizer.pad_id,
-                                         eos_id=tokenizer.eoa_id)
+                    last_eval = evaluate(
+                        model, heldout, budget=cfg.batch_tokens, pad_id=tokenizer.pad_id, eos_id=tokenizer.eoa_id
+                    )
                 log.write({"step": done, **last_eval})
-                progress.write(f"step {done}: held-out loss {last_eval['eval_loss']:.4f}, exact-match "
-                               f"{last_eval['eval_exact_match']:.4f} (EMA)", file=sys.stderr)
+                progress.write(
+                    f"step {done}: held-out loss {last_eval['eval_loss']:.4f}, exact-match "
+                    f"{last_eval['eval_exact_match']:.4f} (EMA)",
+                    file=sys.stderr,
+                )
         if done == cfg.steps or cfg.save_every and done % cfg.save_every == 0:
             if env.is_main:
                 save(done)
@@ -391,5 +450,12 @@ def _train(cfg: TrainConfig, out: Path, ckpt_path: Path | None, env: Dist) -> di
     progress.close()
     log.close()
     plot_metrics(out / "metrics.jsonl", out / "metrics.png")
-    return {**record, **last_eval, "checkpoint": str(latest_checkpoint(out)), "steps_run": cfg.steps - start,
-            "seconds": time.perf_counter() - begin, "rank": env.rank, "world_size": env.world_size}
+    return {
+        **record,
+        **last_eval,
+        "checkpoint": str(latest_checkpoint(out)),
+        "steps_run": cfg.steps - start,
+        "seconds": time.perf_counter() - begin,
+        "rank": env.rank,
+        "world_size": env.world_size,
+    }

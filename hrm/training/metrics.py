@@ -67,10 +67,12 @@ def plot_metrics(metrics_path: str | os.PathLike, out_path: str | os.PathLike) -
     ax_loss.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="held-out loss (EMA)")
     ax_loss.set_yscale("log")
     ax_acc.plot([r["step"] for r in train], [r["accuracy"] for r in train], label="train token accuracy")
-    ax_acc.plot([r["step"] for r in evals], [r["eval_accuracy"] for r in evals], "o-",
-                label="held-out token accuracy (EMA)")
-    ax_acc.plot([r["step"] for r in evals], [r["eval_exact_match"] for r in evals], "s-",
-                label="held-out exact match (EMA)")
+    ax_acc.plot(
+        [r["step"] for r in evals], [r["eval_accuracy"] for r in evals], "o-", label="held-out token accuracy (EMA)"
+    )
+    ax_acc.plot(
+        [r["step"] for r in evals], [r["eval_exact_match"] for r in evals], "s-", label="held-out exact match (EMA)"
+    )
     ax_acc.set_ylim(0, 1.02)
     for ax, title in ((ax_loss, "loss"), (ax_acc, "accuracy")):
         ax.set_xlabel("step")

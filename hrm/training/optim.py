@@ -1,4 +1,4 @@
-"""Optimizer, parameter EMA and learning-rate schedule (DESIGN.md, "Optimizer").
+"""Optimizer, parameter EMA and learning-rate schedule (docs/design.md, "Optimizer").
 
 * :class:`AdamAtan2`: Adam whose update is ``atan2(m_hat, sqrt(v_hat))`` -- bounded by
   ``pi/2`` per element and scale invariant, so it needs no epsilon -- with decoupled weight
@@ -19,8 +19,8 @@ from typing import Iterable, Iterator
 import torch
 from torch import nn
 
-from hrm.ops.adam_atan2 import adam_atan2_, adam_atan2_reference
 from hrm.ops.dispatch import resolve_backend
+from hrm.ops.impl.adam_atan2 import adam_atan2_, adam_atan2_reference
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -44,8 +44,15 @@ class AdamAtan2(torch.optim.Optimizer):
     left alone, state included.
     """
 
-    def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.95),
-                 weight_decay: float = 0.1, *, backend: str | None = "torch") -> None:
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.95),
+        weight_decay: float = 0.1,
+        *,
+        backend: str | None = "torch",
+    ) -> None:
         if not lr >= 0:
             raise ValueError(f"lr must be >= 0, got {lr}")
         if not all(0 <= b < 1 for b in betas):
@@ -72,9 +79,17 @@ class AdamAtan2(torch.optim.Optimizer):
                     state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
                 state["step"] += 1
                 states.append(state)
-            adam_atan2_(params, [p.grad for p in params], [s["exp_avg"] for s in states],
-                        [s["exp_avg_sq"] for s in states], [s["step"] for s in states], lr=group["lr"],
-                        betas=group["betas"], weight_decay=group["weight_decay"], backend=self.backend)
+            adam_atan2_(
+                params,
+                [p.grad for p in params],
+                [s["exp_avg"] for s in states],
+                [s["exp_avg_sq"] for s in states],
+                [s["step"] for s in states],
+                lr=group["lr"],
+                betas=group["betas"],
+                weight_decay=group["weight_decay"],
+                backend=self.backend,
+            )
         return loss
 
 

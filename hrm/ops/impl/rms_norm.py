@@ -24,14 +24,23 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from hrm.ops.common import (cdiv, compiled, jit, needs_grad, next_pow2, pointers, row_kernel_aot, rows_2d,
-                             rows_per_program, tl)
+from hrm.ops.common import (
+    TileTarget,
+    cdiv,
+    compiled,
+    compute_dtype,
+    device_of,
+    jit,
+    needs_grad,
+    next_pow2,
+    pointers,
+    row_kernel_aot,
+    row_settings,
+    rows_2d,
+    tile_target,
+    tl,
+)
 from hrm.ops.dispatch import get_impl, register
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype norms, RoPE and losses compute in: fp32, or fp64 for fp64 inputs."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # -- reference -----------------------------------------------------------------------------
@@ -49,8 +58,19 @@ def add_rms_norm_reference(x: Tensor, residual: Tensor, eps: float = 1e-6) -> tu
 
 # -- Triton kernels ------------------------------------------------------------------------
 @jit
-def _rms_norm_fwd_kernel(X, R, H, Y, RSTD, n_rows, n_cols, eps,
-                         HAS_RESIDUAL: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+def _rms_norm_fwd_kernel(
+    X,
+    R,
+    H,
+    Y,
+    RSTD,
+    n_rows,
+    n_cols,
+    eps,
+    HAS_RESIDUAL: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_COLS: tl.constexpr,
+):
     """A tile of rows: ``h = x (+ r)``, ``rstd = rsqrt(mean(h*h) + eps)``, ``y = h * rstd``.
 
     Stores ``y``, ``rstd`` (fp32, for the backward) and, with a residual, ``h`` in x's dtype;
@@ -71,8 +91,9 @@ def _rms_norm_fwd_kernel(X, R, H, Y, RSTD, n_rows, n_cols, eps,
 
 
 @jit
-def _rms_norm_bwd_kernel(DY, Y, RSTD, DH, DX, n_rows, n_cols,
-                         HAS_DH: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+def _rms_norm_bwd_kernel(
+    DY, Y, RSTD, DH, DX, n_rows, n_cols, HAS_DH: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr
+):
     """``dx = rstd * (dy - y * mean(dy * y)) (+ dh)``; HAS_DH (the residual output received a
     gradient of its own) is a constexpr so that the plain norm skips that load."""
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
@@ -88,11 +109,10 @@ def _rms_norm_bwd_kernel(DY, Y, RSTD, DH, DX, n_rows, n_cols,
     tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
 
 
-def row_tiles(n_rows: int, n_cols: int) -> tuple[tuple[int], int, int, int]:
+def row_tiles(n_rows: int, n_cols: int, target: TileTarget) -> tuple[tuple[int], int, int, int]:
     """Grid, rows per program, padded row width and warps for a whole-row kernel."""
     block_cols = next_pow2(n_cols)
-    block_rows = rows_per_program(n_rows, block_cols)
-    num_warps = min(16, max(4, block_rows * block_cols // 512))
+    block_rows, num_warps = row_settings(n_rows, block_cols, target)
     return (cdiv(n_rows, block_rows),), block_rows, block_cols, num_warps
 
 
@@ -101,15 +121,30 @@ def rms_norm_forward(x: Tensor, residual: Tensor | None, eps: float) -> tuple[Te
     """``(h, y, rstd)`` of :func:`add_rms_norm` (``h`` is ``None`` without a residual)."""
     x2 = rows_2d(x)
     n_rows, n_cols = x2.shape
-    y = torch.empty_like(x2)
-    h = torch.empty_like(x2) if residual is not None else None
+    # h and y promote like the reference's ``x + residual`` (a bf16 block output added to an
+    # fp32 residual stream stays fp32)
+    dtype = torch.promote_types(x.dtype, residual.dtype) if residual is not None else x.dtype
+    y = torch.empty(x2.shape, dtype=dtype, device=x.device)
+    h = torch.empty_like(y) if residual is not None else None
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     if n_rows:
-        grid, block_rows, block_cols, num_warps = row_tiles(n_rows, n_cols)
+        grid, block_rows, block_cols, num_warps = row_tiles(n_rows, n_cols, tile_target())
         r2 = rows_2d(residual) if residual is not None else x2
-        _rms_norm_fwd_kernel[grid](x2, r2, h if h is not None else y, y, rstd, n_rows, n_cols, eps,
-                                   HAS_RESIDUAL=residual is not None, BLOCK_ROWS=block_rows,
-                                   BLOCK_COLS=block_cols, num_warps=num_warps)
+        with device_of(x):
+            _rms_norm_fwd_kernel[grid](
+                x2,
+                r2,
+                h if h is not None else y,
+                y,
+                rstd,
+                n_rows,
+                n_cols,
+                eps,
+                HAS_RESIDUAL=residual is not None,
+                BLOCK_ROWS=block_rows,
+                BLOCK_COLS=block_cols,
+                num_warps=num_warps,
+            )
     shape = x.shape
     return (h.view(shape) if h is not None else None), y.view(shape), rstd.view(shape[:-1])
 
@@ -120,10 +155,22 @@ def rms_norm_backward(dy: Tensor, y: Tensor, rstd: Tensor, dh: Tensor | None) ->
     n_rows, n_cols = y2.shape
     dx = torch.empty_like(y2)
     if n_rows:
-        grid, block_rows, block_cols, num_warps = row_tiles(n_rows, n_cols)
+        grid, block_rows, block_cols, num_warps = row_tiles(n_rows, n_cols, tile_target())
         dh2 = rows_2d(dh) if dh is not None else dy2
-        _rms_norm_bwd_kernel[grid](dy2, y2, rstd.contiguous(), dh2, dx, n_rows, n_cols, HAS_DH=dh is not None,
-                                   BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols, num_warps=num_warps)
+        with device_of(y):
+            _rms_norm_bwd_kernel[grid](
+                dy2,
+                y2,
+                rstd.contiguous(),
+                dh2,
+                dx,
+                n_rows,
+                n_cols,
+                HAS_DH=dh is not None,
+                BLOCK_ROWS=block_rows,
+                BLOCK_COLS=block_cols,
+                num_warps=num_warps,
+            )
     return dx.view(y.shape)
 
 
@@ -146,7 +193,12 @@ def _add_rms_norm_op(x: Tensor, residual: Tensor, eps: float) -> tuple[Tensor, T
 
 @_add_rms_norm_op.register_fake
 def _(x, residual, eps):
-    return x.new_empty(x.shape), x.new_empty(x.shape), x.new_empty(x.shape[:-1], dtype=torch.float32)
+    dtype = torch.promote_types(x.dtype, residual.dtype)
+    return (
+        x.new_empty(x.shape, dtype=dtype),
+        x.new_empty(x.shape, dtype=dtype),
+        x.new_empty(x.shape[:-1], dtype=torch.float32),
+    )
 
 
 @torch.library.custom_op("hrm::rms_norm_backward", mutates_args=())
@@ -172,12 +224,17 @@ def _rms_norm_op_backward(ctx, dy, _drstd):
 
 def _add_rms_norm_op_backward(ctx, dh, dy, _drstd):
     y, rstd = ctx.saved_tensors
-    dx = _rms_norm_backward_op(dy if dy is not None else torch.zeros_like(y), y, rstd, dh)
-    return dx, dx, None
+    dx = _rms_norm_backward_op(dy if dy is not None else torch.zeros_like(y), y, rstd, dh)  # in h's dtype
+    return dx.to(ctx.x_dtype), dx.to(ctx.residual_dtype), None
+
+
+def _add_rms_norm_setup(ctx, inputs, output) -> None:
+    _save_y_rstd(ctx, inputs, output)
+    ctx.x_dtype, ctx.residual_dtype = inputs[0].dtype, inputs[1].dtype
 
 
 _rms_norm_op.register_autograd(_rms_norm_op_backward, setup_context=_save_y_rstd)
-_add_rms_norm_op.register_autograd(_add_rms_norm_op_backward, setup_context=_save_y_rstd)
+_add_rms_norm_op.register_autograd(_add_rms_norm_op_backward, setup_context=_add_rms_norm_setup)
 
 
 @register("rms_norm", "triton")
@@ -196,18 +253,37 @@ def aot_specs(hidden_size: int, dtype: torch.dtype, rows: int = 8192) -> list:
     :class:`hrm.ops.aot.KernelSpec` s (plain and fused-residual variants)."""
     from hrm.ops.aot import KernelSpec
 
-    tiles, sizes, aligned_cols, tag, where, num_warps = row_kernel_aot(row_tiles, rows, hidden_size, dtype, __name__,
-                                                                       "d")
+    tiles, sizes, aligned_cols, tag, where, num_warps = row_kernel_aot(
+        row_tiles, rows, hidden_size, dtype, __name__, "d"
+    )
     fwd_ptrs, bwd_ptrs = ("X", "R", "H", "Y"), ("DY", "Y", "DH", "DX")
     fwd = {**pointers(dtype, *fwd_ptrs), **pointers(torch.float32, "RSTD"), **sizes, "eps": "fp32"}
     bwd = {**pointers(dtype, *bwd_ptrs), **pointers(torch.float32, "RSTD"), **sizes}
     specs = []
     for flag in (False, True):
         suffix = "+residual" if flag else ""
-        specs.append(KernelSpec(f"rms_norm_fwd{suffix} {tag}", where + "_rms_norm_fwd_kernel", fwd,
-                                {"HAS_RESIDUAL": flag, **tiles}, num_warps, 1, (*fwd_ptrs, "RSTD", *aligned_cols)))
-        specs.append(KernelSpec(f"rms_norm_bwd{suffix} {tag}", where + "_rms_norm_bwd_kernel", bwd,
-                                {"HAS_DH": flag, **tiles}, num_warps, 1, (*bwd_ptrs, "RSTD", *aligned_cols)))
+        specs.append(
+            KernelSpec(
+                f"rms_norm_fwd{suffix} {tag}",
+                where + "_rms_norm_fwd_kernel",
+                fwd,
+                {"HAS_RESIDUAL": flag, **tiles},
+                num_warps,
+                1,
+                (*fwd_ptrs, "RSTD", *aligned_cols),
+            )
+        )
+        specs.append(
+            KernelSpec(
+                f"rms_norm_bwd{suffix} {tag}",
+                where + "_rms_norm_bwd_kernel",
+                bwd,
+                {"HAS_DH": flag, **tiles},
+                num_warps,
+                1,
+                (*bwd_ptrs, "RSTD", *aligned_cols),
+            )
+        )
     return specs
 
 
@@ -295,8 +371,9 @@ def rms_norm(x: Tensor, eps: float = 1e-6, *, backend: str | None = None) -> Ten
     return get_impl("rms_norm", backend)(x, eps)
 
 
-def add_rms_norm(x: Tensor, residual: Tensor, eps: float = 1e-6, *,
-                 backend: str | None = None) -> tuple[Tensor, Tensor]:
+def add_rms_norm(
+    x: Tensor, residual: Tensor, eps: float = 1e-6, *, backend: str | None = None
+) -> tuple[Tensor, Tensor]:
     """``(h, rms_norm(h))`` with ``h = x + residual`` (same shapes): the new residual stream
     and its normalised copy."""
     return get_impl("add_rms_norm", backend)(x, residual, eps)

@@ -26,14 +26,26 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from hrm.ops.common import compiled, jit, needs_grad, pointers, row_kernel_aot, rows_2d, tl
+from hrm.ops.common import (
+    compiled,
+    compute_dtype,
+    device_of,
+    jit,
+    needs_grad,
+    pointers,
+    row_kernel_aot,
+    rows_2d,
+    tile_target,
+    tl,
+)
 from hrm.ops.dispatch import get_impl, register
-from hrm.ops.rmsnorm import compute_dtype, rms_norm_forward_math, rms_norm_grad_math, rms_norm_reference, row_tiles
+from hrm.ops.impl.rms_norm import rms_norm_forward_math, rms_norm_grad_math, rms_norm_reference, row_tiles
 
 
 @register("magicnorm_transition", "torch")
-def magicnorm_transition_reference(x: Tensor, delta: Tensor, other: Tensor,
-                                   eps: float = 1e-6) -> tuple[Tensor, Tensor, Tensor]:
+def magicnorm_transition_reference(
+    x: Tensor, delta: Tensor, other: Tensor, eps: float = 1e-6
+) -> tuple[Tensor, Tensor, Tensor]:
     z = rms_norm_reference(x + delta, eps)
     u = z + other
     return z, u, rms_norm_reference(u, eps)
@@ -41,8 +53,9 @@ def magicnorm_transition_reference(x: Tensor, delta: Tensor, other: Tensor,
 
 # -- Triton kernels ------------------------------------------------------------------------
 @jit
-def _transition_fwd_kernel(X, DELTA, OTHER, Z, U, N, RSTD_H, RSTD_U, n_rows, n_cols, eps,
-                           BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+def _transition_fwd_kernel(
+    X, DELTA, OTHER, Z, U, N, RSTD_H, RSTD_U, n_rows, n_cols, eps, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr
+):
     """``h = x + delta; z = h * rstd(h); u = z + other; n = u * rstd(u)`` for a tile of rows:
     three loads, three stores and two fp32 ``rstd`` per row (saved for the backward)."""
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
@@ -50,26 +63,41 @@ def _transition_fwd_kernel(X, DELTA, OTHER, Z, U, N, RSTD_H, RSTD_U, n_rows, n_c
     row_ok = rows < n_rows
     mask = row_ok[:, None] & (cols[None, :] < n_cols)
     offs = rows[:, None].to(tl.int64) * n_cols + cols[None, :]
-    dtype = Z.dtype.element_ty
     h = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32) + tl.load(DELTA + offs, mask=mask, other=0.0).to(
-        tl.float32)
-    h = h.to(dtype).to(tl.float32)
+        tl.float32
+    )
+    h = h.to(Z.dtype.element_ty).to(tl.float32)  # h, z in promote(x, delta); u, n in promote(z, other)
     rstd_h = tl.rsqrt(tl.sum(h * h, axis=1) / n_cols + eps)
-    z = (h * rstd_h[:, None]).to(dtype)
+    z = (h * rstd_h[:, None]).to(Z.dtype.element_ty)
     tl.store(Z + offs, z, mask=mask)
-    u = (z.to(tl.float32) + tl.load(OTHER + offs, mask=mask, other=0.0).to(tl.float32)).to(dtype)
+    u = (z.to(tl.float32) + tl.load(OTHER + offs, mask=mask, other=0.0).to(tl.float32)).to(U.dtype.element_ty)
     tl.store(U + offs, u, mask=mask)
     u = u.to(tl.float32)
     rstd_u = tl.rsqrt(tl.sum(u * u, axis=1) / n_cols + eps)
-    tl.store(N + offs, (u * rstd_u[:, None]).to(dtype), mask=mask)
+    tl.store(N + offs, (u * rstd_u[:, None]).to(N.dtype.element_ty), mask=mask)
     tl.store(RSTD_H + rows, rstd_h, mask=row_ok)
     tl.store(RSTD_U + rows, rstd_u, mask=row_ok)
 
 
 @jit
-def _transition_bwd_kernel(DZ, DU, DN, Z, N, RSTD_H, RSTD_U, DH, DOTHER, n_rows, n_cols,
-                           HAS_DZ: tl.constexpr, HAS_DU: tl.constexpr, HAS_DN: tl.constexpr,
-                           BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+def _transition_bwd_kernel(
+    DZ,
+    DU,
+    DN,
+    Z,
+    N,
+    RSTD_H,
+    RSTD_U,
+    DH,
+    DOTHER,
+    n_rows,
+    n_cols,
+    HAS_DZ: tl.constexpr,
+    HAS_DU: tl.constexpr,
+    HAS_DN: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_COLS: tl.constexpr,
+):
     """``du' = du + rstd_u * (dn - n * mean(dn * n))`` (-> d other) and
     ``dh = rstd_h * (dz' - z * mean(dz' * z))`` with ``dz' = dz + du'`` (-> d x = d delta).
     An output that received no gradient is a constexpr flag: its load compiles away."""
@@ -97,59 +125,114 @@ def _transition_bwd_kernel(DZ, DU, DN, Z, N, RSTD_H, RSTD_U, DH, DOTHER, n_rows,
 
 
 # -- launchers -----------------------------------------------------------------------------
-def magicnorm_transition_forward(x: Tensor, delta: Tensor, other: Tensor,
-                                 eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def transition_dtypes(x: torch.dtype, delta: torch.dtype, other: torch.dtype) -> tuple[torch.dtype, torch.dtype]:
+    """The reference's output dtypes: ``z`` in ``promote(x, delta)``, ``u`` and ``n`` in
+    ``promote(z, other)`` (under autocast a bf16 MLP output meets an fp32 residual stream)."""
+    z = torch.promote_types(x, delta)
+    return z, torch.promote_types(z, other)
+
+
+def magicnorm_transition_forward(
+    x: Tensor, delta: Tensor, other: Tensor, eps: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(z, u, n, rstd_h, rstd_u)``."""
     x2, delta2, other2 = rows_2d(x), rows_2d(delta), rows_2d(other)
     n_rows, n_cols = x2.shape
-    z, u, n = (torch.empty_like(x2) for _ in range(3))
+    z_dtype, u_dtype = transition_dtypes(x.dtype, delta.dtype, other.dtype)
+    z = torch.empty(x2.shape, dtype=z_dtype, device=x.device)
+    u, n = (torch.empty(x2.shape, dtype=u_dtype, device=x.device) for _ in range(2))
     rstd_h, rstd_u = (torch.empty(n_rows, dtype=torch.float32, device=x.device) for _ in range(2))
     if n_rows:
-        grid, block_rows, block_cols, num_warps = row_tiles(n_rows, n_cols)
-        _transition_fwd_kernel[grid](x2, delta2, other2, z, u, n, rstd_h, rstd_u, n_rows, n_cols, eps,
-                                     BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols, num_warps=num_warps)
+        grid, block_rows, block_cols, num_warps = row_tiles(n_rows, n_cols, tile_target())
+        with device_of(x):
+            _transition_fwd_kernel[grid](
+                x2,
+                delta2,
+                other2,
+                z,
+                u,
+                n,
+                rstd_h,
+                rstd_u,
+                n_rows,
+                n_cols,
+                eps,
+                BLOCK_ROWS=block_rows,
+                BLOCK_COLS=block_cols,
+                num_warps=num_warps,
+            )
     shape = x.shape
     return z.view(shape), u.view(shape), n.view(shape), rstd_h.view(shape[:-1]), rstd_u.view(shape[:-1])
 
 
-def magicnorm_transition_backward(dz: Tensor | None, du: Tensor | None, dn: Tensor | None, z: Tensor, n: Tensor,
-                                  rstd_h: Tensor, rstd_u: Tensor) -> tuple[Tensor, Tensor]:
+def magicnorm_transition_backward(
+    dz: Tensor | None, du: Tensor | None, dn: Tensor | None, z: Tensor, n: Tensor, rstd_h: Tensor, rstd_u: Tensor
+) -> tuple[Tensor, Tensor]:
     """``(dh, d other)``; ``dh`` is the gradient of both ``x`` and ``delta``."""
     z2, n2 = rows_2d(z), rows_2d(n)
     n_rows, n_cols = z2.shape
-    dh, dother = torch.empty_like(z2), torch.empty_like(z2)
+    dh, dother = torch.empty_like(z2), torch.empty_like(n2)  # in h's and u's dtypes
     if n_rows:
-        grid, block_rows, block_cols, num_warps = row_tiles(n_rows, n_cols)
+        grid, block_rows, block_cols, num_warps = row_tiles(n_rows, n_cols, tile_target())
         dz2, du2, dn2 = (rows_2d(g) if g is not None else z2 for g in (dz, du, dn))
-        _transition_bwd_kernel[grid](dz2, du2, dn2, z2, n2, rstd_h.contiguous(), rstd_u.contiguous(), dh, dother,
-                                     n_rows, n_cols, HAS_DZ=dz is not None, HAS_DU=du is not None,
-                                     HAS_DN=dn is not None, BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols,
-                                     num_warps=num_warps)
+        with device_of(z):
+            _transition_bwd_kernel[grid](
+                dz2,
+                du2,
+                dn2,
+                z2,
+                n2,
+                rstd_h.contiguous(),
+                rstd_u.contiguous(),
+                dh,
+                dother,
+                n_rows,
+                n_cols,
+                HAS_DZ=dz is not None,
+                HAS_DU=du is not None,
+                HAS_DN=dn is not None,
+                BLOCK_ROWS=block_rows,
+                BLOCK_COLS=block_cols,
+                num_warps=num_warps,
+            )
     return dh.view(z.shape), dother.view(z.shape)
 
 
 # -- custom ops (the triton backend) ------------------------------------------------------
 @torch.library.custom_op("hrm::magicnorm_transition", mutates_args=())
-def _transition_op(x: Tensor, delta: Tensor, other: Tensor,
-                   eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _transition_op(
+    x: Tensor, delta: Tensor, other: Tensor, eps: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     return magicnorm_transition_forward(x, delta, other, eps)
 
 
 @_transition_op.register_fake
 def _(x, delta, other, eps):
+    z_dtype, u_dtype = transition_dtypes(x.dtype, delta.dtype, other.dtype)
     rows = x.shape[:-1]
-    return (*(x.new_empty(x.shape) for _ in range(3)), *(x.new_empty(rows, dtype=torch.float32) for _ in range(2)))
+    return (
+        x.new_empty(x.shape, dtype=z_dtype),
+        *(x.new_empty(x.shape, dtype=u_dtype) for _ in range(2)),
+        *(x.new_empty(rows, dtype=torch.float32) for _ in range(2)),
+    )
 
 
 @torch.library.custom_op("hrm::magicnorm_transition_backward", mutates_args=())
-def _transition_backward_op(dz: Optional[Tensor], du: Optional[Tensor], dn: Optional[Tensor], z: Tensor, n: Tensor,
-                            rstd_h: Tensor, rstd_u: Tensor) -> tuple[Tensor, Tensor]:
+def _transition_backward_op(
+    dz: Optional[Tensor],
+    du: Optional[Tensor],
+    dn: Optional[Tensor],
+    z: Tensor,
+    n: Tensor,
+    rstd_h: Tensor,
+    rstd_u: Tensor,
+) -> tuple[Tensor, Tensor]:
     return magicnorm_transition_backward(dz, du, dn, z, n, rstd_h, rstd_u)
 
 
 @_transition_backward_op.register_fake
 def _(dz, du, dn, z, n, rstd_h, rstd_u):
-    return z.new_empty(z.shape), z.new_empty(z.shape)
+    return z.new_empty(z.shape), n.new_empty(n.shape)
 
 
 def _transition_setup(ctx, inputs, output) -> None:
@@ -167,8 +250,9 @@ _transition_op.register_autograd(_transition_op_backward, setup_context=_transit
 
 
 @register("magicnorm_transition", "triton")
-def magicnorm_transition_triton(x: Tensor, delta: Tensor, other: Tensor,
-                                eps: float = 1e-6) -> tuple[Tensor, Tensor, Tensor]:
+def magicnorm_transition_triton(
+    x: Tensor, delta: Tensor, other: Tensor, eps: float = 1e-6
+) -> tuple[Tensor, Tensor, Tensor]:
     z, u, n, _, _ = _transition_op(x, delta, other, eps)
     return z, u, n
 
@@ -178,34 +262,55 @@ def aot_specs(hidden_size: int, dtype: torch.dtype, rows: int = 8192) -> list:
     :class:`hrm.ops.aot.KernelSpec` s."""
     from hrm.ops.aot import KernelSpec
 
-    tiles, sizes, aligned_cols, tag, where, num_warps = row_kernel_aot(row_tiles, rows, hidden_size, dtype, __name__,
-                                                                       "d")
-    fwd_ptrs, bwd_ptrs, rstd = ("X", "DELTA", "OTHER", "Z", "U", "N"), ("DZ", "DU", "DN", "Z", "N", "DH", "DOTHER"), \
-        ("RSTD_H", "RSTD_U")
+    tiles, sizes, aligned_cols, tag, where, num_warps = row_kernel_aot(
+        row_tiles, rows, hidden_size, dtype, __name__, "d"
+    )
+    fwd_ptrs, bwd_ptrs, rstd = (
+        ("X", "DELTA", "OTHER", "Z", "U", "N"),
+        ("DZ", "DU", "DN", "Z", "N", "DH", "DOTHER"),
+        ("RSTD_H", "RSTD_U"),
+    )
     fwd = {**pointers(dtype, *fwd_ptrs), **pointers(torch.float32, *rstd), **sizes, "eps": "fp32"}
     bwd = {**pointers(dtype, *bwd_ptrs), **pointers(torch.float32, *rstd), **sizes}
-    return [KernelSpec(f"magicnorm_transition_fwd {tag}", where + "_transition_fwd_kernel", fwd, tiles, num_warps, 1,
-                       (*fwd_ptrs, *rstd, *aligned_cols)),
-            KernelSpec(f"magicnorm_transition_bwd {tag}", where + "_transition_bwd_kernel", bwd,
-                       {"HAS_DZ": True, "HAS_DU": True, "HAS_DN": True, **tiles}, num_warps, 1,
-                       (*bwd_ptrs, *rstd, *aligned_cols))]
+    return [
+        KernelSpec(
+            f"magicnorm_transition_fwd {tag}",
+            where + "_transition_fwd_kernel",
+            fwd,
+            tiles,
+            num_warps,
+            1,
+            (*fwd_ptrs, *rstd, *aligned_cols),
+        ),
+        KernelSpec(
+            f"magicnorm_transition_bwd {tag}",
+            where + "_transition_bwd_kernel",
+            bwd,
+            {"HAS_DZ": True, "HAS_DU": True, "HAS_DN": True, **tiles},
+            num_warps,
+            1,
+            (*bwd_ptrs, *rstd, *aligned_cols),
+        ),
+    ]
 
 
 # -- compile backend -----------------------------------------------------------------------
-def _transition_forward_math(x: Tensor, delta: Tensor, other: Tensor,
-                             eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _transition_forward_math(
+    x: Tensor, delta: Tensor, other: Tensor, eps: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     z, rstd_h = rms_norm_forward_math(x + delta, eps)
     u = z + other
     n, rstd_u = rms_norm_forward_math(u, eps)
     return z, u, n, rstd_h, rstd_u
 
 
-def _transition_backward_math(dz: Tensor, du: Tensor, dn: Tensor, z: Tensor, n: Tensor, rstd_h: Tensor,
-                              rstd_u: Tensor) -> tuple[Tensor, Tensor]:
+def _transition_backward_math(
+    dz: Tensor, du: Tensor, dn: Tensor, z: Tensor, n: Tensor, rstd_h: Tensor, rstd_u: Tensor
+) -> tuple[Tensor, Tensor]:
     dt = compute_dtype(z.dtype)
     du = du.to(dt) + rms_norm_grad_math(dn.to(dt), n.to(dt), rstd_u)
     dh = rms_norm_grad_math(dz.to(dt) + du, z.to(dt), rstd_h)
-    return dh.to(z.dtype), du.to(z.dtype)
+    return dh.to(z.dtype), du.to(n.dtype)
 
 
 _transition_fwd_compiled = compiled(_transition_forward_math)
@@ -226,8 +331,9 @@ class _TransitionCompiled(torch.autograd.Function):
 
 
 @register("magicnorm_transition", "compile")
-def magicnorm_transition_compile(x: Tensor, delta: Tensor, other: Tensor,
-                                 eps: float = 1e-6) -> tuple[Tensor, Tensor, Tensor]:
+def magicnorm_transition_compile(
+    x: Tensor, delta: Tensor, other: Tensor, eps: float = 1e-6
+) -> tuple[Tensor, Tensor, Tensor]:
     flat = [t.reshape(-1, x.shape[-1]) for t in (x, delta, other)]  # one compiled graph for every rank
     if needs_grad(x, delta, other):
         z, u, n = _TransitionCompiled.apply(*flat, eps)
@@ -236,8 +342,9 @@ def magicnorm_transition_compile(x: Tensor, delta: Tensor, other: Tensor,
     return z.view(x.shape), u.view(x.shape), n.view(x.shape)
 
 
-def magicnorm_transition(x: Tensor, delta: Tensor, other: Tensor, eps: float = 1e-6, *,
-                         backend: str | None = None) -> tuple[Tensor, Tensor, Tensor]:
+def magicnorm_transition(
+    x: Tensor, delta: Tensor, other: Tensor, eps: float = 1e-6, *, backend: str | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
     """``(z, u, n)``: the exit-normed state ``z = rms(x + delta)``, the next stack's input
     ``u = z + other`` and its pre-norm ``n = rms(u)`` (all of ``x``'s shape)."""
     return get_impl("magicnorm_transition", backend)(x, delta, other, eps)

@@ -17,7 +17,7 @@ fp32 for fp32 or 16-bit weights, returned in the weight's dtype). Saved for back
 and ``dW``; the backward returns them times the loss gradient.
 
 Backends: ``torch`` (the reference: ``F.linear`` on the supervised rows then
-:func:`~hrm.ops.cross_entropy.cross_entropy_reference`; materialises ``[S, V]``),
+:func:`~hrm.ops.impl.cross_entropy.cross_entropy_reference`; materialises ``[S, V]``),
 ``compile`` (the chunk loop below with each chunk's softmax/loss compiled by inductor),
 ``triton`` (the same loop with the chunk's loss, argmax and gradient in one Triton kernel
 that overwrites the logits with their gradient: an online log-sum-exp over vocabulary
@@ -26,33 +26,71 @@ blocks, then a second pass for the gradient). Matmuls go to the BLAS/cuBLAS of t
 
 from __future__ import annotations
 
-from typing import Callable
+import functools
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from hrm.ops.common import (TRITON_TYPES, compiled, gpu_tiles, jit, needs_grad, next_pow2, pointers, tile_elems, tl,
-                             whole_tensor_tiles)
-from hrm.ops.cross_entropy import IGNORE_INDEX, cross_entropy_reference
+from hrm.ops.common import (
+    TILE_ELEMS,
+    TRITON_TYPES,
+    TileTarget,
+    compiled,
+    compute_dtype,
+    device_of,
+    jit,
+    needs_grad,
+    next_pow2,
+    pointers,
+    row_settings,
+    tile_target,
+    tl,
+)
 from hrm.ops.dispatch import get_impl, register
-from hrm.ops.rmsnorm import compute_dtype
+from hrm.ops.impl.cross_entropy import IGNORE_INDEX, cross_entropy_reference
 
-# Bytes of one chunk's logits: bounds the op's working memory (32 MiB = 256 tokens of a 32K
-# vocabulary in fp32, 512 in bf16); chunks are a power of two, at least 16 tokens.
-LOGITS_CHUNK_BYTES = 32 << 20
+# Bytes of one chunk's logits, which bound the op's working memory: on a CPU 32 MiB (256
+# tokens of a 32K vocabulary in fp32, 512 in bf16); on a GPU 1/64 of the device's memory
+# (1.2 GiB on an 80 GB part: 4096 tokens of a 151,808 vocabulary in bf16), and at least
+# ``CE_PROGRAMS_PER_SM`` rows per SM so that the loss kernel (one program per row) fills the
+# device. Chunks are a power of two, at least 16 tokens.
+CPU_LOGITS_CHUNK_BYTES = 32 << 20
+GPU_MEMORY_FRACTION = 64
+CE_PROGRAMS_PER_SM = 4
 
 
-def default_chunk_rows(vocab: int, itemsize: int = 4) -> int:
-    rows = max(LOGITS_CHUNK_BYTES // (itemsize * vocab), 16)
+@functools.cache
+def _gpu_limits(index: int) -> tuple[int, int]:
+    props = torch.cuda.get_device_properties(index)
+    return props.total_memory // GPU_MEMORY_FRACTION, props.multi_processor_count
+
+
+def default_chunk_rows(vocab: int, itemsize: int = 4, device: torch.device | str = "cpu") -> int:
+    """Supervised rows per chunk of the loop for a ``vocab``-wide head in ``itemsize``-byte
+    logits on ``device`` (sizes above)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        budget, sms = _gpu_limits(device.index if device.index is not None else torch.cuda.current_device())
+        rows = max(budget // (itemsize * vocab), 16)
+        return max(1 << (rows.bit_length() - 1), next_pow2(CE_PROGRAMS_PER_SM * sms))
+    rows = max(CPU_LOGITS_CHUNK_BYTES // (itemsize * vocab), 16)
     return 1 << (rows.bit_length() - 1)
 
 
+def supervised_rows(labels: Tensor) -> Tensor:
+    """int64 ``[S]``: the rows whose label is not ``-100``. A host sync on a GPU (the size of the
+    result is data): compute it once per batch where the batch is built."""
+    return (labels != IGNORE_INDEX).nonzero().squeeze(1)
+
+
 @register("linear_cross_entropy", "torch")
-def linear_cross_entropy_reference(z: Tensor, weight: Tensor, labels: Tensor,
-                                   chunk_rows: int | None = None) -> tuple[Tensor, Tensor]:
+def linear_cross_entropy_reference(
+    z: Tensor, weight: Tensor, labels: Tensor, rows: Tensor | None = None, chunk_rows: int | None = None
+) -> tuple[Tensor, Tensor]:
     """``(loss_sum, pred)``; ``chunk_rows`` is ignored: the reference has no chunks."""
-    rows = (labels != IGNORE_INDEX).nonzero().squeeze(1)  # [S]
+    rows = supervised_rows(labels) if rows is None else rows  # [S]
     logits = F.linear(z[rows], weight)  # [S, V]
     loss = cross_entropy_reference(logits, labels[rows], "sum")
     pred = torch.full_like(labels, IGNORE_INDEX).index_copy(0, rows, logits.detach().argmax(-1).to(labels.dtype))
@@ -61,8 +99,17 @@ def linear_cross_entropy_reference(z: Tensor, weight: Tensor, labels: Tensor,
 
 # -- Triton kernel -------------------------------------------------------------------------
 @jit
-def _ce_chunk_kernel(LOGITS, TARGETS, LOSS, PRED, n_rows, n_cols,
-                     WRITE_GRAD: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_V: tl.constexpr):
+def _ce_chunk_kernel(
+    LOGITS,
+    TARGETS,
+    LOSS,
+    PRED,
+    n_rows,
+    n_cols,
+    WRITE_GRAD: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
     """For a tile of rows of ``[n_rows, n_cols]`` logits: one pass over vocabulary blocks keeps
     the running max ``m``, ``s = sum exp(l - m)`` and the first argmax; then
     ``loss = m + log(s) - l[target]``. With WRITE_GRAD (a constexpr: evaluation compiles
@@ -70,13 +117,18 @@ def _ce_chunk_kernel(LOGITS, TARGETS, LOSS, PRED, n_rows, n_cols,
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     row_ok = rows < n_rows
     base = LOGITS + rows.to(tl.int64)[:, None] * n_cols
+    target = tl.load(TARGETS + rows, mask=row_ok, other=0)
     m = tl.full((BLOCK_ROWS,), float("-inf"), dtype=tl.float32)
     s = tl.zeros((BLOCK_ROWS,), dtype=tl.float32)
+    x_target = tl.zeros((BLOCK_ROWS,), dtype=tl.float32)
     best = tl.zeros((BLOCK_ROWS,), dtype=tl.int32)
     for start in range(0, n_cols, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         mask = row_ok[:, None] & (cols[None, :] < n_cols)
         x = tl.load(base + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
+        # the target logit is taken in this read-only pass: the gradient pass below overwrites
+        # the logits in place, and its stores from other warps are not ordered before a later load
+        x_target += tl.sum(tl.where(cols[None, :] == target[:, None], x, 0.0), axis=1)
         block_max = tl.max(x, axis=1)
         block_arg = tl.min(tl.where(x == block_max[:, None], cols[None, :], n_cols), axis=1)
         best = tl.where(block_max > m, block_arg, best)
@@ -84,8 +136,6 @@ def _ce_chunk_kernel(LOGITS, TARGETS, LOSS, PRED, n_rows, n_cols,
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, None]), axis=1)
         m = m_new
     lse = m + tl.log(tl.where(row_ok, s, 1.0))  # padding rows of the tile: keep them finite
-    target = tl.load(TARGETS + rows, mask=row_ok, other=0)
-    x_target = tl.load(LOGITS + rows.to(tl.int64) * n_cols + target, mask=row_ok, other=0.0).to(tl.float32)
     tl.store(LOSS + rows, lse - x_target, mask=row_ok)
     tl.store(PRED + rows, best.to(PRED.dtype.element_ty), mask=row_ok)
     if WRITE_GRAD:
@@ -97,31 +147,41 @@ def _ce_chunk_kernel(LOGITS, TARGETS, LOSS, PRED, n_rows, n_cols,
             tl.store(base + cols[None, :], g.to(LOGITS.dtype.element_ty), mask=mask)
 
 
-# Vocabulary block per row on a GPU (one row per program); the interpreter takes as many
-# rows and columns per program as fit 2**18 elements (see hrm.ops.common).
-_BLOCK_V_GPU = 4096
-
-
-def _ce_tiles(n_rows: int, n_cols: int) -> tuple[tuple[int], int, int, int]:
-    if whole_tensor_tiles():
+def _ce_tiles(n_rows: int, n_cols: int, target: TileTarget) -> tuple[tuple[int], int, int, int]:
+    """On a GPU one row per program, the vocabulary in blocks of one program's tile; the
+    interpreter takes every row at once and as many columns as fit its tile."""
+    if target == "interpreter":
         block_rows = next_pow2(n_rows)
-        block_v = max(16, min(next_pow2(n_cols), tile_elems() // block_rows))
+        block_v = max(16, min(next_pow2(n_cols), TILE_ELEMS[target] // block_rows))
         return (1,), block_rows, block_v, 4
-    block_v = min(next_pow2(n_cols), _BLOCK_V_GPU)
-    return (n_rows,), 1, block_v, 8
+    block_v = min(next_pow2(n_cols), TILE_ELEMS[target])
+    _, num_warps = row_settings(1, block_v, target)
+    return (n_rows,), 1, block_v, num_warps
 
 
-def ce_chunk_forward(logits: Tensor, targets: Tensor, write_grad: bool, *,
-                     block_v: int | None = None) -> tuple[Tensor, Tensor]:
+def ce_chunk_forward(
+    logits: Tensor, targets: Tensor, write_grad: bool, *, block_v: int | None = None
+) -> tuple[Tensor, Tensor]:
     """Per-row ``(loss fp32, argmax)`` of contiguous ``logits [C, V]``; with ``write_grad``
     the logits now hold ``softmax - onehot``. ``block_v`` overrides the vocabulary block."""
     n_rows, n_cols = logits.shape
     loss = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
     pred = torch.empty(n_rows, dtype=targets.dtype, device=logits.device)
     if n_rows:
-        grid, block_rows, bv, num_warps = _ce_tiles(n_rows, n_cols)
-        _ce_chunk_kernel[grid](logits, targets.contiguous(), loss, pred, n_rows, n_cols, WRITE_GRAD=write_grad,
-                               BLOCK_ROWS=block_rows, BLOCK_V=block_v or bv, num_warps=num_warps)
+        grid, block_rows, bv, num_warps = _ce_tiles(n_rows, n_cols, tile_target())
+        with device_of(logits):
+            _ce_chunk_kernel[grid](
+                logits,
+                targets.contiguous(),
+                loss,
+                pred,
+                n_rows,
+                n_cols,
+                WRITE_GRAD=write_grad,
+                BLOCK_ROWS=block_rows,
+                BLOCK_V=block_v or bv,
+                num_warps=num_warps,
+            )
     return loss, pred
 
 
@@ -135,15 +195,28 @@ def aot_specs(vocab: int, dtype: torch.dtype) -> list:
     a GPU, as :class:`hrm.ops.aot.KernelSpec` s."""
     from hrm.ops.aot import KernelSpec
 
-    with gpu_tiles():
-        _, block_rows, block_v, num_warps = _ce_tiles(default_chunk_rows(vocab), vocab)
-    sig = {**pointers(dtype, "LOGITS"), "TARGETS": "*i64", **pointers(torch.float32, "LOSS"), "PRED": "*i64",
-           "n_rows": "i32", "n_cols": "i32"}
+    _, block_rows, block_v, num_warps = _ce_tiles(default_chunk_rows(vocab), vocab, "gpu")
+    sig = {
+        **pointers(dtype, "LOGITS"),
+        "TARGETS": "*i64",
+        **pointers(torch.float32, "LOSS"),
+        "PRED": "*i64",
+        "n_rows": "i32",
+        "n_cols": "i32",
+    }
     aligned = ("LOGITS", "TARGETS", "LOSS", "PRED", *(("n_cols",) if vocab % 16 == 0 else ()))
-    return [KernelSpec(f"ce_chunk{'+grad' if grad else ''} V={vocab} {TRITON_TYPES[dtype]}",
-                       f"{__name__}:_ce_chunk_kernel", sig,
-                       {"WRITE_GRAD": grad, "BLOCK_ROWS": block_rows, "BLOCK_V": block_v}, num_warps, 1, aligned)
-            for grad in (False, True)]
+    return [
+        KernelSpec(
+            f"ce_chunk{'+grad' if grad else ''} V={vocab} {TRITON_TYPES[dtype]}",
+            f"{__name__}:_ce_chunk_kernel",
+            sig,
+            {"WRITE_GRAD": grad, "BLOCK_ROWS": block_rows, "BLOCK_V": block_v},
+            num_warps,
+            1,
+            aligned,
+        )
+        for grad in (False, True)
+    ]
 
 
 # -- compile backend: the chunk's loss and gradient in torch, compiled by inductor ---------
@@ -181,48 +254,64 @@ ChunkCE = Callable[[Tensor, Tensor, bool], tuple[Tensor, Tensor, "Tensor | None"
 # enough that the output rows stay a few MiB (a 1024-row product at once runs ~40% slower
 # on a CPU).
 _MATMUL_ROWS = 256
+# Vocabulary rows per dW update when dW is accumulated in a wider dtype than the products:
+# the product of one slab is the only temporary (never one of the weight's size).
+_DW_SLAB_ROWS = 8192
 
 
-def linear_cross_entropy_chunked(z: Tensor, weight: Tensor, labels: Tensor, chunk_rows: int, ce_chunk: ChunkCE,
-                                 with_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(loss_sum, pred, dz, dW)`` (the gradients are empty without ``with_grad``);
-    ``ce_chunk(logits, targets, with_grad) -> (loss_rows, pred_rows, dlogits)``, where
-    ``dlogits`` may overwrite ``logits``. The matmuls run in z's dtype; every buffer is
-    allocated once per call and reused by the chunks."""
-    rows = (labels != IGNORE_INDEX).nonzero().squeeze(1)  # [S]
+def _accumulate_dw(dw: Tensor, g: Tensor, x: Tensor, first: bool) -> None:
+    """``dw (+)= g^T x`` with ``g [C, V]``, ``x [C, d]`` in the head's dtype and ``dw [V, d]`` in
+    its own (fp32 for 16-bit products): same dtype in one GEMM; else slab by slab, with the
+    product accumulated in fp32 by cuBLAS on a GPU and rounded to the head's dtype on a CPU."""
+    if dw.dtype == g.dtype:
+        if first:
+            torch.mm(g.t(), x, out=dw)
+        else:
+            dw.addmm_(g.t(), x)
+        return
+    for v0 in range(0, dw.shape[0], _DW_SLAB_ROWS):
+        gs = g[:, v0 : v0 + _DW_SLAB_ROWS].t()
+        part = torch.mm(gs, x, out_dtype=dw.dtype) if dw.is_cuda else torch.mm(gs, x)
+        if first:
+            dw[v0 : v0 + _DW_SLAB_ROWS].copy_(part)
+        else:
+            dw[v0 : v0 + _DW_SLAB_ROWS].add_(part)
+
+
+def linear_cross_entropy_chunked(
+    z: Tensor, weight: Tensor, labels: Tensor, rows: Tensor, chunk_rows: int, ce_chunk: ChunkCE, with_grad: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(loss_sum, pred, dz, dW)`` (the gradients are empty without ``with_grad``) over the
+    supervised ``rows``; ``ce_chunk(logits, targets, with_grad) -> (loss_rows, pred_rows,
+    dlogits)``, where ``dlogits`` may overwrite ``logits``. The matmuls run in z's dtype;
+    every buffer is allocated once per call and reused by the chunks. Reads nothing back to
+    the host: the loop's length is ``rows``'s size."""
     w = weight.to(z.dtype)  # one cast for all chunks (a no-op when the dtypes agree)
     V = w.shape[0]
+    S = rows.shape[0]
     loss = torch.zeros((), dtype=compute_dtype(z.dtype), device=z.device)
     pred = torch.full(labels.shape, IGNORE_INDEX, dtype=labels.dtype, device=labels.device)
     dz = torch.zeros(z.shape, dtype=z.dtype, device=z.device) if with_grad else z.new_empty(0)
-    dw = torch.empty(weight.shape, dtype=compute_dtype(weight.dtype), device=weight.device) if with_grad \
+    dw = (
+        torch.empty(weight.shape, dtype=compute_dtype(weight.dtype), device=weight.device)
+        if with_grad
         else weight.new_empty(0)
-    logits_buf = z.new_empty(min(chunk_rows, rows.numel()), V)
-    partial = w.new_empty(V, w.shape[1]) if with_grad and dw.dtype != w.dtype else None  # one chunk's dW
-    for i, start in enumerate(range(0, rows.numel(), chunk_rows)):
-        r = rows[start:start + chunk_rows]
+    )
+    logits_buf = z.new_empty(min(chunk_rows, S), V)
+    for start in range(0, S, chunk_rows):
+        r = rows[start : start + chunk_rows]
         x = z[r]  # [C, d]
-        logits = logits_buf[:r.numel()]
-        for a in range(0, r.numel(), _MATMUL_ROWS):
-            torch.mm(x[a:a + _MATMUL_ROWS], w.t(), out=logits[a:a + _MATMUL_ROWS])
+        logits = logits_buf[: r.shape[0]]
+        for a in range(0, r.shape[0], _MATMUL_ROWS):
+            torch.mm(x[a : a + _MATMUL_ROWS], w.t(), out=logits[a : a + _MATMUL_ROWS])
         loss_rows, pred_rows, g = ce_chunk(logits, labels[r], with_grad)
         loss += loss_rows.sum()
         pred[r] = pred_rows.to(pred.dtype)
         if with_grad:
             g = g.to(z.dtype)
             dz[r] = g @ w  # [C, d]
-            if partial is None:  # accumulate in dW's own dtype
-                if i == 0:
-                    torch.mm(g.t(), x, out=dw)
-                else:
-                    dw.addmm_(g.t(), x)
-            else:  # a 16-bit product, accumulated in fp32 (one pass, no fp32 temporary)
-                torch.mm(g.t(), x, out=partial)
-                if i == 0:
-                    dw.copy_(partial)
-                else:
-                    dw.add_(partial)
-    if with_grad and rows.numel() == 0:
+            _accumulate_dw(dw, g, x, first=start == 0)
+    if with_grad and S == 0:
         dw.zero_()
     return loss, pred, dz, (dw.to(weight.dtype) if with_grad else dw)
 
@@ -232,12 +321,14 @@ def _define_op(name: str, ce_chunk: ChunkCE):
     data-dependent row selection does not break graphs) with its fake and autograd."""
 
     @torch.library.custom_op(f"hrm::{name}", mutates_args=())
-    def op(z: Tensor, weight: Tensor, labels: Tensor, chunk_rows: int,
-           with_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        return linear_cross_entropy_chunked(z, weight, labels, chunk_rows, ce_chunk, with_grad)
+    def op(
+        z: Tensor, weight: Tensor, labels: Tensor, rows: Optional[Tensor], chunk_rows: int, with_grad: bool
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        rows = supervised_rows(labels) if rows is None else rows
+        return linear_cross_entropy_chunked(z, weight, labels, rows, chunk_rows, ce_chunk, with_grad)
 
     @op.register_fake
-    def _(z, weight, labels, chunk_rows, with_grad):
+    def _(z, weight, labels, rows, chunk_rows, with_grad):
         loss = z.new_empty((), dtype=compute_dtype(z.dtype))
         if not with_grad:
             return loss, labels.new_empty(labels.shape), z.new_empty(0), weight.new_empty(0)
@@ -250,7 +341,7 @@ def _define_op(name: str, ce_chunk: ChunkCE):
 
     def backward(ctx, dloss, _dpred, _ddz, _ddw):
         dz, dw = ctx.saved_tensors
-        return dloss * dz, dloss * dw, None, None, None
+        return dloss * dz, dloss * dw, None, None, None, None
 
     op.register_autograd(backward, setup_context=setup_context)
     return op
@@ -271,11 +362,14 @@ def head_dtype(z: Tensor) -> torch.dtype:
 
 
 def _fused_backend(op) -> Callable[..., tuple[Tensor, Tensor]]:
-    def impl(z: Tensor, weight: Tensor, labels: Tensor, chunk_rows: int | None = None) -> tuple[Tensor, Tensor]:
+    def impl(
+        z: Tensor, weight: Tensor, labels: Tensor, rows: Tensor | None = None, chunk_rows: int | None = None
+    ) -> tuple[Tensor, Tensor]:
         z = z.to(head_dtype(z))
-        chunk_rows = chunk_rows or default_chunk_rows(weight.shape[0], z.element_size())
-        loss, pred, _, _ = op(z, weight, labels, chunk_rows, needs_grad(z, weight))
+        chunk_rows = chunk_rows or default_chunk_rows(weight.shape[0], z.element_size(), z.device)
+        loss, pred, _, _ = op(z, weight, labels, rows, chunk_rows, needs_grad(z, weight))
         return loss, pred
+
     return impl
 
 
@@ -283,9 +377,18 @@ linear_cross_entropy_compile = register("linear_cross_entropy", "compile")(_fuse
 linear_cross_entropy_triton = register("linear_cross_entropy", "triton")(_fused_backend(_lce_triton_op))
 
 
-def linear_cross_entropy(z: Tensor, weight: Tensor, labels: Tensor, *, chunk_rows: int | None = None,
-                         backend: str | None = None) -> tuple[Tensor, Tensor]:
+def linear_cross_entropy(
+    z: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    rows: Tensor | None = None,
+    chunk_rows: int | None = None,
+    backend: str | None = None,
+) -> tuple[Tensor, Tensor]:
     """``(loss_sum, pred)`` of the LM head ``weight [V, d]`` on the supervised rows of
     ``z [T, d]`` (``labels [T]``, ``-100`` = ignore): the summed cross-entropy and the
-    argmax prediction per row (``-100`` on unsupervised rows)."""
-    return get_impl("linear_cross_entropy", backend)(z, weight, labels, chunk_rows)
+    argmax prediction per row (``-100`` on unsupervised rows). ``rows`` = :func:`supervised_rows`
+    of ``labels``, precomputed with the batch; without it the op finds them itself (on a GPU
+    that reads their count back to the host)."""
+    return get_impl("linear_cross_entropy", backend)(z, weight, labels, rows, chunk_rows)

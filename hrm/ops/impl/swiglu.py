@@ -16,10 +16,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from hrm.ops.common import (cdiv, compiled, jit, needs_grad, next_pow2, pointers, row_kernel_aot, rows_2d,
-                             rows_per_program, tl, whole_tensor_tiles)
+from hrm.ops.common import (
+    TileTarget,
+    cdiv,
+    compiled,
+    compute_dtype,
+    device_of,
+    jit,
+    needs_grad,
+    next_pow2,
+    pointers,
+    row_kernel_aot,
+    row_settings,
+    rows_2d,
+    tile_target,
+    tl,
+)
 from hrm.ops.dispatch import get_impl, register
-from hrm.ops.rmsnorm import compute_dtype
 
 
 @register("swiglu", "torch")
@@ -69,10 +82,9 @@ def _swiglu_bwd_kernel(GU, DY, DGU, n_rows, n_cols, BLOCK_ROWS: tl.constexpr, BL
 _BLOCK_COLS_GPU = 1024
 
 
-def _tiles(n_rows: int, n_cols: int) -> tuple[tuple[int, int], int, int, int]:
-    block_cols = next_pow2(n_cols) if whole_tensor_tiles() else min(next_pow2(n_cols), _BLOCK_COLS_GPU)
-    block_rows = rows_per_program(n_rows, block_cols)
-    num_warps = min(8, max(4, block_rows * block_cols // 512))
+def _tiles(n_rows: int, n_cols: int, target: TileTarget) -> tuple[tuple[int, int], int, int, int]:
+    block_cols = next_pow2(n_cols) if target == "interpreter" else min(next_pow2(n_cols), _BLOCK_COLS_GPU)
+    block_rows, num_warps = row_settings(n_rows, block_cols, target)
     return (cdiv(n_rows, block_rows), cdiv(n_cols, block_cols)), block_rows, block_cols, num_warps
 
 
@@ -82,9 +94,11 @@ def swiglu_forward(gate_up: Tensor) -> Tensor:
     n_rows, n_cols = gu.shape[0], gu.shape[1] // 2
     y = gu.new_empty(n_rows, n_cols)
     if n_rows:
-        grid, block_rows, block_cols, num_warps = _tiles(n_rows, n_cols)
-        _swiglu_fwd_kernel[grid](gu, y, n_rows, n_cols, BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols,
-                                 num_warps=num_warps)
+        grid, block_rows, block_cols, num_warps = _tiles(n_rows, n_cols, tile_target())
+        with device_of(gu):
+            _swiglu_fwd_kernel[grid](
+                gu, y, n_rows, n_cols, BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols, num_warps=num_warps
+            )
     return y.view(*gate_up.shape[:-1], n_cols)
 
 
@@ -93,9 +107,11 @@ def swiglu_backward(gate_up: Tensor, dy: Tensor) -> Tensor:
     n_rows, n_cols = dy2.shape
     dgu = torch.empty_like(gu)
     if n_rows:
-        grid, block_rows, block_cols, num_warps = _tiles(n_rows, n_cols)
-        _swiglu_bwd_kernel[grid](gu, dy2, dgu, n_rows, n_cols, BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols,
-                                 num_warps=num_warps)
+        grid, block_rows, block_cols, num_warps = _tiles(n_rows, n_cols, tile_target())
+        with device_of(gu):
+            _swiglu_bwd_kernel[grid](
+                gu, dy2, dgu, n_rows, n_cols, BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols, num_warps=num_warps
+            )
     return dgu.view(gate_up.shape)
 
 
@@ -141,13 +157,29 @@ def aot_specs(intermediate_size: int, dtype: torch.dtype, rows: int = 8192) -> l
     """Both kernels at the tiles the launchers pick on a GPU, as :class:`hrm.ops.aot.KernelSpec` s."""
     from hrm.ops.aot import KernelSpec
 
-    tiles, sizes, aligned_cols, tag, where, num_warps = row_kernel_aot(_tiles, rows, intermediate_size, dtype, __name__,
-                                                                       "I")
-    return [KernelSpec(f"swiglu_fwd {tag}", where + "_swiglu_fwd_kernel", {**pointers(dtype, "GU", "Y"), **sizes},
-                       tiles, num_warps, 1, ("GU", "Y", *aligned_cols)),
-            KernelSpec(f"swiglu_bwd {tag}", where + "_swiglu_bwd_kernel",
-                       {**pointers(dtype, "GU", "DY", "DGU"), **sizes}, tiles, num_warps, 1,
-                       ("GU", "DY", "DGU", *aligned_cols))]
+    tiles, sizes, aligned_cols, tag, where, num_warps = row_kernel_aot(
+        _tiles, rows, intermediate_size, dtype, __name__, "I"
+    )
+    return [
+        KernelSpec(
+            f"swiglu_fwd {tag}",
+            where + "_swiglu_fwd_kernel",
+            {**pointers(dtype, "GU", "Y"), **sizes},
+            tiles,
+            num_warps,
+            1,
+            ("GU", "Y", *aligned_cols),
+        ),
+        KernelSpec(
+            f"swiglu_bwd {tag}",
+            where + "_swiglu_bwd_kernel",
+            {**pointers(dtype, "GU", "DY", "DGU"), **sizes},
+            tiles,
+            num_warps,
+            1,
+            ("GU", "DY", "DGU", *aligned_cols),
+        ),
+    ]
 
 
 # -- compile backend -----------------------------------------------------------------------

@@ -21,14 +21,29 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from hrm.ops.common import TRITON_TYPES, cdiv, compiled, gpu_tiles, jit, needs_grad, next_pow2, pointers, tile_elems, tl
+from hrm.ops.common import (
+    TRITON_TYPES,
+    TileTarget,
+    cdiv,
+    compiled,
+    compute_dtype,
+    device_of,
+    jit,
+    needs_grad,
+    next_pow2,
+    pointers,
+    row_settings,
+    tile_target,
+    tl,
+)
 from hrm.ops.dispatch import get_impl, register
-from hrm.ops.rmsnorm import compute_dtype
 
 
 def rope_cos_sin(position_ids: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
     """fp32 ``cos, sin`` of shape ``[T, head_dim]`` for the given positions."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=position_ids.device) / head_dim))
+    inv_freq = 1.0 / (
+        theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=position_ids.device) / head_dim)
+    )
     freqs = position_ids.to(torch.float32)[:, None] * inv_freq[None, :]  # [T, hd/2]
     emb = torch.cat((freqs, freqs), dim=-1)  # [T, hd]
     return emb.cos(), emb.sin()
@@ -80,8 +95,9 @@ def _rope_tile(COS, SIN, n_tokens, n_heads, head_dim, BLOCK_T: tl.constexpr, BLO
 
 
 @jit
-def _split_rope_fwd_kernel(GQKV, COS, SIN, G, Q, K, V, n_tokens, n_heads, head_dim,
-                           BLOCK_T: tl.constexpr, BLOCK_J: tl.constexpr):
+def _split_rope_fwd_kernel(
+    GQKV, COS, SIN, G, Q, K, V, n_tokens, n_heads, head_dim, BLOCK_T: tl.constexpr, BLOCK_J: tl.constexpr
+):
     """A tile of tokens, all heads; tile column ``j`` is (head ``j // half``, pair ``j % half``).
     The four parts (0 gate, 1 q, 2 k, 3 v) are a constexpr loop, so that whether a part
     rotates and where it goes are settled at compile time: q and k get
@@ -104,8 +120,9 @@ def _split_rope_fwd_kernel(GQKV, COS, SIN, G, Q, K, V, n_tokens, n_heads, head_d
 
 
 @jit
-def _split_rope_bwd_kernel(DG, DQ, DK, DV, COS, SIN, DGQKV, n_tokens, n_heads, head_dim,
-                           BLOCK_T: tl.constexpr, BLOCK_J: tl.constexpr):
+def _split_rope_bwd_kernel(
+    DG, DQ, DK, DV, COS, SIN, DGQKV, n_tokens, n_heads, head_dim, BLOCK_T: tl.constexpr, BLOCK_J: tl.constexpr
+):
     """The transpose of the forward: ``(d1 c1 + d2 s2, d2 c2 - d1 s1)`` for q and k, a copy
     for gate and v, all written into the one fused ``[T, 4 * heads, hd]`` gradient."""
     half, t64, head, pair, mask, c1, c2, s1, s2 = _rope_tile(COS, SIN, n_tokens, n_heads, head_dim, BLOCK_T, BLOCK_J)
@@ -128,10 +145,9 @@ def _split_rope_bwd_kernel(DG, DQ, DK, DV, COS, SIN, DGQKV, n_tokens, n_heads, h
             _store_pair(DGQKV, dst, half, d1.to(tl.float32), d2.to(tl.float32), mask)
 
 
-def _tiles(n_tokens: int, n_heads: int, head_dim: int) -> tuple[tuple[int], int, int, int]:
+def _tiles(n_tokens: int, n_heads: int, head_dim: int, target: TileTarget) -> tuple[tuple[int], int, int, int]:
     block_j = next_pow2(n_heads * head_dim // 2)
-    block_t = max(1, min(next_pow2(n_tokens), tile_elems() // (2 * block_j)))  # two half-tiles of x
-    num_warps = min(8, max(2, block_t * block_j // 256))
+    block_t, num_warps = row_settings(n_tokens, 2 * block_j, target)  # a token row is two half-tiles of x
     return (cdiv(n_tokens, block_t),), block_t, block_j, num_warps
 
 
@@ -141,9 +157,20 @@ def split_rope_forward(gqkv: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, 
     T, four_h, hd = gqkv.shape
     parts = [gqkv.new_empty(T, four_h // 4, hd) for _ in range(4)]
     if T:
-        grid, block_t, block_j, num_warps = _tiles(T, four_h // 4, hd)
-        _split_rope_fwd_kernel[grid](gqkv, cos.float().contiguous(), sin.float().contiguous(), *parts, T, four_h // 4,
-                                     hd, BLOCK_T=block_t, BLOCK_J=block_j, num_warps=num_warps)
+        grid, block_t, block_j, num_warps = _tiles(T, four_h // 4, hd, tile_target())
+        with device_of(gqkv):
+            _split_rope_fwd_kernel[grid](
+                gqkv,
+                cos.float().contiguous(),
+                sin.float().contiguous(),
+                *parts,
+                T,
+                four_h // 4,
+                hd,
+                BLOCK_T=block_t,
+                BLOCK_J=block_j,
+                num_warps=num_warps,
+            )
     return tuple(parts)
 
 
@@ -151,10 +178,23 @@ def split_rope_backward(dgate: Tensor, dq: Tensor, dk: Tensor, dv: Tensor, cos: 
     T, H, hd = dq.shape
     dgqkv = dq.new_empty(T, 4 * H, hd)
     if T:
-        grid, block_t, block_j, num_warps = _tiles(T, H, hd)
-        _split_rope_bwd_kernel[grid](dgate.contiguous(), dq.contiguous(), dk.contiguous(), dv.contiguous(),
-                                     cos.float().contiguous(), sin.float().contiguous(), dgqkv, T, H, hd,
-                                     BLOCK_T=block_t, BLOCK_J=block_j, num_warps=num_warps)
+        grid, block_t, block_j, num_warps = _tiles(T, H, hd, tile_target())
+        with device_of(dq):
+            _split_rope_bwd_kernel[grid](
+                dgate.contiguous(),
+                dq.contiguous(),
+                dk.contiguous(),
+                dv.contiguous(),
+                cos.float().contiguous(),
+                sin.float().contiguous(),
+                dgqkv,
+                T,
+                H,
+                hd,
+                BLOCK_T=block_t,
+                BLOCK_J=block_j,
+                num_warps=num_warps,
+            )
     return dgqkv
 
 
@@ -189,8 +229,10 @@ def _split_rope_setup(ctx, inputs, output) -> None:
 
 def _split_rope_op_backward(ctx, dgate, dq, dk, dv):
     cos, sin = ctx.saved_tensors
-    grads = [g if g is not None else torch.zeros(ctx.part_shape, dtype=ctx.part_dtype, device=cos.device)
-             for g in (dgate, dq, dk, dv)]
+    grads = [
+        g if g is not None else torch.zeros(ctx.part_shape, dtype=ctx.part_dtype, device=cos.device)
+        for g in (dgate, dq, dk, dv)
+    ]
     return _split_rope_backward_op(*grads, cos, sin), None, None
 
 
@@ -206,19 +248,32 @@ def aot_specs(num_heads: int, head_dim: int, dtype: torch.dtype, tokens: int = 8
     """Both kernels at the tiles the launchers pick on a GPU, as :class:`hrm.ops.aot.KernelSpec` s."""
     from hrm.ops.aot import KernelSpec
 
-    with gpu_tiles():
-        _, block_t, block_j, num_warps = _tiles(tokens, num_heads, head_dim)
+    _, block_t, block_j, num_warps = _tiles(tokens, num_heads, head_dim, "gpu")
     tiles = {"BLOCK_T": block_t, "BLOCK_J": block_j}
     sizes = {"n_tokens": "i32", "n_heads": "i32", "head_dim": "i32"}
     tag, where = f"{num_heads}x{head_dim} {TRITON_TYPES[dtype]}", f"{__name__}:"
     trig = pointers(torch.float32, "COS", "SIN")
     fwd_ptrs, bwd_ptrs = ("GQKV", "G", "Q", "K", "V"), ("DG", "DQ", "DK", "DV", "DGQKV")
-    return [KernelSpec(f"split_rope_fwd {tag}", where + "_split_rope_fwd_kernel",
-                       {**pointers(dtype, *fwd_ptrs[:1]), **trig, **pointers(dtype, *fwd_ptrs[1:]), **sizes}, tiles,
-                       num_warps, 1, (*fwd_ptrs, *trig, "head_dim")),
-            KernelSpec(f"split_rope_bwd {tag}", where + "_split_rope_bwd_kernel",
-                       {**pointers(dtype, *bwd_ptrs[:4]), **trig, **pointers(dtype, *bwd_ptrs[4:]), **sizes}, tiles,
-                       num_warps, 1, (*bwd_ptrs, *trig, "head_dim"))]
+    return [
+        KernelSpec(
+            f"split_rope_fwd {tag}",
+            where + "_split_rope_fwd_kernel",
+            {**pointers(dtype, *fwd_ptrs[:1]), **trig, **pointers(dtype, *fwd_ptrs[1:]), **sizes},
+            tiles,
+            num_warps,
+            1,
+            (*fwd_ptrs, *trig, "head_dim"),
+        ),
+        KernelSpec(
+            f"split_rope_bwd {tag}",
+            where + "_split_rope_bwd_kernel",
+            {**pointers(dtype, *bwd_ptrs[:4]), **trig, **pointers(dtype, *bwd_ptrs[4:]), **sizes},
+            tiles,
+            num_warps,
+            1,
+            (*bwd_ptrs, *trig, "head_dim"),
+        ),
+    ]
 
 
 # -- compile backend -----------------------------------------------------------------------
@@ -234,8 +289,7 @@ def _rope_transposed(dy: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return (d * cos.to(dt)[:, None, :] - rotate_half(d * sin.to(dt)[:, None, :])).to(dy.dtype)
 
 
-def _split_rope_backward_math(dgate: Tensor, dq: Tensor, dk: Tensor, dv: Tensor, cos: Tensor,
-                              sin: Tensor) -> Tensor:
+def _split_rope_backward_math(dgate: Tensor, dq: Tensor, dk: Tensor, dv: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat([dgate, _rope_transposed(dq, cos, sin), _rope_transposed(dk, cos, sin), dv], dim=1)
 
 
@@ -268,8 +322,9 @@ def rope(x: Tensor, cos: Tensor, sin: Tensor, *, backend: str | None = None) -> 
     return get_impl("rope", backend)(x, cos, sin)
 
 
-def split_rope(gqkv: Tensor, cos: Tensor, sin: Tensor, *,
-               backend: str | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def split_rope(
+    gqkv: Tensor, cos: Tensor, sin: Tensor, *, backend: str | None = None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(gate, rope(q), rope(k), v)`` from the fused projection output ``[T, 4 * heads, hd]``
     laid out ``[gate | q | k | v]``; each ``[T, heads, hd]``."""
     return get_impl("split_rope", backend)(gqkv, cos, sin)

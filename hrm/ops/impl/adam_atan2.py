@@ -32,26 +32,44 @@ import torch.fx.experimental._config as fx_config
 from torch import Tensor
 from torch._dynamo.decorators import mark_dynamic
 
-from hrm.ops.common import compiled
+from hrm.ops.common import compiled, compute_dtype
 from hrm.ops.dispatch import get_impl, register
 
 
-def adam_atan2_reference(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: int, *,
-                         lr: float, betas: tuple[float, float], weight_decay: float) -> None:
+def adam_atan2_reference(
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    step: int,
+    *,
+    lr: float,
+    betas: tuple[float, float],
+    weight_decay: float,
+) -> None:
     """One Adam-atan2 step on one tensor, in place (``step`` counts from 1): the module
     docstring's formula written per tensor, for reading and for the tests."""
     beta1, beta2 = betas
     exp_avg.lerp_(grad, 1 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
     param.mul_(1 - lr * weight_decay)
-    m_hat = exp_avg / (1 - beta1 ** step)
-    v_hat = exp_avg_sq / (1 - beta2 ** step)
+    m_hat = exp_avg / (1 - beta1**step)
+    v_hat = exp_avg_sq / (1 - beta2**step)
     param.add_(torch.atan2(m_hat, v_hat.sqrt()), alpha=-lr)
 
 
 @register("adam_atan2", "torch")
-def adam_atan2_foreach(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
-                       steps: list[int], *, lr: float, betas: tuple[float, float], weight_decay: float) -> None:
+def adam_atan2_foreach(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    steps: list[int],
+    *,
+    lr: float,
+    betas: tuple[float, float],
+    weight_decay: float,
+) -> None:
     """:func:`adam_atan2_reference` on every tensor at once, with ``torch._foreach_*``."""
     beta1, beta2 = betas
     torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
@@ -59,8 +77,8 @@ def adam_atan2_foreach(params: list[Tensor], grads: list[Tensor], exp_avgs: list
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
     if weight_decay != 0:
         torch._foreach_mul_(params, 1 - lr * weight_decay)
-    m_hat = torch._foreach_div(exp_avgs, [1 - beta1 ** s for s in steps])
-    denom = torch._foreach_div(exp_avg_sqs, [1 - beta2 ** s for s in steps])
+    m_hat = torch._foreach_div(exp_avgs, [1 - beta1**s for s in steps])
+    denom = torch._foreach_div(exp_avg_sqs, [1 - beta2**s for s in steps])
     torch._foreach_sqrt_(denom)
     updates = [torch.atan2(m, d) for m, d in zip(m_hat, denom)]  # torch has no foreach atan2
     torch._foreach_add_(params, updates, alpha=-lr)
@@ -85,6 +103,14 @@ def _adam_atan2_math(p: Tensor, g: Tensor, m: Tensor, v: Tensor, scalars: Tensor
 _adam_atan2_compiled = compiled(_adam_atan2_math)
 
 
+def _to_device(t: Tensor, device: torch.device) -> Tensor:
+    """``t`` (a new CPU tensor) on ``device`` without a host sync: on a GPU through pinned memory,
+    copied asynchronously (a pageable copy would wait for the device)."""
+    if device.type != "cuda":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def _flat(t: Tensor) -> Tensor:
     """``t`` as a 1-d tensor sharing its memory (the caller copies back where it cannot)."""
     flat = t.detach().view(-1) if t.is_contiguous() else t.detach().contiguous().view(-1)
@@ -93,8 +119,17 @@ def _flat(t: Tensor) -> Tensor:
 
 
 @register("adam_atan2", "compile")
-def adam_atan2_compile(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
-                       steps: list[int], *, lr: float, betas: tuple[float, float], weight_decay: float) -> None:
+def adam_atan2_compile(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    steps: list[int],
+    *,
+    lr: float,
+    betas: tuple[float, float],
+    weight_decay: float,
+) -> None:
     beta1, beta2 = betas
     scalars: dict[tuple, Tensor] = {}  # one small tensor per (step, device, dtype): usually one per call
     # Size-oblivious: a dynamic length of 1 stays symbolic instead of compiling its own graph.
@@ -102,11 +137,11 @@ def adam_atan2_compile(params: list[Tensor], grads: list[Tensor], exp_avgs: list
         for p, g, m, v, step in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
             if p.numel() == 0:
                 continue
-            dt = torch.float64 if p.dtype == torch.float64 else torch.float32
+            dt = compute_dtype(p.dtype)
             key = (step, p.device, dt)
             if key not in scalars:
-                scalars[key] = torch.tensor([1 - beta1, beta2, 1 - beta2, 1 - lr * weight_decay, lr,
-                                             1 - beta1 ** step, 1 - beta2 ** step], dtype=dt, device=p.device)
+                values = [1 - beta1, beta2, 1 - beta2, 1 - lr * weight_decay, lr, 1 - beta1**step, 1 - beta2**step]
+                scalars[key] = _to_device(torch.tensor(values, dtype=dt), p.device)
             flat = [_flat(t) for t in (p, g, m, v)]
             _adam_atan2_compiled(*flat, scalars[key])
             for t, f in zip((p, m, v), (flat[0], flat[2], flat[3])):
@@ -114,9 +149,18 @@ def adam_atan2_compile(params: list[Tensor], grads: list[Tensor], exp_avgs: list
                     t.copy_(f.view_as(t))
 
 
-def adam_atan2_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
-                exp_avg_sqs: Sequence[Tensor], steps: Sequence[int], *, lr: float, betas: tuple[float, float],
-                weight_decay: float, backend: str | None = None) -> None:
+def adam_atan2_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    steps: Sequence[int],
+    *,
+    lr: float,
+    betas: tuple[float, float],
+    weight_decay: float,
+    backend: str | None = None,
+) -> None:
     """One Adam-atan2 step on each ``params[i]`` in place, updating ``exp_avgs[i]`` and
     ``exp_avg_sqs[i]``; ``steps[i]`` is that parameter's step count including this step (from
     1), for its bias corrections. Gradients are read only. The formula is the module's."""
@@ -125,9 +169,16 @@ def adam_atan2_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Seq
     if not params:
         return
     with torch.no_grad():
-        get_impl("adam_atan2", backend)(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs),
-                                        [int(s) for s in steps], lr=float(lr), betas=(float(betas[0]),
-                                        float(betas[1])), weight_decay=float(weight_decay))
+        get_impl("adam_atan2", backend)(
+            list(params),
+            list(grads),
+            list(exp_avgs),
+            list(exp_avg_sqs),
+            [int(s) for s in steps],
+            lr=float(lr),
+            betas=(float(betas[0]), float(betas[1])),
+            weight_decay=float(weight_decay),
+        )
 
 
 __all__ = ["adam_atan2_", "adam_atan2_reference"]

@@ -1,0 +1,123 @@
+"""C++ kernels for the ``cpu`` backend, built at first use with ``torch.utils.cpp_extension``.
+
+This module owns the ``cpu`` backend's probe (a C++ compiler, ninja and the ``csrc/``
+sources must be present) and the build: each extension is compiled ``-O3 -march=native
+-fopenmp`` into a cache directory keyed by everything the binary depends on (sources, torch
+and Python versions, the CPU's flags), so a rebuild happens only when one of them changes.
+The ``ninja`` binary of the pip package is put on ``PATH`` for the duration of a build
+only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import os
+import platform
+import shutil
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from hrm.errors import BackendUnavailable
+from hrm.ops.dispatch import register_probe
+
+CSRC = Path(__file__).resolve().parents[2] / "csrc"
+
+
+def _pip_ninja_dir() -> str | None:
+    """The directory of the ``ninja`` binary that the pip package ships (a venv's bin/ is not
+    on PATH unless the venv is activated), or ``None``."""
+    try:
+        import ninja
+    except ImportError:
+        return None
+    return ninja.BIN_DIR
+
+
+def _build_path() -> str:
+    """``PATH`` as a build sees it: the current one, with pip's ninja appended."""
+    extra = _pip_ninja_dir()
+    path = os.environ.get("PATH", "")
+    return path + os.pathsep + extra if extra else path
+
+
+@contextlib.contextmanager
+def _build_environment() -> Iterator[None]:
+    before = os.environ.get("PATH")
+    os.environ["PATH"] = _build_path()
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("PATH", None)
+        else:
+            os.environ["PATH"] = before
+
+
+def toolchain_missing() -> str | None:
+    """Why the C++ CPU kernels cannot be built here, or ``None``."""
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        return f"no C++ compiler ({cxx!r}, set CXX) on PATH to build the CPU kernels"
+    if shutil.which("ninja", path=_build_path()) is None:
+        return "torch.utils.cpp_extension needs 'ninja' (pip install ninja) to build the CPU kernels"
+    if not CSRC.is_dir():
+        return f"the C++ sources are not part of this installation ({CSRC} is missing)"
+    return None
+
+
+register_probe("cpu", toolchain_missing)
+
+
+def _build_dir(name: str, sources: tuple[Path, ...]) -> Path:
+    """A cache directory keyed by everything the binary depends on (it is built -march=native)."""
+    root = os.environ.get("HRM_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache"), "hrm"
+    )
+    key = hashlib.sha256()
+    for src in sources:
+        key.update(src.read_bytes())
+    key.update(f"{torch.__version__}|{platform.python_version()}|{platform.machine()}|openmp".encode())
+    try:
+        key.update(next(ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")).encode())
+    except (OSError, StopIteration):
+        pass
+    return Path(root) / "extensions" / f"{name}-{key.hexdigest()[:16]}"
+
+
+@functools.cache
+def load(name: str, *sources: str) -> None:
+    """Build (or load from the cache) the extension ``name`` from ``csrc/`` paths ``sources``;
+    its ops register themselves with ``TORCH_LIBRARY`` (~15 s the first time)."""
+    reason = toolchain_missing()
+    if reason is not None:
+        raise BackendUnavailable(f"backend 'cpu' cannot run here: {reason}")
+    paths = tuple(CSRC / s for s in sources)
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise BackendUnavailable(f"backend 'cpu' cannot run here: missing C++ sources {', '.join(missing)}")
+    from torch.utils import cpp_extension
+
+    build = _build_dir(name, paths)
+    build.mkdir(parents=True, exist_ok=True)
+    try:
+        with _build_environment():
+            # -fopenmp: at::parallel_for is inline OpenMP in the headers; the library resolves
+            # to the libgomp.so.1 that torch has already loaded, so there is one thread pool.
+            cpp_extension.load(
+                name=name,
+                sources=[str(p) for p in paths],
+                build_directory=str(build),
+                extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                extra_ldflags=["-fopenmp"],
+                is_python_module=False,
+                verbose=False,
+            )
+    except (RuntimeError, OSError) as e:
+        raise BackendUnavailable(f"building the C++ extension {name} in {build} failed: {e}") from e
+
+
+__all__ = ["CSRC", "load", "toolchain_missing"]
