@@ -12,7 +12,7 @@ import torch
 from hrm.bench import suites
 from hrm.cli import main
 from hrm.doctor import CUDA_ONLY, SECTIONS, checks, count_host_reads
-from hrm.doctor.run import run_doctor
+from hrm.doctor.run import run_doctor, run_section_process
 from hrm.errors import HrmError
 from hrm.ops import dispatch
 
@@ -95,6 +95,14 @@ def test_op_parity_runs_in_the_given_dtype():
 def test_cuda_only_sections_skip_on_cpu_with_a_reason(section):
     rows = checks.run_section({"section": section, "device": "cpu", "quick": True, "backends": None})
     assert rows and all(r["status"] == checks.SKIP and r["note"] == checks.NEEDS_CUDA for r in rows)
+
+
+def test_a_section_that_crashes_or_hangs_is_reported_not_raised():
+    spec = {"section": "no_such_section", "device": "cpu", "quick": True, "backends": None}
+    crashed = run_section_process(spec, "crash", timeout=120)
+    assert crashed.result is None and crashed.error.startswith("exit code 1: KeyError")
+    hung = run_section_process({**spec, "section": "device"}, "hang", timeout=0.01)
+    assert hung.result is None and hung.error == "timed out after 0 s"
 
 
 def test_bad_input_is_an_error_with_exit_code_2(tmp_path, capsys):

@@ -574,6 +574,8 @@ def run_section(spec: dict) -> object:
     ``backends``; ``backend`` for ``parity``)."""
     device, quick, backends = torch.device(spec["device"]), spec["quick"], spec.get("backends")
     section = spec["section"]
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # graph capture and side streams use the current device
     if section == "device":
         return device_section(device)
     if section == "parity":

@@ -82,13 +82,15 @@ def run_section_process(spec: dict, label: str, timeout: float, interpreter: boo
 
         reader = threading.Thread(target=pump, daemon=True)
         reader.start()
+        code, error = None, None
         try:
             code = proc.wait(timeout=timeout)
-            error = None
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # the section and the compile workers it started
-            proc.wait()
-            code, error = None, f"timed out after {timeout:.0f} s"
+            error = f"timed out after {timeout:.0f} s"
+        finally:  # a timeout or an interrupt: end the section and the compile workers it started
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
         reader.join(timeout=10)
         seconds = time.perf_counter() - started
         if error is None and (code != 0 or not result_path.is_file()):
