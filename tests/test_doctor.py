@@ -12,7 +12,7 @@ import torch
 from hrm.bench import suites
 from hrm.cli import main
 from hrm.doctor import CUDA_ONLY, SECTIONS, checks, count_host_reads
-from hrm.doctor.run import run_doctor, run_section_process
+from hrm.doctor.run import SectionProcess, run_doctor, run_section_process, run_section_processes
 from hrm.errors import HrmError
 from hrm.ops import dispatch
 
@@ -97,11 +97,13 @@ def test_cuda_only_sections_skip_on_cpu_with_a_reason(section):
     assert rows and all(r["status"] == checks.SKIP and r["note"] == checks.NEEDS_CUDA for r in rows)
 
 
-def test_a_section_that_crashes_or_hangs_is_reported_not_raised():
-    spec = {"section": "no_such_section", "device": "cpu", "quick": True, "backends": None}
-    crashed = run_section_process(spec, "crash", timeout=120)
+def test_sections_run_at_once_and_one_that_crashes_or_hangs_is_reported_not_raised():
+    spec = {"section": "device", "device": "cpu", "quick": True, "backends": None}
+    ok, crashed = run_section_processes([SectionProcess(spec, "device", timeout=120),
+                                         SectionProcess({**spec, "section": "bogus"}, "crash", timeout=120)])
+    assert ok.error is None and [b["backend"] for b in ok.result["backends"]] == list(dispatch.BACKENDS)
     assert crashed.result is None and crashed.error.startswith("exit code 1: KeyError")
-    hung = run_section_process({**spec, "section": "device"}, "hang", timeout=0.01)
+    hung = run_section_process(spec, "hang", timeout=0.01)
     assert hung.result is None and hung.error == "timed out after 0 s"
 
 

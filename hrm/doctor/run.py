@@ -4,6 +4,7 @@ The ``device`` section runs first (it says which backends to check); ``parity`` 
 process per backend (Triton under its interpreter, ``TRITON_INTERPRET=1``, where no CUDA
 device is visible), every other section one process, so that a crash or a hang in one
 (a kernel that faults, a compiler that never returns) still leaves the others' results.
+On a GPU host with enough cores the parity processes run at once (mostly compiling).
 Children run without ``TRITON_INTERPRET`` unless they need it, so availability is the
 machine's real one. Sections that need CUDA report themselves skipped on a CPU without a
 process. Progress (one line per check) goes to stderr.
@@ -36,6 +37,8 @@ from hrm.ops.dispatch import BACKENDS
 SECTION_TIMEOUT_S = {"device": 120, "parity": 600, "long_attention": 300, "host_reads": 600, "cuda_graph": 300,
                      "attention_timing": 600}
 
+PARALLEL_MIN_CPUS = 8
+
 
 @dataclass
 class SectionRun:
@@ -61,42 +64,67 @@ def _child_env(interpreter: bool) -> dict[str, str]:
     return env
 
 
-def run_section_process(spec: dict, label: str, timeout: float, interpreter: bool = False) -> SectionRun:
-    """``hrm.doctor.checks.run_section(spec)`` in a fresh interpreter; its progress lines are
-    echoed to stderr as they come, the rest of its stderr kept for the error message."""
-    started = time.perf_counter()
-    tail: collections.deque[str] = collections.deque(maxlen=40)
-    with tempfile.TemporaryDirectory() as tmp:
-        result_path = Path(tmp) / "result.json"
-        proc = subprocess.Popen([sys.executable, "-m", "hrm.doctor.checks",
-                                 json.dumps({**spec, "result": str(result_path)})],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                env=_child_env(interpreter), start_new_session=True)
+class SectionProcess:
+    """``hrm.doctor.checks.run_section(spec)`` running in a fresh interpreter: its progress
+    lines are echoed to stderr as they come, the rest of its stderr kept for the error
+    message; :meth:`finish` waits for it until ``timeout`` seconds after its start."""
 
-        def pump() -> None:
-            for line in proc.stderr:
-                if line.startswith(checks.PROGRESS):
-                    print(f"  {line[len(checks.PROGRESS):]}", end="", file=sys.stderr, flush=True)
-                elif line.strip():
-                    tail.append(line.rstrip())
+    def __init__(self, spec: dict, label: str, timeout: float, interpreter: bool = False) -> None:
+        self.section, self.label, self.timeout = spec["section"], label, timeout
+        self.started = time.perf_counter()
+        self.tail: collections.deque[str] = collections.deque(maxlen=40)
+        self._tmp = tempfile.TemporaryDirectory()
+        self.result_path = Path(self._tmp.name) / "result.json"
+        self.proc = subprocess.Popen([sys.executable, "-m", "hrm.doctor.checks",
+                                      json.dumps({**spec, "result": str(self.result_path)})],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                     env=_child_env(interpreter), start_new_session=True)
+        self.reader = threading.Thread(target=self._pump, daemon=True)
+        self.reader.start()
 
-        reader = threading.Thread(target=pump, daemon=True)
-        reader.start()
+    def _pump(self) -> None:
+        for line in self.proc.stderr:
+            if line.startswith(checks.PROGRESS):
+                print(f"  {line[len(checks.PROGRESS):]}", end="", file=sys.stderr, flush=True)
+            elif line.strip():
+                self.tail.append(line.rstrip())
+
+    def kill(self) -> None:
+        """End the section and the compile workers it started (its process group)."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def finish(self) -> SectionRun:
         code, error = None, None
         try:
-            code = proc.wait(timeout=timeout)
+            code = self.proc.wait(timeout=max(0.0, self.started + self.timeout - time.perf_counter()))
         except subprocess.TimeoutExpired:
-            error = f"timed out after {timeout:.0f} s"
-        finally:  # a timeout or an interrupt: end the section and the compile workers it started
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        reader.join(timeout=10)
-        seconds = time.perf_counter() - started
-        if error is None and (code != 0 or not result_path.is_file()):
-            error = f"exit code {code}: {tail[-1] if tail else 'no output'}"
-        result = json.loads(result_path.read_text()) if error is None else None
-    return SectionRun(spec["section"], label, seconds, result, error, list(tail))
+            error = f"timed out after {self.timeout:.0f} s"
+        finally:  # a timeout or an interrupt
+            self.kill()
+        self.reader.join(timeout=10)
+        seconds = time.perf_counter() - self.started
+        if error is None and (code != 0 or not self.result_path.is_file()):
+            error = f"exit code {code}: {self.tail[-1] if self.tail else 'no output'}"
+        result = json.loads(self.result_path.read_text()) if error is None else None
+        self._tmp.cleanup()
+        return SectionRun(self.section, self.label, seconds, result, error, list(self.tail))
+
+
+def run_section_process(spec: dict, label: str, timeout: float, interpreter: bool = False) -> SectionRun:
+    """:class:`SectionProcess` for ``spec``, waited for."""
+    return SectionProcess(spec, label, timeout, interpreter).finish()
+
+
+def run_section_processes(processes: list[SectionProcess]) -> list[SectionRun]:
+    """Wait for every one of ``processes`` (already running); on an interrupt end them all."""
+    try:
+        return [p.finish() for p in processes]
+    except BaseException:
+        for p in processes:
+            p.kill()
+        raise
 
 
 def parse_device(name: str | None) -> torch.device:
@@ -127,6 +155,13 @@ def _subset(names: list[str] | None, known: tuple[str, ...], what: str) -> list[
     return names
 
 
+def parallel_parity(device: torch.device) -> bool:
+    """Whether the parity processes run at once: on a GPU host with at least
+    ``PARALLEL_MIN_CPUS`` cores (they mostly compile kernels, on the CPU; their GPU work is
+    small); one after the other elsewhere."""
+    return device.type == "cuda" and (os.cpu_count() or 1) >= PARALLEL_MIN_CPUS
+
+
 def failures(report: dict) -> list[str]:
     """One line per failed check and per section that did not finish."""
     out = []
@@ -154,28 +189,33 @@ def run_doctor(*, device: str | None = None, quick: bool = False, out: str | os.
     print(f"hrm doctor: {', '.join(plan)} on {dev}{' (quick)' if quick else ''}", file=sys.stderr, flush=True)
     runs: list[SectionRun] = []
 
-    def run(section: str, label: str, interpreter: bool = False, **extra: object) -> SectionRun:
+    def start(section: str, label: str, interpreter: bool = False, **extra: object) -> SectionProcess:
         print(f"hrm doctor: {label} ...", file=sys.stderr, flush=True)
-        result = run_section_process({**base, **extra, "section": section}, label, SECTION_TIMEOUT_S[section],
-                                     interpreter)
-        status = f"error: {result.error}" if result.error else "done"
-        print(f"hrm doctor: {label}: {status} ({result.seconds:.0f} s)", file=sys.stderr, flush=True)
-        runs.append(result)
-        return result
+        return SectionProcess({**base, **extra, "section": section}, label, SECTION_TIMEOUT_S[section], interpreter)
 
-    device_run = run("device", "device")
+    def wait(processes: list[SectionProcess]) -> None:
+        for result in run_section_processes(processes):
+            status = f"error: {result.error}" if result.error else "done"
+            print(f"hrm doctor: {result.label}: {status} ({result.seconds:.0f} s)", file=sys.stderr, flush=True)
+            runs.append(result)
+
+    wait([start("device", "device")])
+    device_run = runs[0]
     table = device_run.result["backends"] if device_run.result else []
     for section in plan[1:]:
         if section == "parity":
-            for b in table:
-                if b["checked"] and (backends is None or b["backend"] in backends):
-                    interpreter = b["checked"] == "interpreter"
-                    run("parity", f"parity ({b['backend']}{', interpreter' if interpreter else ''})",
-                        interpreter=interpreter, backend=b["backend"])
+            todo = [(b["backend"], b["checked"] == "interpreter") for b in table
+                    if b["checked"] and (backends is None or b["backend"] in backends)]
+            labels = [f"parity ({b}{', interpreter' if interp else ''})" for b, interp in todo]
+            if parallel_parity(dev):
+                wait([start("parity", label, interp, backend=b) for label, (b, interp) in zip(labels, todo)])
+            else:
+                for label, (b, interp) in zip(labels, todo):
+                    wait([start("parity", label, interp, backend=b)])
         elif section in CUDA_ONLY and dev.type != "cuda":  # skipped rows, no process needed
             runs.append(SectionRun(section, section, 0.0, checks.run_section({**base, "section": section})))
         else:
-            run(section, section)
+            wait([start(section, section)])
     info = device_run.result["info"] if device_run.result else device_info(dev)
     report = {"device": info, "backends": table,
               "settings": {"device": str(dev), "quick": quick, "backends": backends, "sections": plan,
