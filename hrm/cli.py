@@ -1,7 +1,8 @@
 """The ``hrm`` command line (also ``python -m hrm``).
 
 Each feature area adds its own subcommands through a ``register(subparsers)`` function
-(``hrm.training.commands``, ``hrm.inference_commands``, ``hrm.interop.commands``);
+(``hrm.training.commands``, ``hrm.inference_commands``, ``hrm.interop.commands``,
+``hrm.bench.commands``, ``hrm.doctor.commands``);
 this module only wires them and turns user errors (:class:`~hrm.errors.HrmError`) into one
 line on stderr and exit code 2.
 """
@@ -15,7 +16,13 @@ from typing import Sequence
 
 from hrm.errors import HrmError
 
-_COMMAND_MODULES = ("hrm.training.commands", "hrm.inference_commands", "hrm.interop.commands", "hrm.bench.commands")
+_COMMAND_MODULES = (
+    "hrm.training.commands",
+    "hrm.inference_commands",
+    "hrm.interop.commands",
+    "hrm.bench.commands",
+    "hrm.doctor.commands",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

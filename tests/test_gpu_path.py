@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import DEVICE
-from host_reads import count_host_reads
 
 from hrm import HRMText, ModelConfig, ops
 from hrm.data import Sample, pack_row
+from hrm.doctor import count_host_reads
 from hrm.errors import HrmError
 from hrm.ops import common, dispatch
 from hrm.ops.common import jit, tl
@@ -59,22 +59,8 @@ def test_train_step_reads_nothing_back_to_the_host(backend):
     step()  # warm-up: compiles, builds extensions
     with count_host_reads() as reads:
         loss, _ = step()
-    assert reads.total == 0, f"{backend}: {reads}"
+    assert reads.total == 0, f"{backend}: {reads.sites}"
     assert torch.isfinite(loss)
-
-
-def test_host_read_counter_counts():
-    t = torch.tensor([1.0, 2.0])
-    with count_host_reads() as reads:
-        (t * 2).sum()
-    assert reads.total == 0
-    with count_host_reads() as reads:
-        t[0].item()
-        bool(t[1] > 0)
-        int(t[0])
-        t.tolist()
-    assert (reads.local_scalar_dense, reads.tolist) == (3, 1)
-    assert torch.Tensor.tolist is not None and t.tolist() == [1.0, 2.0]
 
 
 def test_packing_is_validated_where_the_batch_is_built():

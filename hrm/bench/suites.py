@@ -184,9 +184,9 @@ def _float_outputs(out) -> list[torch.Tensor]:
     return [o for o in out if o.is_floating_point()]
 
 
-def op_parity(case: OpCase, inputs: list, backend: str) -> float:
-    """Max error of outputs and gradients (fp32 on ``backend``) against the fp64 reference,
-    relative to the reference's largest magnitude."""
+def op_parity(case: OpCase, inputs: list, backend: str, dtype: torch.dtype = torch.float32) -> float:
+    """Max error of outputs and gradients (in ``dtype`` on ``backend``) against the fp64
+    reference, relative to the reference's largest magnitude."""
 
     def run(dtype):
         xs = [x.detach().to(dtype).requires_grad_() if torch.is_tensor(x) and x.requires_grad else x for x in inputs]
@@ -196,8 +196,7 @@ def op_parity(case: OpCase, inputs: list, backend: str) -> float:
         return [t.detach().double() for t in (*outs, *grads)]
 
     return max(
-        ((a - b).abs().max() / b.abs().max().clamp(min=1e-30)).item()
-        for a, b in zip(run(torch.float32), run(torch.float64))
+        ((a - b).abs().max() / b.abs().max().clamp(min=1e-30)).item() for a, b in zip(run(dtype), run(torch.float64))
     )
 
 

@@ -1,0 +1,172 @@
+"""``hrm doctor``: the host-read counter, the cheap sections in-process, bad input, and one
+end-to-end ``hrm doctor --quick`` (slow). Nothing here needs the host-read check itself to
+pass: the train step still reads its packing on the host (another change removes that)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from hrm.bench import suites
+from hrm.cli import main
+from hrm.doctor import CUDA_ONLY, SECTIONS, checks, count_host_reads
+from hrm.doctor.run import SectionProcess, run_doctor, run_section_process, run_section_processes
+from hrm.errors import HrmError
+from hrm.ops import dispatch
+
+
+# -- count_host_reads ------------------------------------------------------------------------
+def test_count_host_reads_counts_item_bool_int_and_tolist():
+    t = torch.tensor([1.5, -2.0, 3.0])
+    before = torch.Tensor.tolist
+    with count_host_reads() as reads:
+        t[0].item()
+        bool(t[1] > 0)
+        int(t[2])
+        t.tolist()
+    assert (reads.local_scalar_dense, reads.tolist, reads.total) == (3, 1, 4)
+    assert sum(reads.sites.values()) == 4 and all(__file__ in site for site in reads.sites)
+    assert torch.Tensor.tolist is before
+
+
+def test_count_host_reads_is_zero_for_tensor_ops_and_restores_tolist_after_an_error():
+    t = torch.randn(4, 3, requires_grad=True)
+    before = torch.Tensor.tolist
+    with count_host_reads() as reads:
+        y = (t.sin() @ t.T).softmax(-1).sum()
+        y.backward()
+        torch.where(t > 0, t, 0).cumsum(0)
+    assert reads.total == 0
+    with pytest.raises(RuntimeError), count_host_reads():
+        raise RuntimeError("boom")
+    assert torch.Tensor.tolist is before
+    assert t.tolist() == t.detach().numpy().tolist()
+
+
+@torch.library.custom_op("hrm_test::reads_inside", mutates_args=())
+def _reads_inside(x: torch.Tensor) -> torch.Tensor:
+    if bool(x.sum() > 0):  # a host read inside a custom op's body
+        return x * 2
+    return x * 3
+
+
+_reads_inside.register_autograd(lambda ctx, g: g * float(g.abs().max()))  # and one in its backward
+
+
+def test_count_host_reads_sees_inside_custom_ops():
+    """A custom op's body runs below autograd; its reads count too (forward and backward)."""
+    x = torch.ones(3, requires_grad=True)
+    with count_host_reads() as reads:
+        _reads_inside(x).sum().backward()
+    assert reads.local_scalar_dense == 2 and reads.tolist == 0
+
+
+# -- sections in-process ---------------------------------------------------------------------
+def test_device_section_lists_every_backend_with_a_reason():
+    result = checks.device_section(torch.device("cpu"))
+    assert {"name", "torch", "python", "triton", "git_commit", "memory_gib"} <= set(result["info"])
+    rows = {b["backend"]: b for b in result["backends"]}
+    assert list(rows) == list(dispatch.BACKENDS)
+    assert rows["torch"]["available"] and rows["torch"]["checked"] == "native"
+    for b in rows.values():
+        assert b["available"] == (b["reason"] is None)
+    assert rows["cuda"]["checked"] is None  # no CUDA here, and no op implements it yet
+
+
+def test_parity_section_checks_every_op_of_the_torch_backend():
+    rows = checks.parity_section("torch", torch.device("cpu"), quick=True)
+    ops_checked = {r["op"] for r in rows}
+    assert ops_checked == {op for op in dispatch.registered_ops() if "torch" in dispatch.implementations(op)}
+    assert all(r["status"] == checks.PASS and r["error"] <= r["tolerance"] for r in rows), rows
+    degenerate = [r for r in rows if r["op"] == "prefixlm_attention" and "prefix = length" in r["shape"]]
+    assert degenerate and degenerate[0]["dtype"] == "float32"
+
+
+def test_op_parity_runs_in_the_given_dtype():
+    case = checks.attention_case([1, 6, 3], [1, 6, 2], 2, 2, 16, torch.device("cpu"), "tiny")
+    inputs = case.inputs()
+    fp32, bf16 = (suites.op_parity(case, inputs, "torch", dtype) for dtype in (torch.float32, torch.bfloat16))
+    assert fp32 < 1e-5 and 1e-3 < bf16 < 5e-2
+
+
+@pytest.mark.parametrize("section", CUDA_ONLY)
+def test_cuda_only_sections_skip_on_cpu_with_a_reason(section):
+    rows = checks.run_section({"section": section, "device": "cpu", "quick": True, "backends": None})
+    assert rows and all(r["status"] == checks.SKIP and r["note"] == checks.NEEDS_CUDA for r in rows)
+
+
+def test_sections_run_at_once_and_one_that_crashes_or_hangs_is_reported_not_raised():
+    spec = {"section": "device", "device": "cpu", "quick": True, "backends": None}
+    ok, crashed = run_section_processes(
+        [
+            SectionProcess(spec, "device", timeout=120),
+            SectionProcess({**spec, "section": "bogus"}, "crash", timeout=120),
+        ]
+    )
+    assert ok.error is None and [b["backend"] for b in ok.result["backends"]] == list(dispatch.BACKENDS)
+    assert crashed.result is None and crashed.error.startswith("exit code 1: KeyError")
+    hung = run_section_process(spec, "hang", timeout=0.01)
+    assert hung.result is None and hung.error == "timed out after 0 s"
+
+
+def test_bad_input_is_an_error_with_exit_code_2(tmp_path, capsys):
+    with pytest.raises(HrmError, match="unknown backend"):
+        run_doctor(backends=["nope"], out=tmp_path)
+    assert main(["doctor", "--sections", "bogus", "--out", str(tmp_path)]) == 2
+    assert "unknown section bogus" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["doctor", "--device", "cuda", "--out", str(tmp_path)]) == 2
+
+
+# -- end to end ------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_doctor_quick_end_to_end(tmp_path, capsys):
+    code = main(["doctor", "--quick", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    report = json.loads((tmp_path / "doctor.json").read_text())
+    md = (tmp_path / "doctor.md").read_text()
+    assert md in out
+    assert code == (0 if report["passed"] else 1) and report["passed"] == (not report["failures"])
+    runs = report["sections"]
+    assert all(r["error"] is None for r in runs), [r["error"] for r in runs]
+    rows = {s: [row for r in runs if r["section"] == s for row in r["result"]] for s in SECTIONS[1:]}
+
+    # every backend is listed; every op of every checked backend has parity rows, all passing
+    assert [b["backend"] for b in report["backends"]] == list(dispatch.BACKENDS)
+    for b in report["backends"]:
+        assert f"| {b['backend']} |" in md
+        if b["checked"]:
+            implemented = {op for op, impls in dispatch._IMPLS.items() if b["backend"] in impls}
+            assert {r["op"] for r in rows["parity"] if r["backend"] == b["backend"]} == implemented
+    assert rows["parity"] and all(r["status"] == checks.PASS for r in rows["parity"]), [
+        r for r in rows["parity"] if r["status"] != checks.PASS
+    ]
+    assert {r["dtype"] for r in rows["parity"]} >= {"float32", "bfloat16"}
+
+    # the train step ran; its host-read count is reported (FAIL while the attention reads its packing)
+    reads = next(r for r in rows["host_reads"] if r["check"].startswith("host reads"))
+    assert reads["status"] == (checks.PASS if reads["value"] == 0 else checks.FAIL)
+    assert reads["value"] == reads["local_scalar_dense"] + reads["tolist"]
+
+    # attention timing: ours and SDPA timed forward and forward+backward
+    timed = [r for r in rows["attention_timing"] if "rate" in r]
+    assert {r["mode"] for r in timed} == {"forward", "forward+backward"}
+    assert any(r["impl"].startswith("torch SDPA") for r in timed) and any(r["impl"].startswith("hrm") for r in timed)
+    assert all(r["rate"] > 0 for r in timed)
+
+    if not torch.cuda.is_available():  # the GPU-only parts say why they were skipped
+        gpu_only = (
+            rows["long_attention"]
+            + rows["cuda_graph"]
+            + [
+                r
+                for r in rows["host_reads"] + rows["attention_timing"]
+                if "CUDA" in r["check"] or "flash" in r["check"]
+            ]
+        )
+        assert len(gpu_only) >= 5 and all(
+            r["status"] == checks.SKIP and r["note"] == checks.NEEDS_CUDA for r in gpu_only
+        )
+        assert "needs a CUDA device" in md
