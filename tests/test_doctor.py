@@ -128,7 +128,7 @@ def test_doctor_quick_end_to_end(tmp_path, capsys):
     report = json.loads((tmp_path / "doctor.json").read_text())
     md = (tmp_path / "doctor.md").read_text()
     assert md in out
-    assert code == (0 if report["passed"] else 1) and report["passed"] == (not report["failures"])
+    assert code == 0 and report["passed"] and not report["failures"], report["failures"]
     runs = report["sections"]
     assert all(r["error"] is None for r in runs), [r["error"] for r in runs]
     rows = {s: [row for r in runs if r["section"] == s for row in r["result"]] for s in SECTIONS[1:]}
@@ -138,17 +138,16 @@ def test_doctor_quick_end_to_end(tmp_path, capsys):
     for b in report["backends"]:
         assert f"| {b['backend']} |" in md
         if b["checked"]:
-            implemented = {op for op, impls in dispatch._IMPLS.items() if b["backend"] in impls}
+            implemented = {op for op in dispatch.registered_ops() if b["backend"] in dispatch.implementations(op)}
             assert {r["op"] for r in rows["parity"] if r["backend"] == b["backend"]} == implemented
     assert rows["parity"] and all(r["status"] == checks.PASS for r in rows["parity"]), [
         r for r in rows["parity"] if r["status"] != checks.PASS
     ]
     assert {r["dtype"] for r in rows["parity"]} >= {"float32", "bfloat16"}
 
-    # the train step ran; its host-read count is reported (FAIL while the attention reads its packing)
+    # the train step ran and read nothing back to the host
     reads = next(r for r in rows["host_reads"] if r["check"].startswith("host reads"))
-    assert reads["status"] == (checks.PASS if reads["value"] == 0 else checks.FAIL)
-    assert reads["value"] == reads["local_scalar_dense"] + reads["tolist"]
+    assert reads["status"] == checks.PASS and reads["value"] == 0
 
     # attention timing: ours and SDPA timed forward and forward+backward
     timed = [r for r in rows["attention_timing"] if "rate" in r]

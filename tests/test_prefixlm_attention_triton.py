@@ -83,7 +83,7 @@ def test_triton_custom_ops_opcheck(gated):
     pk = ops.AttentionPacking.build(cu, pl, T, DEVICE)
     index = (pk.row_lo, pk.row_hi, pk.col_lo, pk.col_hi)
     q, k, v, gate = (torch.randn(T, 2, 16, device=DEVICE, requires_grad=True) for _ in range(4))
-    tiles = tk.config_tile_ranges(*index, tk.kernel_config(q))
+    tiles = pk.tile_ranges(*tk.kernel_config(q).blocks())
     args = (q, k, v, *index, tiles.fwd, tiles.dq, tiles.dkdv, gate if gated else None, "triton")
     torch.library.opcheck(torch.ops.hrm.prefixlm_attention_fwd.default, args)
     out, lse = torch.ops.hrm.prefixlm_attention_fwd(*args)

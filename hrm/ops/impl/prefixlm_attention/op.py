@@ -115,9 +115,7 @@ def prefixlm_attention_triton(
     q: Tensor, k: Tensor, v: Tensor, packing: AttentionPacking, gate: Tensor | None = None
 ) -> Tensor:
     cfg = kernel_config(q)
-    tiles = packing.tile_ranges(
-        (cfg.fwd.block_m, cfg.fwd.block_n), (cfg.dq.block_m, cfg.dq.block_n), (cfg.dkdv.block_m, cfg.dkdv.block_n)
-    )
+    tiles = packing.tile_ranges(*cfg.blocks())
     return _attention_fwd_op(
         q,
         k,
@@ -152,9 +150,7 @@ def prepare_packing(
     if get_impl("prefixlm_attention", backend) is not prefixlm_attention_triton:
         return packing
     cfg = attention_config(head_dim, dtype, device_capability(packing.device))
-    return packing.with_tiles(
-        (cfg.fwd.block_m, cfg.fwd.block_n), (cfg.dq.block_m, cfg.dq.block_n), (cfg.dkdv.block_m, cfg.dkdv.block_n)
-    )
+    return packing.with_tiles(*cfg.blocks())
 
 
 def prefixlm_attention(

@@ -160,7 +160,7 @@ class TileRanges:
     """The tile ranges of the three Triton kernels for one tile configuration: ``fwd`` and
     ``dq`` per query block over key tiles, ``dkdv`` per key block over query tiles."""
 
-    key: tuple[int, int, int, int]  # (fwd block_m, block_n, dq block_m, block_n); dkdv from the config
+    blocks: tuple[tuple[int, int], ...]  # (block_m, block_n) of fwd, dq and dkdv
     fwd: Tensor
     dq: Tensor
     dkdv: Tensor
@@ -246,15 +246,11 @@ class AttentionPacking:
     def tile_ranges(self, fwd: tuple[int, int], dq: tuple[int, int], dkdv: tuple[int, int]) -> TileRanges:
         """The Triton kernels' tile ranges for ``(block_m, block_n)`` of each kernel: the ones
         this packing carries when they match, else computed now (device ops, no host read)."""
-        key = (*fwd, *dq)
-        if (
-            self.tiles is not None
-            and self.tiles.key == key
-            and self.tiles.dkdv.shape[0] == cdiv(self.num_tokens, dkdv[1])
-        ):
+        blocks = (fwd, dq, dkdv)
+        if self.tiles is not None and self.tiles.blocks == blocks:
             return self.tiles
         return TileRanges(
-            key,
+            blocks,
             tile_ranges(self.row_lo, self.row_hi, *fwd),
             tile_ranges(self.row_lo, self.row_hi, *dq),
             tile_ranges(self.col_lo, self.col_hi, dkdv[1], dkdv[0]),

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from hrm.errors import BackendUnavailable, HrmError
 from hrm.ops.common import LN2, LOG2E, TRITON_TYPES, cdiv, device_of, interpreting, jit, pointers, tile_target, tl
-from hrm.ops.impl.prefixlm_attention.packing import TileRanges, tile_ranges
+from hrm.ops.impl.prefixlm_attention.packing import tile_ranges
 
 
 # -- block configuration --------------------------------------------------------------------
@@ -38,6 +38,10 @@ class AttentionConfig:
     fwd: KernelConfig
     dq: KernelConfig
     dkdv: KernelConfig
+
+    def blocks(self) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+        """``(block_m, block_n)`` of each kernel, as :meth:`.packing.AttentionPacking.tile_ranges` takes them."""
+        return tuple((c.block_m, c.block_n) for c in (self.fwd, self.dq, self.dkdv))
 
 
 def _cfg(fwd, dq, dkdv) -> AttentionConfig:
@@ -611,19 +615,6 @@ def _last_dim_contiguous(x: Tensor) -> Tensor:
 def kernel_config(q: Tensor) -> AttentionConfig:
     """The tiles the launchers use for ``q``'s head dim, dtype and device."""
     return attention_config(q.shape[-1], q.dtype, device_capability(q.device))
-
-
-def config_tile_ranges(
-    row_lo: Tensor, row_hi: Tensor, col_lo: Tensor, col_hi: Tensor, config: AttentionConfig
-) -> TileRanges:
-    """The three kernels' tile ranges under ``config`` (see :class:`.packing.TileRanges`)."""
-    f, q, kv = config.fwd, config.dq, config.dkdv
-    return TileRanges(
-        (f.block_m, f.block_n, q.block_m, q.block_n),
-        tile_ranges(row_lo, row_hi, f.block_m, f.block_n),
-        tile_ranges(row_lo, row_hi, q.block_m, q.block_n),
-        tile_ranges(col_lo, col_hi, kv.block_n, kv.block_m),
-    )
 
 
 def prefixlm_attention_triton_forward(
