@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import DEVICE
 from saved_tensors import saved_bytes
 
 from hrm import HRMText, ModelConfig, bp_steps_at, get_preset, ops
@@ -17,7 +18,13 @@ CFG = ModelConfig(vocab_size=70, vocab_multiple=16, hidden_size=48, num_heads=3,
 FUSED = ["compile", "triton"]
 
 
-def batch():
+def device_for(backend: str) -> torch.device:
+    """Where ``backend`` runs its kernels in these tests: the cpu backend's on the CPU, the
+    others on DEVICE (the GPU when there is one)."""
+    return torch.device("cpu") if backend == "cpu" else DEVICE
+
+
+def batch(device: torch.device | str = "cpu"):
     """One-token sequence, a response-less sequence (prefix = whole length), padding."""
     seqs = [(7, 3), (1, 1), (12, 5), (4, 4), (9, 2)]
     g = torch.Generator().manual_seed(0)
@@ -29,12 +36,12 @@ def batch():
     for (n, p), start in zip(seqs, cu[:-1].tolist()):
         labels[start + p - 1 : start + n] = torch.randint(0, 70, (n - p + 1,), generator=g)
     labels[cu[1] - 1] = -100  # the one-token sequence's response is empty
-    return ids, pos, cu, pl, labels
+    return tuple(t.to(device) for t in (ids, pos, cu, pl, labels))
 
 
 def run(model, bp):
     model.zero_grad(set_to_none=True)
-    loss, metrics = model(*batch(), bp_steps=bp)
+    loss, metrics = model(*batch(model.lm_head.weight.device), bp_steps=bp)
     loss.backward()
     grads = {n: (p.grad if p.grad is not None else torch.zeros_like(p)).clone() for n, p in model.named_parameters()}
     return loss.detach(), metrics, grads
@@ -55,12 +62,13 @@ NEEDS_CPU = pytest.mark.skipif(
 def test_model_matches_reference(backend, bp):
     """fp64 oracle; fp32 reference and fused backend within ``2 x`` the reference's error + 1e-5."""
     torch.manual_seed(0)
-    oracle_model = HRMText(CFG).double()
+    dev = device_for(backend)
+    oracle_model = HRMText(CFG).double().to(dev)
     state = oracle_model.state_dict()
     oracle = run(oracle_model, bp)
     models = {}
     for name in ("torch", backend):
-        models[name] = HRMText(CFG, backend=name)
+        models[name] = HRMText(CFG, backend=name).to(dev)
         models[name].load_state_dict(state)
     ref, got = run(models["torch"], bp), run(models[backend], bp)
     assert {k: int(v) for k, v in got[1].items() if k != "loss_sum"} == {
@@ -71,18 +79,20 @@ def test_model_matches_reference(backend, bp):
         err, ref_err = (x.double() - o).abs().max().item(), (r.double() - o).abs().max().item()
         assert err <= 2 * ref_err + 1e-5 * max(1.0, o.abs().max().item()), f"{name}: {err:.3g} vs ref {ref_err:.3g}"
     with torch.no_grad():  # logits path (no labels)
-        torch.testing.assert_close(models[backend](*batch()[:4]), models["torch"](*batch()[:4]), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            models[backend](*batch(dev)[:4]), models["torch"](*batch(dev)[:4]), rtol=1e-5, atol=1e-5
+        )
 
 
 @pytest.mark.parametrize("backend", FUSED)
 def test_no_grad_steps_are_forward_only(backend):
-    model = HRMText(CFG, backend=backend)
+    model = HRMText(CFG, backend=backend).to(DEVICE)
 
     def no_grad_forward():
         with torch.no_grad():
-            model(*batch())
+            model(*batch(DEVICE))
 
-    saved = {bp: saved_bytes(lambda bp=bp: model(*batch(), bp_steps=bp)) for bp in (2, 8)}
+    saved = {bp: saved_bytes(lambda bp=bp: model(*batch(DEVICE), bp_steps=bp)) for bp in (2, 8)}
     assert saved_bytes(no_grad_forward) == 0 and 0 < saved[2] < saved[8]
 
 
@@ -105,13 +115,16 @@ def _pieces(x, other, gu_w, down_w, gqkv_w, head_w, labels, cos, sin, backend):
 def test_fullgraph_fused_ops(backend):
     g = torch.Generator().manual_seed(0)
     T, d, I, V = 21, 32, 40, 100
-    x, other = torch.randn(T, d, generator=g, requires_grad=True), torch.randn(T, d, generator=g)
+    x = torch.randn(T, d, generator=g).to(DEVICE).requires_grad_()
+    other = torch.randn(T, d, generator=g).to(DEVICE)
     ws = [
-        torch.randn(*s, generator=g).div(s[1] ** 0.5).requires_grad_() for s in [(2 * I, d), (d, I), (4 * d, d), (V, d)]
+        torch.randn(*s, generator=g).div(s[1] ** 0.5).to(DEVICE).requires_grad_()
+        for s in [(2 * I, d), (d, I), (4 * d, d), (V, d)]
     ]
     labels = torch.randint(0, V, (T,), generator=g)
     labels[::4] = -100
-    cos, sin = rope_cos_sin(torch.arange(T), 8, 10000.0)
+    labels = labels.to(DEVICE)
+    cos, sin = rope_cos_sin(torch.arange(T, device=DEVICE), 8, 10000.0)
     args = (x, other, *ws, labels, cos, sin)
     eager_loss, eager_pred = _pieces(*args, "torch")
     eager_grads = torch.autograd.grad(eager_loss, [x, *ws])
@@ -130,8 +143,9 @@ def test_fullgraph_train_step(backend):
     compiled with ``fullgraph=True``; its backward runs through AOTAutograd."""
     cfg = CFG.replace(hidden_size=32, num_heads=2, n_layers=2, H_cycles=2, L_cycles=1)
     torch.manual_seed(0)
-    model = HRMText(cfg, backend=backend)
-    ids, pos, cu, pl, labels = batch()
+    dev = device_for(backend)
+    model = HRMText(cfg, backend=backend).to(dev)
+    ids, pos, cu, pl, labels = batch(dev)
     eager_loss, eager_metrics = model(ids, pos, cu, pl, labels, bp_steps=3)
     eager_loss.backward()
     eager_grads = [p.grad.clone() for p in model.parameters()]
@@ -156,8 +170,9 @@ CONVERGENCE_RTOL = 5e-4
 
 def train(backend: str, state: dict, data) -> list[float]:
     cfg = get_preset("tiny")
-    model = HRMText(cfg, backend=backend)
+    model = HRMText(cfg, backend=backend).to(DEVICE)
     model.load_state_dict(state)
+    data = data.to(DEVICE)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
     losses = []
     for step in range(STEPS):

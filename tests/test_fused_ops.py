@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import DEVICE
 from saved_tensors import saved_bytes
 
 from hrm import ops
@@ -20,12 +21,15 @@ from hrm.ops.impl.linear_cross_entropy import ce_chunk_forward
 
 FLOOR = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 K_REF = 2.0
-# The interpreter mishandles bf16 arithmetic, so triton runs fp32 and fp16; the compile
-# backend runs fp32 and bf16 (the dtype the model trains in). Every shape runs in fp32;
-# the low-precision cases take the first shape of each test (each new dtype costs the
-# compile backend one inductor compilation per function).
+# Every case runs on DEVICE: the GPU when there is one, else the CPU (Triton under its
+# interpreter). The interpreter mishandles bf16 arithmetic, so there triton runs fp32 and
+# fp16; on a GPU bf16 too. The compile backend runs fp32 and bf16 (the dtype the model trains
+# in). Every shape runs in fp32; the low-precision cases take the first shape of each test
+# (each new dtype costs the compile backend one inductor compilation per function).
 CASES = [("compile", torch.float32), ("triton", torch.float32)]
 LOW_PRECISION = [("compile", torch.bfloat16), ("triton", torch.float16)]
+if DEVICE.type == "cuda":
+    LOW_PRECISION.append(("triton", torch.bfloat16))
 FUSED = ["compile", "triton"]
 
 
@@ -36,11 +40,12 @@ def cases(shapes):
 
 
 def _cast(args, dtype, grad):
-    """Copies of the float tensors of ``args`` in ``dtype`` (leaves requiring grad when ``grad``)."""
+    """Copies of the float tensors of ``args`` on DEVICE in ``dtype`` (leaves requiring grad when
+    ``grad``)."""
     out = []
     for a in args:
         if isinstance(a, torch.Tensor) and a.is_floating_point():
-            a = a.detach().to(dtype).requires_grad_(grad and a.requires_grad)
+            a = a.detach().to(DEVICE, dtype).requires_grad_(grad and a.requires_grad)
         out.append(a)
     return out
 
@@ -63,7 +68,8 @@ def check_against_oracle(fn, args, backend, dtype):
     oracle_out = oracle_out if isinstance(oracle_out, tuple) else (oracle_out,)
     g = torch.Generator().manual_seed(1)
     upstream = [
-        torch.randn(o.shape, dtype=torch.float64, generator=g) if o.is_floating_point() else None for o in oracle_out
+        torch.randn(o.shape, dtype=torch.float64, generator=g).to(DEVICE) if o.is_floating_point() else None
+        for o in oracle_out
     ]
     oracle = _run(fn, args, "torch", torch.float64, upstream)
     ref = _run(fn, args, "torch", dtype, upstream)
@@ -126,8 +132,8 @@ def test_magicnorm_transition_with_outputs_that_get_no_gradient():
         xs = _cast([x, d, o], torch.float32, grad=True)
         z = ops.magicnorm_transition(*xs, backend=backend)[0]
         got = torch.autograd.grad(z.sum(), xs)
-        torch.testing.assert_close(got[0].double(), want[0], rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(got[1].double(), want[1], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got[0].double().cpu(), want[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got[1].double().cpu(), want[1], rtol=1e-5, atol=1e-5)
         assert torch.all(got[2] == 0)
 
 
@@ -146,9 +152,9 @@ def _positions(lengths):
 def test_split_rope(backend, dtype, shape):
     T, H, hd, general = shape
     if general:  # arbitrary cos/sin halves: the kernels must not assume the duplicated-frequency layout
-        cos, sin = torch.rand(T, hd) * 2 - 1, torch.rand(T, hd) * 2 - 1
+        cos, sin = (torch.rand(T, hd, device=DEVICE) * 2 - 1 for _ in range(2))
     else:  # positions restart per packed sequence
-        cos, sin = rope_cos_sin(_positions([5, 1, T - 6]), hd, 10000.0)
+        cos, sin = rope_cos_sin(_positions([5, 1, T - 6]).to(DEVICE), hd, 10000.0)
     check_against_oracle(
         lambda gqkv, backend: ops.split_rope(gqkv, cos, sin, backend=backend), [randn(T, 4 * H, hd)], backend, dtype
     )
@@ -159,7 +165,7 @@ def _labels(T, V, every=3, seed=0):
     g = torch.Generator().manual_seed(seed)
     labels = torch.randint(0, V, (T,), generator=g)
     labels[::every] = -100
-    return labels
+    return labels.to(DEVICE)
 
 
 # -- token embedding -------------------------------------------------------------------------
@@ -172,7 +178,7 @@ def _embedding(ids, scale):
 def test_embedding(dtype, shape):
     """Repeated ids (more tokens than rows), rows that never occur, 2-d ids, one token."""
     T, V, d = shape
-    ids = torch.randint(0, V, (T,), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, V, (T,), generator=torch.Generator().manual_seed(0)).to(DEVICE)
     check_against_oracle(_embedding(ids, 1.7), [randn(V, d)], "cpu", dtype)
     check_against_oracle(_embedding(ids.view(1, T), 0.5), [randn(V, d)], "cpu", dtype)
 
@@ -190,15 +196,15 @@ def test_linear_cross_entropy(backend, dtype, shape):
 @pytest.mark.parametrize("backend", FUSED)
 def test_linear_cross_entropy_without_supervised_rows(backend):
     z, w = randn(11, 24), randn(260, 24)
-    labels = torch.full((11,), -100)
+    labels = torch.full((11,), -100, device=DEVICE)
     check_against_oracle(_lce(labels, 4), [z, w], backend, torch.float32)
-    loss, pred = ops.linear_cross_entropy(z.float(), w.float(), labels, backend=backend)
+    loss, pred = ops.linear_cross_entropy(z.float().to(DEVICE), w.float().to(DEVICE), labels, backend=backend)
     assert loss.item() == 0 and torch.all(pred == -100)
 
 
 @pytest.mark.parametrize("backend", FUSED)
 def test_linear_cross_entropy_default_chunks_and_no_grad(backend):
-    z, w, labels = randn(64, 32), randn(700, 32, scale=0.3), _labels(64, 700, every=2)
+    z, w, labels = randn(64, 32).detach().to(DEVICE), randn(700, 32, scale=0.3).detach().to(DEVICE), _labels(64, 700, 2)
     ref_loss, ref_pred = ops.linear_cross_entropy(z.detach(), w.detach(), labels, backend="torch")
     with torch.no_grad():
         loss, pred = ops.linear_cross_entropy(z.float(), w.float(), labels, backend=backend)
@@ -211,7 +217,7 @@ def test_linear_cross_entropy_follows_autocast():
     does (a custom op runs below autocast, so the op applies it itself): the loss matches the
     reference's to float rounding, far closer than an fp32 head does (~90x here); the
     weight gradient comes back in the weight's dtype."""
-    z, w, labels = randn(300, 64), randn(1000, 64, scale=0.3), _labels(300, 1000, every=2)
+    z, w, labels = randn(300, 64), randn(1000, 64, scale=0.3), _labels(300, 1000, every=2).cpu()
     runs = {}
     for backend in ("torch", "compile"):
         zz, ww = z.detach().float().requires_grad_(), w.detach().float().requires_grad_()
@@ -234,7 +240,7 @@ def test_linear_cross_entropy_follows_autocast():
 def test_cross_entropy_chunk_kernel_vocabulary_blocks(block_v):
     """The online log-sum-exp across vocabulary blocks (the last one partial), ties resolved to
     the first maximum as ``argmax`` does, and the in-place gradient."""
-    logits = torch.randn(13, 300, dtype=torch.float64) * 4
+    logits = (torch.randn(13, 300, dtype=torch.float64) * 4).to(DEVICE)
     logits[3, [7, 200]] = 50.0  # a tie across two blocks: the first index wins
     targets = _labels(13, 300, every=100)
     targets[0] = 0
@@ -270,7 +276,7 @@ def test_gpu_tiling_matches_reference(monkeypatch):
     check_against_oracle(
         lambda gu, backend: ops.swiglu(gu, backend=backend), [randn(9, 2 * 1100)], "triton", torch.float32
     )
-    cos, sin = rope_cos_sin(torch.arange(70), 16, 10000.0)
+    cos, sin = rope_cos_sin(torch.arange(70, device=DEVICE), 16, 10000.0)
     check_against_oracle(
         lambda g, backend: ops.split_rope(g, cos, sin, backend=backend), [randn(70, 4 * 3, 16)], "triton", torch.float32
     )
@@ -281,10 +287,10 @@ def test_gpu_tiling_matches_reference(monkeypatch):
 @pytest.mark.parametrize("backend", FUSED)
 def test_saved_tensors(backend):
     T, d, I, H, hd = 16, 32, 48, 2, 8
-    x, r = torch.randn(T, d, requires_grad=True), torch.randn(T, d, requires_grad=True)
-    gu = torch.randn(T, 2 * I, requires_grad=True)
-    gqkv = torch.randn(T, 4 * H, hd, requires_grad=True)
-    cos, sin = rope_cos_sin(torch.arange(T), hd, 10000.0)
+    x, r = (torch.randn(T, d, device=DEVICE, requires_grad=True) for _ in range(2))
+    gu = torch.randn(T, 2 * I, device=DEVICE, requires_grad=True)
+    gqkv = torch.randn(T, 4 * H, hd, device=DEVICE, requires_grad=True)
+    cos, sin = rope_cos_sin(torch.arange(T, device=DEVICE), hd, 10000.0)
     rows = T * 4  # one fp32 rstd per row
     # SwiGLU keeps only its input; RoPE only cos/sin; the norms their output and rstd
     assert saved_bytes(lambda: ops.swiglu(gu, backend=backend)) == gu.numel() * 4
@@ -305,11 +311,11 @@ def test_saved_tensors(backend):
 # -- custom-op registrations -------------------------------------------------------------------
 def _opcheck_cases():
     T, d, H, hd, V = 9, 12, 2, 6, 40
-    x, r, o = (torch.randn(T, d, requires_grad=True) for _ in range(3))
-    gu = torch.randn(T, 2 * d, requires_grad=True)
-    cos, sin = rope_cos_sin(torch.arange(T), hd, 10000.0)
-    gqkv = torch.randn(T, 4 * H, hd, requires_grad=True)
-    w = torch.randn(V, d, requires_grad=True)
+    x, r, o = (torch.randn(T, d, device=DEVICE, requires_grad=True) for _ in range(3))
+    gu = torch.randn(T, 2 * d, device=DEVICE, requires_grad=True)
+    cos, sin = rope_cos_sin(torch.arange(T, device=DEVICE), hd, 10000.0)
+    gqkv = torch.randn(T, 4 * H, hd, device=DEVICE, requires_grad=True)
+    w = torch.randn(V, d, device=DEVICE, requires_grad=True)
     labels = _labels(T, V)
     hrm = torch.ops.hrm
     return [
