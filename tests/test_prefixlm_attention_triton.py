@@ -1,6 +1,6 @@
 """The Triton PrefixLM attention kernels against the fp64 oracle, under ``TRITON_INTERPRET=1``
-on a CPU (for real on a GPU): forward, dq, dk, dv, dgate; fp32 and fp16 inputs (the
-interpreter mishandles bf16 arithmetic). Same tolerance rule as test_prefixlm_attention.py.
+on a CPU (for real on a GPU): forward, dq, dk, dv, dgate; fp32 and fp16 inputs, and bf16 on a
+GPU (the interpreter mishandles bf16 arithmetic). Same tolerance rule as test_prefixlm_attention.py.
 """
 
 import pytest
@@ -19,6 +19,8 @@ pytestmark = pytest.mark.skipif(
     dispatch.unavailable_reason("triton") is not None, reason=f"triton backend: {dispatch.unavailable_reason('triton')}"
 )
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# fp16 under the interpreter (it mishandles bf16 arithmetic); bf16 too on a GPU
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 
 
 def run_triton(q, k, v, cu, pl, gate):
@@ -31,7 +33,7 @@ def run_triton(q, k, v, cu, pl, gate):
 def test_triton_matches_fp64(data):
     cu, pl, T = packing(data.draw, max_seqs=5, max_len=40, max_pad=20)
     H, D = data.draw(st.sampled_from([(1, 16), (2, 32)]))
-    dtype = data.draw(st.sampled_from([torch.float32, torch.float16]))
+    dtype = data.draw(st.sampled_from(DTYPES))
     err, err_torch, out = attention_errors(
         run_triton, cu, pl, T, H, D, dtype, gated=data.draw(st.booleans()), seed=data.draw(st.integers(0, 2**16))
     )
@@ -40,7 +42,7 @@ def test_triton_matches_fp64(data):
 
 
 @pytest.mark.parametrize("name", sorted(DEGENERATE))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_triton_degenerate_packings(name, dtype):
     cu, pl, T = make_packing(*DEGENERATE[name])
     err, err_torch, out = attention_errors(run_triton, cu, pl, T, 1, 16, dtype)
