@@ -12,7 +12,7 @@ passes 2**31 elements at about 262K tokens.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -68,7 +68,8 @@ _SM90_CONFIGS = {
     (128, "fp32"): _cfg((16, 16, 4, 1), (32, 32, 8, 2), (16, 16, 4, 1)),
 }
 # The 99 KB parts (sm_86, sm_89, sm_120): sm_80's 16-bit rows (the largest needs 73 KB of
-# shared memory, 74752 B for dkdv head dim 128, where sm_90a's reach past 99 KB); their fp32
+# shared memory, 74752 B for dkdv head dim 128; sm_90a's, sized for 227 KB parts, need up to
+# 97 KB, 99328 B, at the edge of the 99 KB per block these parts allow); their fp32
 # rows spill on these targets (ptxas allocates differently from sm_80), so fp32 takes smaller
 # tiles, spill-free on all three (the largest, dkdv head dim 64 on sm_120, at 250 registers).
 _SM99KB_CONFIGS = {
@@ -108,11 +109,22 @@ def default_attention_config(head_dim: int, dtype: torch.dtype, arch: str) -> At
     return _GPU_CONFIGS[arch][(max(head_dim, 64), input_kind(dtype))]
 
 
+_CONFIG_CACHE: dict[tuple, tuple[AttentionConfig, dict[str, str]]] = {}
+
+
+def clear_config_cache() -> None:
+    """Forget resolved configs (after a tuning table changed in this process; tests)."""
+    _CONFIG_CACHE.clear()
+
+
 def attention_config(
     head_dim: int, dtype: torch.dtype, capability: tuple[int, int] | None, device_name: str | None = None
 ) -> AttentionConfig:
     """Tile sizes for ``head_dim``, input ``dtype`` and GPU ``capability`` (``None``: the
-    interpreter, which wants small tiles so that short test rows still span many)."""
+    interpreter, which wants small tiles so that short test rows still span many). Each
+    kernel's tiles come from the tuning tables (:mod:`hrm.tuning.table`: the exact device
+    ``device_name``'s table, then one of the same capability), else from the heuristic
+    default of its architecture. Resolved once per argument tuple (no file I/O per call)."""
     return attention_config_source(head_dim, dtype, capability, device_name)[0]
 
 
@@ -120,21 +132,61 @@ def attention_config_source(
     head_dim: int, dtype: torch.dtype, capability: tuple[int, int] | None, device_name: str | None = None
 ) -> tuple[AttentionConfig, dict[str, str]]:
     """:func:`attention_config` and where each kernel's tiles come from (``{kernel: why}``)."""
+    key = (head_dim, dtype, None if capability is None else tuple(capability), device_name)
+    hit = _CONFIG_CACHE.get(key)
+    if hit is None:
+        if torch.compiler.is_compiling() and capability is not None:
+            # first seen while tracing: reading tables is no graph op, so the defaults, uncached
+            return _resolve_config(*key, tables=False)
+        hit = _CONFIG_CACHE[key] = _resolve_config(*key)
+    return hit
+
+
+def _resolve_config(
+    head_dim: int, dtype: torch.dtype, capability: tuple[int, int] | None, device_name: str | None, tables: bool = True
+) -> tuple[AttentionConfig, dict[str, str]]:
     _check_head_dim(head_dim)
     if capability is None:
         return _INTERPRETER_CONFIG, {k: "the interpreter's config (small tiles)" for k in KERNELS}
     from hrm.ops.arch import arch_for_capability
+    from hrm.tuning.kernels import attention_bucket
+    from hrm.tuning.table import lookup
 
     match = arch_for_capability(capability)
     cfg = default_attention_config(head_dim, dtype, match.arch.name)
-    why = f"heuristic default for {match.arch.name} (compiles without spills; not timed)"
+    default_why = f"heuristic default for {match.arch.name} (compiles without spills; not timed)"
     if match.note:
-        why += f"; {match.note}"
-    return cfg, {k: why for k in KERNELS}
+        default_why += f"; {match.note}"
+    why, tuned = {}, {}
+    for k in KERNELS:
+        if not tables:
+            why[k] = default_why
+            continue
+        t = lookup(f"prefixlm_attention.{k}", attention_bucket(head_dim, dtype), device_name, tuple(capability))
+        if t is not None:
+            tuned[k], why[k] = KernelConfig(**t.config), t.why
+        else:
+            why[k] = default_why
+    return replace(cfg, **tuned), why
 
 
 def device_capability(device: torch.device) -> tuple[int, int] | None:
     return None if device.type != "cuda" or interpreting() else torch.cuda.get_device_capability(device)
+
+
+_DEVICE_NAMES: dict[int, str] = {}
+
+
+def device_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> AttentionConfig:
+    """:func:`attention_config` for tensors on ``device`` (its capability and name, read once)."""
+    capability = device_capability(device)
+    if capability is None:
+        return attention_config(head_dim, dtype, None)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    name = _DEVICE_NAMES.get(index)
+    if name is None and not torch.compiler.is_compiling():
+        name = _DEVICE_NAMES[index] = torch.cuda.get_device_name(index)
+    return attention_config(head_dim, dtype, capability, name)
 
 
 # -- Triton kernels ------------------------------------------------------------------------
@@ -660,7 +712,7 @@ def _last_dim_contiguous(x: Tensor) -> Tensor:
 
 def kernel_config(q: Tensor) -> AttentionConfig:
     """The tiles the launchers use for ``q``'s head dim, dtype and device."""
-    return attention_config(q.shape[-1], q.dtype, device_capability(q.device))
+    return device_config(q.shape[-1], q.dtype, q.device)
 
 
 def prefixlm_attention_triton_forward(
