@@ -19,9 +19,17 @@ from hrm.errors import HrmError
 from hrm.ops.arch import ARCHS, occupancy, parse_arch, parse_archs
 from hrm.ops.impl.prefixlm_attention import triton_kernels as tk
 from hrm.tuning import table as tt
-from hrm.tuning.kernels import KERNELS, Bucket, attention_bucket, search_space, source_hash
+from hrm.tuning.kernels import (
+    KERNELS,
+    Bucket,
+    attention_bucket,
+    default_config,
+    search_space,
+    source_hash,
+    space_with_default,
+)
 from hrm.tuning.report import check, static_report
-from hrm.tuning.tuner import Case, select, tune
+from hrm.tuning.tuner import AttentionCase, Case, select, tune
 
 FWD, DQ, DKDV = (KERNELS[f"prefixlm_attention.{k}"] for k in ("fwd", "dq", "dkdv"))
 
@@ -226,11 +234,28 @@ def test_tune_writes_after_each_bucket_and_resumes(tmp_path):
     assert tt.load_table(path) == table
 
 
+@pytest.mark.skipif(not tk.interpreting(), reason="runs the kernels under the Triton interpreter")
+def test_attention_case_validates_real_kernels_against_the_reference():
+    """The GPU path's check(), run by the interpreter on a CPU: a config is accepted when the
+    launchers' output matches the fp32 reference, rejected when it does not."""
+    pytest.importorskip("triton")
+    cfg = {"block_m": 16, "block_n": 16, "num_warps": 1, "num_stages": 1}
+    for kernel, outs in ((FWD, ("out",)), (DQ, ("dq",)), (DKDV, ("dk", "dv"))):
+        case = AttentionCase(kernel, Bucket(64, "fp32"), torch.device("cpu"), tokens=40, heads=2, capability=(8, 0))
+        assert case.check(cfg)
+        assert set(case._run(cfg)[1]()) == set(outs)
+        case.ref[outs[-1]] = case.ref[outs[-1]] + 0.5  # a wrong output: discarded
+        assert not case.check(cfg)
+
+
 def test_search_space_holds_the_defaults_and_is_bounded():
     for b in (Bucket(64, "bf16"), Bucket(128, "bf16"), Bucket(64, "fp32"), Bucket(128, "fp32")):
         for k in KERNELS.values():
             space = search_space(k, b)
             assert 0 < len(space) <= 96 and len({tuple(c.items()) for c in space}) == len(space)
+            for arch in ARCHS:
+                full = space_with_default(k, b, arch)
+                assert full[0] == default_config(k, b, arch) and len(full) in (len(space), len(space) + 1)
 
 
 # -- the static report ---------------------------------------------------------------------------
