@@ -129,6 +129,13 @@ def test_stale_source_hash_is_ignored_with_one_warning(tables):
 
 
 # -- the table's schema --------------------------------------------------------------------------
+def test_table_file_names_follow_the_bench_device_slug():
+    from hrm.bench.device import device_slug
+
+    info = {"device_type": "cuda", "name": "NVIDIA H100 80GB HBM3"}
+    assert tt.slug(info["name"]) == device_slug(info) == "cuda-nvidia-h100-80gb-hbm3"
+
+
 def test_table_round_trips_through_json(tables):
     t = _table("NVIDIA Mine", "9.0", {FWD.name: {BUCKET: {**_entry(CFG_A, 0.5), "runner_up": _entry(CFG_B, 0.6)}}})
     t["device"].update(driver="1.2", torch="2", triton="3")
@@ -303,6 +310,29 @@ def test_static_report_check_fails_on_a_spilling_default():
 
     rows = static_report([ARCHS["sm_86"]], [Bucket(64, "bf16")], row_kernels=False, compile_fn=overflowing)
     assert len(check(rows)) == 4 and all("sm_86 allows 101376" in p for p in check(rows))
+
+
+def test_hrm_kernels_report_exits_1_on_a_spilling_default(monkeypatch, tmp_path, capsys):
+    import hrm.ops.aot
+
+    def fake(specs, capabilities, jobs=None):
+        spill = lambda s: 16 if s.name.startswith("dq") else 0
+        return [
+            {"num_warps": s.num_warps, "registers": 96, "spill_stores": spill(s), "spill_loads": 0}
+            | {"shared_bytes": 2048, "error": None}
+            for s in specs
+        ]
+
+    monkeypatch.setattr(hrm.ops.aot, "compile_report", fake)
+    out = tmp_path / "report.json"
+    args = ["kernels", "report", "--arch", "sm_80", "--presets", "bench", "--dtypes", "bf16", "--no-row-kernels"]
+    assert main([*args, "--defaults-only", "--json", str(out)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "prefixlm_attention.dq" in err[0] and "spills 16 bytes" in err[0]
+    rows = json.loads(out.read_text())
+    assert len(rows) == 4
+    for r in rows:
+        assert r["occupancy"] == occupancy(ARCHS["sm_80"], 96, 2048, r["config"]["num_warps"])[0] >= 1
 
 
 # -- the commands --------------------------------------------------------------------------------

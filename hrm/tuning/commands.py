@@ -72,10 +72,10 @@ def run_tune(args) -> int:
         raise HrmError(f"only prefixlm_attention is tunable, got --ops {args.ops}")
     from pathlib import Path
 
-    from hrm.bench.device import device_info
+    from hrm.bench.device import device_info, device_slug
     from hrm.ops.arch import arch_for_capability
     from hrm.tuning.kernels import KERNELS, space_with_default
-    from hrm.tuning.table import clear_cache, default_output_dir, slug
+    from hrm.tuning.table import clear_cache, default_output_dir
     from hrm.tuning.tuner import AttentionCase, tune
 
     dev = torch.device("cuda", torch.cuda.current_device())
@@ -89,7 +89,7 @@ def run_tune(args) -> int:
         "triton": info["triton"],
         "cuda": info["cuda"],
     }
-    path = Path(args.out or default_output_dir()) / f"{slug(info['name'])}.json"
+    path = Path(args.out or default_output_dir()) / f"{device_slug(info)}.json"
     arch = arch_for_capability(torch.cuda.get_device_capability(dev))
     if arch.note:
         print(f"hrm tune: {arch.note}", file=sys.stderr)
