@@ -102,6 +102,14 @@ def test_lookup_precedence_exact_device_then_same_capability_then_defaults(table
     assert tk.attention_config(128, torch.bfloat16, None) == tk._INTERPRETER_CONFIG  # the interpreter: no tables
 
 
+def test_a_config_with_unknown_fields_falls_back_to_the_default(tables):
+    bad = {**CFG_A, "num_ctas": 2}
+    tt.save_table(_table("NVIDIA Mine", "9.0", {FWD.name: {BUCKET: _entry(bad)}}), tables / "m.json")
+    with pytest.warns(UserWarning, match="num_ctas"):
+        cfg, why = tk.attention_config_source(128, torch.bfloat16, (9, 0), "NVIDIA Mine")
+    assert cfg == tk.default_attention_config(128, torch.bfloat16, "sm_90a") and "heuristic" in why["fwd"]
+
+
 def test_lookup_reads_tables_once(tables, monkeypatch):
     tt.save_table(_table("NVIDIA Mine", "9.0", {FWD.name: {BUCKET: _entry(CFG_A)}}), tables / "m.json")
     reads = []

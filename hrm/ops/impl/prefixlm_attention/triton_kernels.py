@@ -12,6 +12,7 @@ passes 2**31 elements at about 262K tokens.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, replace
 
 import torch
@@ -163,10 +164,12 @@ def _resolve_config(
             why[k] = default_why
             continue
         t = lookup(f"prefixlm_attention.{k}", attention_bucket(head_dim, dtype), device_name, tuple(capability))
-        if t is not None:
-            tuned[k], why[k] = KernelConfig(**t.config), t.why
-        else:
-            why[k] = default_why
+        try:
+            tuned[k], why[k] = (KernelConfig(**t.config), t.why) if t is not None else (None, default_why)
+        except TypeError as e:  # a table from a version with other config fields
+            warnings.warn(f"ignoring the tuned prefixlm_attention.{k} config {t.config}: {e}", stacklevel=2)
+            tuned[k], why[k] = None, default_why
+    tuned = {k: c for k, c in tuned.items() if c is not None}
     return replace(cfg, **tuned), why
 
 
