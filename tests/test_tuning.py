@@ -34,6 +34,15 @@ from hrm.tuning.tuner import AttentionCase, Case, select, tune
 FWD, DQ, DKDV = (KERNELS[f"prefixlm_attention.{k}"] for k in ("fwd", "dq", "dkdv"))
 
 
+def _ptxas_missing() -> bool:
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        return shutil.which(get_ptxas(90).path) is None
+    except Exception:
+        return True
+
+
 @pytest.fixture
 def tables(tmp_path, monkeypatch):
     """An empty tables directory that is the only one looked at; caches cleared around."""
@@ -263,6 +272,30 @@ def test_attention_case_validates_real_kernels_against_the_reference():
         assert not case.check(cfg)
 
 
+@pytest.mark.skipif(not tk.interpreting() or _ptxas_missing(), reason="interpreter run + ahead-of-time compile")
+def test_tune_end_to_end_with_real_kernels_and_an_injected_timer(tmp_path):
+    """hrm tune's whole path but do_bench: static compile for sm_80, interpreter runs checked
+    against the reference, an injected timer, the table written and read back."""
+    pytest.importorskip("triton")
+
+    class Timed(AttentionCase):
+        def time(self, config):
+            return float(config["block_n"])
+
+    space = lambda k, b: [
+        {"block_m": 32, "block_n": 32, "num_warps": 4, "num_stages": 2},
+        {"block_m": 16, "block_n": 16, "num_warps": 4, "num_stages": 1},
+    ]
+    device = {"name": "Interpreted GPU", "capability": "8.0", "sm_count": 1}
+    make = lambda k, b: Timed(k, b, torch.device("cpu"), tokens=40, heads=2, capability=(8, 0))
+    path = tmp_path / "t.json"
+    table = tune([FWD], [Bucket(64, "fp32")], path, device, make, space=space, progress=False)
+    e = table["kernels"][FWD.name]["buckets"]["hd64-fp32"]
+    assert e["config"]["block_n"] == 16 and e["runner_up"]["config"]["block_n"] == 32
+    assert (e["timed"], e["pruned"], e["discarded"]) == (2, 0, 0)
+    assert tt.load_table(path) == table
+
+
 def test_search_space_holds_the_defaults_and_is_bounded():
     for b in (Bucket(64, "bf16"), Bucket(128, "bf16"), Bucket(64, "fp32"), Bucket(128, "fp32")):
         for k in KERNELS.values():
@@ -274,15 +307,6 @@ def test_search_space_holds_the_defaults_and_is_bounded():
 
 
 # -- the static report ---------------------------------------------------------------------------
-def _ptxas_missing() -> bool:
-    try:
-        from triton.backends.nvidia.compiler import get_ptxas
-
-        return shutil.which(get_ptxas(90).path) is None
-    except Exception:
-        return True
-
-
 @pytest.mark.skipif(_ptxas_missing(), reason="Triton's NVIDIA backend (ptxas) is not installed")
 def test_static_report_compiles_defaults_for_sm80_and_sm90a():
     pytest.importorskip("triton")
