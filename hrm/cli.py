@@ -2,7 +2,7 @@
 
 Each feature area adds its own subcommands through a ``register(subparsers)`` function
 (``hrm.training.commands``, ``hrm.inference_commands``, ``hrm.interop.commands``,
-``hrm.bench.commands``, ``hrm.doctor.commands``);
+``hrm.bench.commands``, ``hrm.doctor.commands``, ``hrm.tuning.commands``);
 this module only wires them and turns user errors (:class:`~hrm.errors.HrmError`) into one
 line on stderr and exit code 2.
 """
@@ -22,6 +22,7 @@ _COMMAND_MODULES = (
     "hrm.interop.commands",
     "hrm.bench.commands",
     "hrm.doctor.commands",
+    "hrm.tuning.commands",
 )
 
 

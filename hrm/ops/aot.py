@@ -1,11 +1,12 @@
 """Ahead-of-time compilation of Triton kernels for a named GPU, with no GPU present.
 
 :func:`compile_report` compiles :class:`KernelSpec` s (a kernel, its argument types and
-constexprs, launch options) for each requested capability (80 -> ``sm_80``,
-90 -> ``sm_90a``) and returns one row per (kernel, target): registers per thread, spill
-stores/loads and stack frame (from ``ptxas -v``, run on the PTX with the ptxas that
-Triton itself uses) and shared memory (Triton's allocation). A kernel that does not
-compile gets a row with ``error`` set instead of raising.
+constexprs, launch options) for each requested capability (80 -> ``sm_80``, 86, 89,
+90 -> ``sm_90a``, 120: the entries of :data:`hrm.ops.arch.ARCHS`) and returns one row per
+(kernel, target): registers per thread, spill stores/loads and stack frame (from ``ptxas -v``,
+run on the PTX with the ptxas that Triton itself uses; its bundled ptxas accepts every target
+of the table, sm_120 included, as ``sm_120a``) and shared memory (Triton's allocation). A
+kernel that does not compile gets a row with ``error`` set instead of raising.
 
 Under ``TRITON_INTERPRET=1`` (the test suite) ``@triton.jit`` yields interpreted
 functions that cannot be compiled, so the work runs in a fresh interpreter process
@@ -50,7 +51,11 @@ class KernelSpec:
 
 
 def _arch(capability: int) -> str:
-    return "sm_90a" if capability == 90 else f"sm_{capability}"
+    """The arch table's name for ``capability`` (``sm_90a`` for 90), else ``sm_<capability>``."""
+    from hrm.ops.arch import arch_for_capability
+
+    match = arch_for_capability(capability)
+    return match.arch.name if match.exact else f"sm_{capability}"
 
 
 _PTXAS_USED = re.compile(r"Used (\d+) registers")

@@ -19,8 +19,7 @@ from hrm.ops.dispatch import get_impl, register
 from hrm.ops.impl.prefixlm_attention.cpu import prefixlm_attention_cpu_backward, prefixlm_attention_cpu_forward
 from hrm.ops.impl.prefixlm_attention.packing import AttentionPacking
 from hrm.ops.impl.prefixlm_attention.triton_kernels import (
-    attention_config,
-    device_capability,
+    device_config,
     kernel_config,
     prefixlm_attention_triton_backward,
     prefixlm_attention_triton_forward,
@@ -149,7 +148,7 @@ def prepare_packing(
     every attention call of a forward."""
     if get_impl("prefixlm_attention", backend) is not prefixlm_attention_triton:
         return packing
-    cfg = attention_config(head_dim, dtype, device_capability(packing.device))
+    cfg = device_config(head_dim, dtype, packing.device)
     return packing.with_tiles(*cfg.blocks())
 
 

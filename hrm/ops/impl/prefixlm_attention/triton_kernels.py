@@ -2,16 +2,18 @@
 (block, head), visiting only the non-empty tiles of each block (:mod:`.packing`), with the
 interval mask compiled into partial tiles only.
 
-Tile configurations come from :func:`attention_config` (by architecture, head dim and input
-kind); every default compiles ahead of time without register spills (``aot_specs``,
-checked in ``tests/test_prefixlm_attention_aot.py``). Pointer offsets that scale with the
+Tile configurations come from :func:`attention_config` (by architecture of
+:mod:`hrm.ops.arch`, head dim and input kind); every default compiles ahead of time without
+register spills and within its architecture's shared memory (``aot_specs``, checked in
+``tests/test_prefixlm_attention_aot.py``). Pointer offsets that scale with the
 token index are 64-bit: a strided view of a fused ``[T, 4 * heads, head_dim]`` projection
 passes 2**31 elements at about 262K tokens.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -49,46 +51,145 @@ def _cfg(fwd, dq, dkdv) -> AttentionConfig:
 
 
 # Defaults by (architecture, head dim, input kind), each (block_m, block_n, warps, stages);
-# every one compiles ahead of time without register spills (tests/test_prefixlm_attention_aot.py).
+# every one compiles ahead of time without register spills and within its architecture's
+# shared memory per block (hrm.ops.arch.ARCHS; tests/test_prefixlm_attention_aot.py). They
+# were chosen to compile, not timed: `hrm tune` measures better ones per device (hrm.tuning).
 # fp32 inputs use exact fp32 dots (tf32 only if torch.backends.cuda.matmul.allow_tf32),
 # which need far smaller tiles. Head dims below 64 use the 64 row.
-_GPU_CONFIGS = {
-    (80, 64, "16bit"): _cfg((128, 64, 8, 3), (64, 64, 4, 2), (32, 64, 4, 2)),
-    (80, 128, "16bit"): _cfg((128, 32, 8, 2), (64, 64, 8, 2), (64, 64, 8, 2)),
-    (90, 64, "16bit"): _cfg((128, 64, 4, 3), (64, 64, 4, 2), (64, 64, 4, 2)),
-    (90, 128, "16bit"): _cfg((128, 64, 8, 2), (64, 64, 8, 2), (64, 64, 8, 2)),
-    (80, 64, "fp32"): _cfg((32, 32, 4, 2), (64, 32, 8, 2), (32, 32, 4, 2)),
-    (80, 128, "fp32"): _cfg((32, 32, 8, 1), (16, 32, 4, 2), (32, 32, 8, 2)),
-    (90, 64, "fp32"): _cfg((32, 16, 4, 2), (64, 32, 8, 2), (32, 16, 4, 2)),
-    (90, 128, "fp32"): _cfg((16, 16, 4, 1), (32, 32, 8, 2), (16, 16, 4, 1)),
+_SM80_CONFIGS = {
+    (64, "16bit"): _cfg((128, 64, 8, 3), (64, 64, 4, 2), (32, 64, 4, 2)),
+    (128, "16bit"): _cfg((128, 32, 8, 2), (64, 64, 8, 2), (64, 64, 8, 2)),
+    (64, "fp32"): _cfg((32, 32, 4, 2), (64, 32, 8, 2), (32, 32, 4, 2)),
+    (128, "fp32"): _cfg((32, 32, 8, 1), (16, 32, 4, 2), (32, 32, 8, 2)),
 }
-# Not in the spill check (no preset uses it): small tiles, chosen by hand.
-_GPU_CONFIGS.update(
-    {
-        (arch, 256, kind): _cfg((32, 32, 8, 1), (32, 32, 8, 1), (16, 32, 8, 1))
-        for arch in (80, 90)
-        for kind in ("16bit", "fp32")
-    }
-)
+_SM90_CONFIGS = {
+    (64, "16bit"): _cfg((128, 64, 4, 3), (64, 64, 4, 2), (64, 64, 4, 2)),
+    (128, "16bit"): _cfg((128, 64, 8, 2), (64, 64, 8, 2), (64, 64, 8, 2)),
+    (64, "fp32"): _cfg((32, 16, 4, 2), (64, 32, 8, 2), (32, 16, 4, 2)),
+    (128, "fp32"): _cfg((16, 16, 4, 1), (32, 32, 8, 2), (16, 16, 4, 1)),
+}
+# The 99 KB parts (sm_86, sm_89, sm_120): sm_80's 16-bit rows (the largest needs 73 KB of
+# shared memory, 74752 B for dkdv head dim 128; sm_90a's, sized for 227 KB parts, need up to
+# 97 KB, 99328 B, at the edge of the 99 KB per block these parts allow); their fp32
+# rows spill on these targets (ptxas allocates differently from sm_80), so fp32 takes smaller
+# tiles, spill-free on all three (the largest, dkdv head dim 64 on sm_120, at 250 registers).
+_SM99KB_CONFIGS = {
+    (64, "16bit"): _SM80_CONFIGS[(64, "16bit")],
+    (128, "16bit"): _SM80_CONFIGS[(128, "16bit")],
+    (64, "fp32"): _cfg((32, 16, 4, 2), (64, 32, 8, 2), (16, 32, 4, 2)),
+    (128, "fp32"): _cfg((16, 16, 4, 1), (16, 16, 4, 2), (16, 16, 4, 1)),
+}
+# Head dim 256 is not in the spill check (no preset uses it): small tiles, chosen by hand.
+for _table in (_SM80_CONFIGS, _SM90_CONFIGS, _SM99KB_CONFIGS):
+    _table.update({(256, kind): _cfg((32, 32, 8, 1), (32, 32, 8, 1), (16, 32, 8, 1)) for kind in ("16bit", "fp32")})
+# By hrm.ops.arch name; each row is compiled for its own target in the AOT test.
+_GPU_CONFIGS: dict[str, dict[tuple[int, str], AttentionConfig]] = {
+    "sm_80": _SM80_CONFIGS,
+    "sm_86": _SM99KB_CONFIGS,
+    "sm_89": _SM99KB_CONFIGS,
+    "sm_90a": _SM90_CONFIGS,
+    "sm_120": _SM99KB_CONFIGS,
+}
 _INTERPRETER_CONFIG = _cfg((16, 16, 1, 1), (16, 16, 1, 1), (16, 16, 1, 1))
 TRITON_HEAD_DIMS = (16, 32, 64, 128, 256)
+KERNELS = ("fwd", "dq", "dkdv")  # the tuned kernels, fields of AttentionConfig
 
 
-def attention_config(head_dim: int, dtype: torch.dtype, capability: tuple[int, int] | None) -> AttentionConfig:
-    """Tile sizes for ``head_dim``, input ``dtype`` and GPU ``capability`` (``None``: the
-    interpreter, which wants small tiles so that short test rows still span many). The
-    later tuning tables will be consulted here first."""
+def input_kind(dtype: torch.dtype) -> str:
+    return "16bit" if dtype in (torch.float16, torch.bfloat16) else "fp32"
+
+
+def _check_head_dim(head_dim: int) -> None:
     if head_dim not in TRITON_HEAD_DIMS:
         raise HrmError(f"the triton attention kernels need head_dim in {TRITON_HEAD_DIMS}, got {head_dim}")
+
+
+def default_attention_config(head_dim: int, dtype: torch.dtype, arch: str) -> AttentionConfig:
+    """The heuristic default of :data:`_GPU_CONFIGS` for an :data:`hrm.ops.arch.ARCHS` name."""
+    _check_head_dim(head_dim)
+    return _GPU_CONFIGS[arch][(max(head_dim, 64), input_kind(dtype))]
+
+
+_CONFIG_CACHE: dict[tuple, tuple[AttentionConfig, dict[str, str]]] = {}
+
+
+def clear_config_cache() -> None:
+    """Forget resolved configs (after a tuning table changed in this process; tests)."""
+    _CONFIG_CACHE.clear()
+
+
+def attention_config(
+    head_dim: int, dtype: torch.dtype, capability: tuple[int, int] | None, device_name: str | None = None
+) -> AttentionConfig:
+    """Tile sizes for ``head_dim``, input ``dtype`` and GPU ``capability`` (``None``: the
+    interpreter, which wants small tiles so that short test rows still span many). Each
+    kernel's tiles come from the tuning tables (:mod:`hrm.tuning.table`: the exact device
+    ``device_name``'s table, then one of the same capability), else from the heuristic
+    default of its architecture. Resolved once per argument tuple (no file I/O per call)."""
+    return attention_config_source(head_dim, dtype, capability, device_name)[0]
+
+
+def attention_config_source(
+    head_dim: int, dtype: torch.dtype, capability: tuple[int, int] | None, device_name: str | None = None
+) -> tuple[AttentionConfig, dict[str, str]]:
+    """:func:`attention_config` and where each kernel's tiles come from (``{kernel: why}``)."""
+    key = (head_dim, dtype, None if capability is None else tuple(capability), device_name)
+    hit = _CONFIG_CACHE.get(key)
+    if hit is None:
+        if torch.compiler.is_compiling() and capability is not None:
+            # first seen while tracing: reading tables is no graph op, so the defaults, uncached
+            return _resolve_config(*key, tables=False)
+        hit = _CONFIG_CACHE[key] = _resolve_config(*key)
+    return hit
+
+
+def _resolve_config(
+    head_dim: int, dtype: torch.dtype, capability: tuple[int, int] | None, device_name: str | None, tables: bool = True
+) -> tuple[AttentionConfig, dict[str, str]]:
+    _check_head_dim(head_dim)
     if capability is None:
-        return _INTERPRETER_CONFIG
-    arch = 90 if capability[0] >= 9 else 80
-    kind = "16bit" if dtype in (torch.float16, torch.bfloat16) else "fp32"
-    return _GPU_CONFIGS[(arch, max(head_dim, 64), kind)]
+        return _INTERPRETER_CONFIG, {k: "the interpreter's config (small tiles)" for k in KERNELS}
+    from hrm.ops.arch import arch_for_capability
+    from hrm.tuning.kernels import attention_bucket
+    from hrm.tuning.table import lookup
+
+    match = arch_for_capability(capability)
+    cfg = default_attention_config(head_dim, dtype, match.arch.name)
+    default_why = f"heuristic default for {match.arch.name} (compiles without spills; not timed)"
+    if match.note:
+        default_why += f"; {match.note}"
+    why, tuned = {}, {}
+    for k in KERNELS:
+        if not tables:
+            why[k] = default_why
+            continue
+        t = lookup(f"prefixlm_attention.{k}", attention_bucket(head_dim, dtype), device_name, tuple(capability))
+        try:
+            tuned[k], why[k] = (KernelConfig(**t.config), t.why) if t is not None else (None, default_why)
+        except TypeError as e:  # a table from a version with other config fields
+            warnings.warn(f"ignoring the tuned prefixlm_attention.{k} config {t.config}: {e}", stacklevel=2)
+            tuned[k], why[k] = None, default_why
+    tuned = {k: c for k, c in tuned.items() if c is not None}
+    return replace(cfg, **tuned), why
 
 
 def device_capability(device: torch.device) -> tuple[int, int] | None:
     return None if device.type != "cuda" or interpreting() else torch.cuda.get_device_capability(device)
+
+
+_DEVICE_NAMES: dict[int, str] = {}
+
+
+def device_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> AttentionConfig:
+    """:func:`attention_config` for tensors on ``device`` (its capability and name, read once)."""
+    capability = device_capability(device)
+    if capability is None:
+        return attention_config(head_dim, dtype, None)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    name = _DEVICE_NAMES.get(index)
+    if name is None and not torch.compiler.is_compiling():
+        name = _DEVICE_NAMES[index] = torch.cuda.get_device_name(index)
+    return attention_config(head_dim, dtype, capability, name)
 
 
 # -- Triton kernels ------------------------------------------------------------------------
@@ -614,7 +715,7 @@ def _last_dim_contiguous(x: Tensor) -> Tensor:
 
 def kernel_config(q: Tensor) -> AttentionConfig:
     """The tiles the launchers use for ``q``'s head dim, dtype and device."""
-    return attention_config(q.shape[-1], q.dtype, device_capability(q.device))
+    return device_config(q.shape[-1], q.dtype, q.device)
 
 
 def prefixlm_attention_triton_forward(
@@ -774,11 +875,13 @@ def prefixlm_attention_triton_backward(
     return dq, dk, dv, dgate
 
 
-def aot_specs(head_dim: int, dtype: torch.dtype, capability: int) -> list:
-    """The four Triton kernels at their default configuration, as :class:`hrm.ops.aot.KernelSpec` s."""
+def aot_specs(head_dim: int, dtype: torch.dtype, capability: int, config: AttentionConfig | None = None) -> list:
+    """The four Triton kernels at ``config`` (default: the architecture's heuristic default,
+    never a tuned table), as :class:`hrm.ops.aot.KernelSpec` s."""
     from hrm.ops.aot import KernelSpec
+    from hrm.ops.arch import arch_for_capability
 
-    cfg = attention_config(head_dim, dtype, (capability // 10, capability % 10))
+    cfg = config or default_attention_config(head_dim, dtype, arch_for_capability(capability).arch.name)
     t, where = TRITON_TYPES[dtype], f"{__name__}:"
     f32, i32 = pointers(torch.float32, "LSE", "DELTA"), {n: "*i32" for n in ("ROW_LO", "ROW_HI", "RANGES")}
     ints = lambda *names: {n: "i32" for n in names}  # noqa: E731
@@ -846,7 +949,7 @@ def aot_specs(head_dim: int, dtype: torch.dtype, capability: int) -> list:
 def aot_report(
     head_dims: tuple[int, ...] = (64, 128),
     dtypes: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32),
-    capabilities: tuple[int, ...] = (80, 90),
+    capabilities: tuple[int, ...] = (80, 86, 89, 90, 120),
     jobs: int | None = None,
 ) -> list[dict]:
     """Registers, spills and shared memory of every attention kernel at its default

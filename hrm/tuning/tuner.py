@@ -1,0 +1,249 @@
+"""The tuner: for each tunable kernel and shape bucket, prune the candidates the static
+report rejects, run the rest against the reference (a wrong result discards a candidate,
+however fast), time the survivors and keep the fastest, with the runner-up.
+
+:func:`select` is the decision for one (kernel, bucket) and takes its three steps as
+functions (``static``, ``check``, ``time``), so that tests drive it with an injected timer;
+:func:`tune` loops over kernels and buckets, writing the table after every bucket and
+skipping buckets already in it (resumable). The GPU side (:class:`AttentionCase`) times
+with ``triton.testing.do_bench`` medians.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable
+
+from hrm.tuning.kernels import Bucket, TunableKernel, search_space, source_hash
+from hrm.tuning.table import load_table, new_table, save_table
+
+MAX_REASONS = 5  # discarded / pruned configs listed per entry
+
+
+def select(
+    candidates: list[dict],
+    static: Callable[[dict], str | None],
+    check: Callable[[dict], bool],
+    time: Callable[[dict], float],
+) -> dict | None:
+    """The table entry for one (kernel, bucket), or ``None`` when no candidate survives.
+
+    In candidate order: ``static(c)`` returns a problem (spills, too much shared memory,
+    does not compile) -> pruned, never run; ``check(c)`` False or raising -> discarded,
+    never timed; else ``time(c)`` in ms. The fastest wins; on equal times the earlier
+    candidate (``tie`` records that the runner-up measured the same)."""
+    timed: list[tuple[float, int, dict]] = []
+    pruned: list[dict] = []
+    discarded: list[dict] = []
+    for i, c in enumerate(candidates):
+        problem = static(c)
+        if problem:
+            pruned.append({"config": c, "reason": problem})
+            continue
+        try:
+            ok, reason = bool(check(c)), "output differs from the reference"
+        except Exception as e:  # a config that fails to launch is no candidate
+            ok, reason = False, f"{type(e).__name__}: {str(e).strip()[:200]}"
+        if not ok:
+            discarded.append({"config": c, "reason": reason})
+            continue
+        timed.append((float(time(c)), i, c))
+    if not timed:
+        return None
+    timed.sort(key=lambda t: (t[0], t[1]))
+    best, runner = timed[0], (timed[1] if len(timed) > 1 else None)
+    return {
+        "config": best[2],
+        "time_ms": best[0],
+        "runner_up": None if runner is None else {"config": runner[2], "time_ms": runner[0]},
+        "tie": runner is not None and runner[0] == best[0],
+        "candidates": len(candidates),
+        "timed": len(timed),
+        "pruned": len(pruned),
+        "discarded": len(discarded),
+        "discarded_examples": discarded[:MAX_REASONS],
+        "pruned_examples": pruned[:MAX_REASONS],
+    }
+
+
+class Case:
+    """What :func:`tune` needs of one (kernel, bucket) on the device."""
+
+    def static(self, configs: list[dict]) -> list[str | None]:  # one problem (or None) per config
+        raise NotImplementedError
+
+    def check(self, config: dict) -> bool:
+        raise NotImplementedError
+
+    def time(self, config: dict) -> float:
+        raise NotImplementedError
+
+
+def tune(
+    kernels: list[TunableKernel],
+    buckets: list[Bucket],
+    table_path: str | Path,
+    device: dict,
+    make_case: Callable[[TunableKernel, Bucket], Case],
+    *,
+    space: Callable[[TunableKernel, Bucket], list[dict]] = search_space,
+    resume: bool = True,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Tune every (kernel, bucket) not yet in the table at ``table_path``; return the table."""
+    from tqdm import tqdm
+
+    path = Path(table_path)
+    table = load_table(path) if resume and path.exists() else new_table(device)
+    if table["device"].get("name") != device.get("name"):
+        table = new_table(device)  # another device's table: start over rather than mix
+    table["device"] = {**table["device"], **device}
+    work = [(k, b) for k in kernels for b in buckets]
+    bar = tqdm(total=len(work), desc="hrm tune", unit="bucket", disable=not progress)
+    for k, b in work:
+        h = source_hash(k)
+        entry = table["kernels"].setdefault(k.name, {"source_hash": h, "buckets": {}})
+        if entry["source_hash"] != h:  # the kernel changed since: its old measurements are void
+            entry.update(source_hash=h, buckets={})
+        bar.set_postfix_str(f"{k.name} {b.key}")
+        if b.key in entry["buckets"]:
+            bar.update()
+            continue
+        case = make_case(k, b)
+        cands = space(k, b)
+        problems = dict(zip(map(_key, cands), case.static(cands)))
+        result = select(cands, lambda c, problems=problems: problems[_key(c)], case.check, case.time)
+        if result is None:
+            log(f"{k.name} {b.key}: no candidate survived; the heuristic default stays")
+        else:
+            entry["buckets"][b.key] = result
+            save_table(table, path)
+        bar.update()
+    bar.close()
+    return table
+
+
+def _key(config: dict) -> tuple:
+    return tuple(sorted(config.items()))
+
+
+# -- the attention on a GPU -------------------------------------------------------------------
+TOLERANCE = {"bf16": 3e-2, "fp16": 1e-2, "fp32": 5e-3}  # max abs error / max(1, max |reference|)
+
+
+class AttentionCase(Case):
+    """One attention kernel at one bucket on a CUDA device: a packed row of ``tokens`` tokens
+    (sequences of 256 to 1024 tokens, half instruction), the fp32 reference's output and
+    gradients, each candidate run through the launchers with the other two kernels at their
+    defaults, timed with ``triton.testing.do_bench`` (median)."""
+
+    def __init__(
+        self,
+        kernel: TunableKernel,
+        bucket: Bucket,
+        device,
+        tokens: int = 8192,
+        heads: int = 8,
+        capability: tuple[int, int] | None = None,
+    ):
+        import torch
+
+        from hrm.ops.arch import arch_for_capability
+        from hrm.ops.impl.prefixlm_attention import triton_kernels as tk
+
+        self.kernel, self.bucket, self.tk = kernel, bucket, tk
+        # capability: the device's; given, for tests of check() under the interpreter on a CPU
+        self.capability = capability or torch.cuda.get_device_capability(device)
+        self.arch = arch_for_capability(self.capability).arch
+        self.base = tk.default_attention_config(bucket.head_dim, bucket.torch_dtype, self.arch.name)
+        self._setup_args: tuple | None = (device, tokens, heads)
+        self.inputs: tuple = ()
+
+    def _setup(self) -> None:
+        """Inputs and the reference, on first use: after :meth:`static`, whose compiles run in
+        forked workers, so that those fork before this process allocates on the GPU."""
+        if self._setup_args is None:
+            return
+        import torch
+
+        from hrm.ops.impl.prefixlm_attention.packing import AttentionPacking
+        from hrm.ops.impl.prefixlm_attention.reference import prefixlm_attention_reference
+
+        (device, tokens, heads), self._setup_args = self._setup_args, None
+        bucket = self.bucket
+        gen = torch.Generator().manual_seed(0)
+        lengths, total = [], 0
+        while total < tokens:
+            n = min(int(torch.randint(256, 1025, (1,), generator=gen)), tokens - total)
+            lengths.append(n)
+            total += n
+        cu = [0]
+        for n in lengths:
+            cu.append(cu[-1] + n)
+        self.packing = AttentionPacking.build(cu, [max(1, n // 2) for n in lengths], tokens, device=device)
+        dt, D = bucket.torch_dtype, bucket.head_dim
+        q, k, v, gate, do = (torch.randn(tokens, heads, D, generator=gen).to(device, dt) for _ in range(5))
+        self.inputs = (q, k, v, gate, do)
+        ref_in = [x.float().requires_grad_() for x in (q, k, v, gate)]
+        p = self.packing
+        ref = prefixlm_attention_reference(*ref_in[:3], p, gate=ref_in[3])
+        ref.backward(do.float())
+        self.ref = {"out": ref.detach(), "dq": ref_in[0].grad, "dk": ref_in[1].grad, "dv": ref_in[2].grad}
+
+    def _config(self, config: dict):
+        return replace(self.base, **{self.kernel.field: self.tk.KernelConfig(**config)})
+
+    def _run(self, config: dict):
+        """A callable running what the candidate changes: the forward, or the backward."""
+        self._setup()
+        q, k, v, gate, do = self.inputs
+        p, cfg, tk = self.packing, self._config(config), self.tk
+        out, lse = tk.prefixlm_attention_triton_forward(q, k, v, p.row_lo, p.row_hi, gate, cfg)
+        if self.kernel.field == "fwd":
+            ranges = p.tile_ranges(*cfg.blocks()).fwd
+            fn = lambda: tk.prefixlm_attention_triton_forward(q, k, v, p.row_lo, p.row_hi, gate, cfg, ranges)
+            return fn, (lambda: {"out": fn()[0]})
+        tiles = p.tile_ranges(*cfg.blocks())
+        args = (do, q, k, v, out, lse, p.row_lo, p.row_hi, p.col_lo, p.col_hi, gate, cfg, tiles.dq, tiles.dkdv)
+        fn = lambda: tk.prefixlm_attention_triton_backward(*args)
+
+        def grads():
+            dq, dk, dv, _ = fn()
+            return {"dq": dq} if self.kernel.field == "dq" else {"dk": dk, "dv": dv}
+
+        return fn, grads
+
+    def static(self, configs: list[dict]) -> list[str | None]:
+        from hrm.ops.aot import compile_report
+        from hrm.tuning.kernels import aot_spec
+        from hrm.tuning.report import annotate
+
+        cap = self.capability[0] * 10 + self.capability[1]  # the device's own target, its arch's limits
+        rows = compile_report([aot_spec(self.kernel, self.bucket, c, cap) for c in configs], (cap,))
+        return [annotate(r, self.arch)["problem"] for r in rows]
+
+    def check(self, config: dict) -> bool:
+        import torch
+
+        _, outputs = self._run(config)
+        got = outputs()
+        if got and next(iter(got.values())).is_cuda:
+            torch.cuda.synchronize()
+        tol = TOLERANCE[self.bucket.dtype]
+        for name, g in got.items():
+            ref = self.ref[name]
+            err = (g.float() - ref).abs().max().item()
+            if not err <= tol * max(1.0, ref.abs().max().item()):
+                return False
+        return True
+
+    def time(self, config: dict) -> float:
+        from triton.testing import do_bench
+
+        fn, _ = self._run(config)
+        return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
+
+
+__all__ = ["AttentionCase", "Case", "TOLERANCE", "select", "tune"]

@@ -1,0 +1,382 @@
+"""Autotuning tables and the static kernel report, on a CPU: the arch table's occupancy
+estimate, table lookup precedence (exact device -> same capability -> defaults) and
+source-hash invalidation, the tuner's pruning / validation / selection with an injected
+timer, the table's JSON schema, the static report (compiled for sm_80 and sm_90a), and the
+``hrm tune`` / ``hrm kernels`` commands."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from dataclasses import asdict
+
+import pytest
+import torch
+
+from hrm.cli import main
+from hrm.errors import HrmError
+from hrm.ops.arch import ARCHS, occupancy, parse_arch, parse_archs
+from hrm.ops.impl.prefixlm_attention import triton_kernels as tk
+from hrm.tuning import table as tt
+from hrm.tuning.kernels import (
+    KERNELS,
+    Bucket,
+    attention_bucket,
+    default_config,
+    search_space,
+    source_hash,
+    space_with_default,
+)
+from hrm.tuning.report import check, static_report
+from hrm.tuning.tuner import AttentionCase, Case, select, tune
+
+FWD, DQ, DKDV = (KERNELS[f"prefixlm_attention.{k}"] for k in ("fwd", "dq", "dkdv"))
+
+
+def _ptxas_missing() -> bool:
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        return shutil.which(get_ptxas(90).path) is None
+    except Exception:
+        return True
+
+
+@pytest.fixture
+def tables(tmp_path, monkeypatch):
+    """An empty tables directory that is the only one looked at; caches cleared around."""
+    d = tmp_path / "tables"
+    d.mkdir()
+    monkeypatch.setenv(tt.ENV_DIRS, str(d))
+    monkeypatch.setenv("HRM_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(tt, "checkout_dir", lambda: None)
+    monkeypatch.setattr(tt, "installed_dir", lambda: tmp_path / "installed")
+    tt.clear_cache()
+    yield d
+    tt.clear_cache()
+
+
+def _entry(config: dict, ms: float = 1.0) -> dict:
+    return {"config": config, "time_ms": ms, "runner_up": None}
+
+
+def _table(name: str, capability: str, entries: dict[str, dict], hashes: dict[str, str] | None = None) -> dict:
+    t = tt.new_table({"name": name, "capability": capability, "sm_count": 1})
+    for kernel, buckets in entries.items():
+        h = (hashes or {}).get(kernel) or source_hash(KERNELS[kernel])
+        t["kernels"][kernel] = {"source_hash": h, "buckets": buckets}
+    return t
+
+
+CFG_A = {"block_m": 64, "block_n": 32, "num_warps": 4, "num_stages": 3}
+CFG_B = {"block_m": 32, "block_n": 32, "num_warps": 8, "num_stages": 1}
+BUCKET = attention_bucket(128, torch.bfloat16)
+
+
+# -- the arch table ------------------------------------------------------------------------
+def test_arch_table_limits_and_occupancy():
+    assert ARCHS["sm_80"].smem_per_block == 166912 and ARCHS["sm_90a"].smem_per_block == 232448
+    assert all(ARCHS[a].smem_per_block == 101376 for a in ("sm_86", "sm_89", "sm_120"))
+    assert (
+        parse_arch("90").name == "sm_90a" and parse_arch("8.6").name == "sm_86" and parse_arch("sm_90").name == "sm_90a"
+    )
+    assert [a.name for a in parse_archs("sm_80,sm_120")] == ["sm_80", "sm_120"]
+    with pytest.raises(HrmError):
+        parse_arch("sm_75")
+    a = ARCHS["sm_80"]
+    assert occupancy(a, 32, 0, 4) == (16, "threads")  # 2048 threads / 128
+    assert occupancy(a, 64, 0, 4) == (8, "registers")  # 64 * 128 registers per block
+    assert occupancy(a, 255, 0, 8) == (1, "registers")  # 256 regs/thread * 256 threads = 65536
+    assert occupancy(a, 32, 80 * 1024, 4) == (2, "shared")  # 164 KB / (80 KB + 1 KB)
+    assert occupancy(ARCHS["sm_86"], 32, 100 * 1024, 4)[0] == 0  # over the 99 KB per block
+
+
+# -- lookup ------------------------------------------------------------------------------------
+def test_lookup_precedence_exact_device_then_same_capability_then_defaults(tables):
+    tt.save_table(_table("NVIDIA Mine", "9.0", {FWD.name: {BUCKET: _entry(CFG_A)}}), tables / "cuda-nvidia-mine.json")
+    other = {FWD.name: {BUCKET: _entry(CFG_B)}, DQ.name: {BUCKET: _entry(CFG_B)}}
+    tt.save_table(_table("NVIDIA Other", "9.0", other), tables / "cuda-nvidia-other.json")
+    tt.save_table(_table("NVIDIA Ampere", "8.0", {DKDV.name: {BUCKET: _entry(CFG_A)}}), tables / "a.json")
+    default = tk.default_attention_config(128, torch.bfloat16, "sm_90a")
+
+    cfg, why = tk.attention_config_source(128, torch.bfloat16, (9, 0), "NVIDIA Mine")
+    assert asdict(cfg.fwd) == CFG_A and "exact device" in why["fwd"]  # the exact table wins over same-capability
+    assert asdict(cfg.dq) == CFG_B and "another capability-9.0 device" in why["dq"]
+    assert cfg.dkdv == default.dkdv and "heuristic default for sm_90a" in why["dkdv"]  # 8.0's table never applies
+    cfg, _ = tk.attention_config_source(128, torch.bfloat16, (9, 0), "NVIDIA Unknown")
+    assert asdict(cfg.fwd) in (CFG_A, CFG_B) and asdict(cfg.dq) == CFG_B
+    cfg, why = tk.attention_config_source(64, torch.bfloat16, (9, 0), "NVIDIA Mine")  # another bucket: defaults
+    assert cfg == tk.default_attention_config(64, torch.bfloat16, "sm_90a")
+    assert tk.attention_config(128, torch.bfloat16, None) == tk._INTERPRETER_CONFIG  # the interpreter: no tables
+
+
+def test_a_config_with_unknown_fields_falls_back_to_the_default(tables):
+    bad = {**CFG_A, "num_ctas": 2}
+    tt.save_table(_table("NVIDIA Mine", "9.0", {FWD.name: {BUCKET: _entry(bad)}}), tables / "m.json")
+    with pytest.warns(UserWarning, match="num_ctas"):
+        cfg, why = tk.attention_config_source(128, torch.bfloat16, (9, 0), "NVIDIA Mine")
+    assert cfg == tk.default_attention_config(128, torch.bfloat16, "sm_90a") and "heuristic" in why["fwd"]
+
+
+def test_lookup_reads_tables_once(tables, monkeypatch):
+    tt.save_table(_table("NVIDIA Mine", "9.0", {FWD.name: {BUCKET: _entry(CFG_A)}}), tables / "m.json")
+    reads = []
+    real = tt.load_table
+    monkeypatch.setattr(tt, "load_table", lambda p: reads.append(p) or real(p))
+    for _ in range(3):
+        tk.attention_config(128, torch.bfloat16, (9, 0), "NVIDIA Mine")
+        tk.attention_config(64, torch.bfloat16, (9, 0), "NVIDIA Mine")
+    assert len(reads) == 1
+
+
+def test_stale_source_hash_is_ignored_with_one_warning(tables):
+    stale = {FWD.name: "0" * 16}
+    entries = {FWD.name: {BUCKET: _entry(CFG_A)}, DQ.name: {BUCKET: _entry(CFG_A)}}
+    tt.save_table(_table("NVIDIA Mine", "9.0", entries, stale), tables / "m.json")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cfg, why = tk.attention_config_source(128, torch.bfloat16, (9, 0), "NVIDIA Mine")
+        tk.attention_config_source(64, torch.bfloat16, (9, 0), "NVIDIA Mine")
+        tk.attention_config_source(128, torch.bfloat16, (9, 0), "NVIDIA Another")  # same table, same capability
+    stale_warnings = [w for w in caught if issubclass(w.category, tt.StaleTuningWarning)]
+    assert len(stale_warnings) == 1 and "prefixlm_attention.fwd" in str(stale_warnings[0].message)
+    assert cfg.fwd == tk.default_attention_config(128, torch.bfloat16, "sm_90a").fwd  # the stale entry is ignored
+    assert asdict(cfg.dq) == CFG_A and "tuned" in why["dq"]  # the current one is used
+
+
+# -- the table's schema --------------------------------------------------------------------------
+def test_table_file_names_follow_the_bench_device_slug():
+    from hrm.bench.device import device_slug
+
+    info = {"device_type": "cuda", "name": "NVIDIA H100 80GB HBM3"}
+    assert tt.slug(info["name"]) == device_slug(info) == "cuda-nvidia-h100-80gb-hbm3"
+
+
+def test_table_round_trips_through_json(tables):
+    t = _table("NVIDIA Mine", "9.0", {FWD.name: {BUCKET: {**_entry(CFG_A, 0.5), "runner_up": _entry(CFG_B, 0.6)}}})
+    t["device"].update(driver="1.2", torch="2", triton="3")
+    path = tables / "t.json"
+    tt.save_table(t, path)
+    assert tt.load_table(path) == json.loads(json.dumps(t))
+    for bad in (
+        {"schema": 2},
+        {**t, "device": {"name": "x", "capability": "9"}},
+        {**t, "kernels": {FWD.name: {"buckets": {}}}},
+        {**t, "kernels": {FWD.name: {"source_hash": "h", "buckets": {BUCKET: {"config": CFG_A}}}}},
+    ):
+        with pytest.raises(HrmError):
+            tt.validate(bad)
+
+
+# -- the tuner's decisions, with an injected timer -----------------------------------------------
+def _cands(n: int) -> list[dict]:
+    return [{"block_m": 16 * (i + 1), "block_n": 16, "num_warps": 4, "num_stages": 1} for i in range(n)]
+
+
+def test_select_discards_wrong_results_prunes_statically_and_records_runner_up():
+    c = _cands(6)
+    times = {0: 3.0, 1: 0.5, 2: 0.1, 3: 2.0, 4: 1.0, 5: 2.0}  # 1: wrong; 2: spills; 4: raises
+    idx = lambda cfg: c.index(cfg)
+    ran, timed = [], []
+
+    def static(cfg):
+        return "spills 8 bytes" if idx(cfg) == 2 else None
+
+    def check(cfg):
+        ran.append(idx(cfg))
+        if idx(cfg) == 4:
+            raise RuntimeError("out of resources")
+        return idx(cfg) != 1
+
+    def time(cfg):
+        timed.append(idx(cfg))
+        return times[idx(cfg)]
+
+    e = select(c, static, check, time)
+    assert 2 not in ran and 2 not in timed  # pruned before running or timing
+    assert 1 not in timed and 4 not in timed  # wrong or failing: never timed, though fastest
+    assert e["config"] == c[3] and e["time_ms"] == 2.0  # 3 and 5 tie: the earlier wins
+    assert e["runner_up"] == {"config": c[5], "time_ms": 2.0} and e["tie"] is True
+    assert (e["candidates"], e["timed"], e["pruned"], e["discarded"]) == (6, 3, 1, 2)
+    assert {d["reason"] for d in e["discarded_examples"]} == {
+        "output differs from the reference",
+        "RuntimeError: out of resources",
+    }
+    assert select(c, lambda cfg: "too much shared memory", check, time) is None
+    one = select(c[:1], lambda cfg: None, lambda cfg: True, lambda cfg: 1.5)
+    assert one["runner_up"] is None and one["tie"] is False
+
+
+class FakeCase(Case):
+    def __init__(self, log, key):
+        self.log, self.key = log, key
+
+    def static(self, configs):
+        return [("needs 200000 B of shared memory" if c["block_m"] == 32 else None) for c in configs]
+
+    def check(self, config):
+        return config["block_m"] != 48  # a wrong-but-fastest candidate
+
+    def time(self, config):
+        self.log.append((self.key, config["block_m"]))
+        return {16: 2.0, 32: 0.1, 48: 0.05, 64: 1.0}[config["block_m"]]
+
+
+def test_tune_writes_after_each_bucket_and_resumes(tmp_path):
+    path = tmp_path / "cuda-fake.json"
+    device = {"name": "Fake GPU", "capability": "9.0", "sm_count": 1}
+    buckets = [Bucket(64, "bf16"), Bucket(128, "bf16")]
+    log = []
+    space = lambda k, b: _cands(4)
+
+    def make_case(k, b):
+        if len(log) >= 2:  # interrupted after the first bucket (two timed: 32 pruned, 48 wrong)
+            raise KeyboardInterrupt
+        return FakeCase(log, (k.name, b.key))
+
+    with pytest.raises(KeyboardInterrupt):
+        tune([FWD], buckets, path, device, make_case, space=space, progress=False)
+    saved = tt.load_table(path)
+    assert list(saved["kernels"][FWD.name]["buckets"]) == ["hd64-bf16"]  # written before the interruption
+    e = saved["kernels"][FWD.name]["buckets"]["hd64-bf16"]
+    assert e["config"]["block_m"] == 64 and e["runner_up"]["config"]["block_m"] == 16  # 48 wrong, 32 pruned
+
+    made = []
+    table = tune(
+        [FWD],
+        buckets,
+        path,
+        device,
+        lambda k, b: made.append(b.key) or FakeCase(log, b.key),
+        space=space,
+        progress=False,
+    )
+    assert made == ["hd128-bf16"]  # the done bucket is skipped
+    assert set(table["kernels"][FWD.name]["buckets"]) == {"hd64-bf16", "hd128-bf16"}
+    assert table["kernels"][FWD.name]["source_hash"] == source_hash(FWD)
+    assert tt.load_table(path) == table
+
+
+@pytest.mark.skipif(not tk.interpreting(), reason="runs the kernels under the Triton interpreter")
+def test_attention_case_validates_real_kernels_against_the_reference():
+    """The GPU path's check(), run by the interpreter on a CPU: a config is accepted when the
+    launchers' output matches the fp32 reference, rejected when it does not."""
+    pytest.importorskip("triton")
+    cfg = {"block_m": 16, "block_n": 16, "num_warps": 1, "num_stages": 1}
+    for kernel, outs in ((FWD, ("out",)), (DQ, ("dq",)), (DKDV, ("dk", "dv"))):
+        case = AttentionCase(kernel, Bucket(64, "fp32"), torch.device("cpu"), tokens=40, heads=2, capability=(8, 0))
+        assert case.check(cfg)
+        assert set(case._run(cfg)[1]()) == set(outs)
+        case.ref[outs[-1]] = case.ref[outs[-1]] + 0.5  # a wrong output: discarded
+        assert not case.check(cfg)
+
+
+@pytest.mark.skipif(not tk.interpreting() or _ptxas_missing(), reason="interpreter run + ahead-of-time compile")
+def test_tune_end_to_end_with_real_kernels_and_an_injected_timer(tmp_path):
+    """hrm tune's whole path but do_bench: static compile for sm_80, interpreter runs checked
+    against the reference, an injected timer, the table written and read back."""
+    pytest.importorskip("triton")
+
+    class Timed(AttentionCase):
+        def time(self, config):
+            return float(config["block_n"])
+
+    space = lambda k, b: [
+        {"block_m": 32, "block_n": 32, "num_warps": 4, "num_stages": 2},
+        {"block_m": 16, "block_n": 16, "num_warps": 4, "num_stages": 1},
+    ]
+    device = {"name": "Interpreted GPU", "capability": "8.0", "sm_count": 1}
+    make = lambda k, b: Timed(k, b, torch.device("cpu"), tokens=40, heads=2, capability=(8, 0))
+    path = tmp_path / "t.json"
+    table = tune([FWD], [Bucket(64, "fp32")], path, device, make, space=space, progress=False)
+    e = table["kernels"][FWD.name]["buckets"]["hd64-fp32"]
+    assert e["config"]["block_n"] == 16 and e["runner_up"]["config"]["block_n"] == 32
+    assert (e["timed"], e["pruned"], e["discarded"]) == (2, 0, 0)
+    assert tt.load_table(path) == table
+
+
+def test_search_space_holds_the_defaults_and_is_bounded():
+    for b in (Bucket(64, "bf16"), Bucket(128, "bf16"), Bucket(64, "fp32"), Bucket(128, "fp32")):
+        for k in KERNELS.values():
+            space = search_space(k, b)
+            assert 0 < len(space) <= 96 and len({tuple(c.items()) for c in space}) == len(space)
+            for arch in ARCHS:
+                full = space_with_default(k, b, arch)
+                assert full[0] == default_config(k, b, arch) and len(full) in (len(space), len(space) + 1)
+
+
+# -- the static report ---------------------------------------------------------------------------
+@pytest.mark.skipif(_ptxas_missing(), reason="Triton's NVIDIA backend (ptxas) is not installed")
+def test_static_report_compiles_defaults_for_sm80_and_sm90a():
+    pytest.importorskip("triton")
+    archs = [ARCHS["sm_80"], ARCHS["sm_90a"]]
+    rows = static_report(archs, [Bucket(64, "bf16")], defaults_only=False, sample=1, row_kernels=False)
+    defaults = [r for r in rows if r["default"]]
+    assert len(defaults) == 2 * 4 and len(rows) == 2 * (4 + 3)  # 4 kernels at defaults + 1 sampled config of 3
+    assert {r["arch"] for r in rows} == {"sm_80", "sm_90a"}
+    for r in rows:
+        assert {"kernel", "arch", "config", "default", "registers", "spill_bytes", "shared_bytes", "occupancy"} <= set(
+            r
+        )
+    assert check(rows) == [], rows
+    assert all(r["occupancy"] >= 1 and r["spill_bytes"] == 0 for r in defaults)
+    fwd = next(r for r in defaults if r["kernel"] == "prefixlm_attention.fwd" and r["arch"] == "sm_90a")
+    assert fwd["config"] == {"block_m": 128, "block_n": 64, "num_warps": 4, "num_stages": 3}
+
+
+def test_static_report_check_fails_on_a_spilling_default():
+    def fake_compile(specs, capability):
+        return [
+            {"num_warps": s.num_warps, "registers": 255, "spill_stores": 64 if "fwd" in s.name else 0, "spill_loads": 0}
+            | {"shared_bytes": 1024, "error": None}
+            for s in specs
+        ]
+
+    rows = static_report([ARCHS["sm_80"]], [Bucket(64, "bf16")], row_kernels=False, compile_fn=fake_compile)
+    problems = check(rows)
+    assert len(problems) == 1 and "prefixlm_attention.fwd" in problems[0] and "spills 64 bytes" in problems[0]
+
+    def overflowing(specs, capability):
+        return [{**r, "spill_stores": 0, "shared_bytes": 120_000} for r in fake_compile(specs, capability)]
+
+    rows = static_report([ARCHS["sm_86"]], [Bucket(64, "bf16")], row_kernels=False, compile_fn=overflowing)
+    assert len(check(rows)) == 4 and all("sm_86 allows 101376" in p for p in check(rows))
+
+
+def test_hrm_kernels_report_exits_1_on_a_spilling_default(monkeypatch, tmp_path, capsys):
+    import hrm.ops.aot
+
+    def fake(specs, capabilities, jobs=None):
+        spill = lambda s: 16 if s.name.startswith("dq") else 0
+        return [
+            {"num_warps": s.num_warps, "registers": 96, "spill_stores": spill(s), "spill_loads": 0}
+            | {"shared_bytes": 2048, "error": None}
+            for s in specs
+        ]
+
+    monkeypatch.setattr(hrm.ops.aot, "compile_report", fake)
+    out = tmp_path / "report.json"
+    args = ["kernels", "report", "--arch", "sm_80", "--presets", "bench", "--dtypes", "bf16", "--no-row-kernels"]
+    assert main([*args, "--defaults-only", "--json", str(out)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "prefixlm_attention.dq" in err[0] and "spills 16 bytes" in err[0]
+    rows = json.loads(out.read_text())
+    assert len(rows) == 4
+    for r in rows:
+        assert r["occupancy"] == occupancy(ARCHS["sm_80"], 96, 2048, r["config"]["num_warps"])[0] >= 1
+
+
+# -- the commands --------------------------------------------------------------------------------
+def test_hrm_tune_without_a_gpu_exits_2_with_one_line(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["tune"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and len(captured.err.strip().splitlines()) == 1 and "no CUDA GPU" in captured.err
+
+
+def test_hrm_kernels_show_on_cpu(tables, capsys):
+    assert main(["kernels", "show", "--arch", "sm_86,sm_90a", "--presets", "bench", "--dtypes", "bf16"]) == 0
+    out = capsys.readouterr().out
+    assert "the Triton interpreter" in out and "interpreter's config" in out
+    assert "--arch sm_86" in out and "heuristic default for sm_86" in out and "heuristic default for sm_90a" in out
