@@ -1,7 +1,8 @@
 """Autotuning tables and the static kernel report, on a CPU: the arch table's occupancy
 estimate, table lookup precedence (exact device -> same capability -> defaults) and
-source-hash invalidation, the tuner's pruning / validation / selection with an injected
-timer, the table's JSON schema, the static report (compiled for sm_80 and sm_90a), and the
+source-hash invalidation, for the attention and the row-wise kernels (whose launchers ask the
+same tables), the tuner's pruning / validation / selection with an injected timer, the
+table's JSON schema, the static report (compiled for sm_80 and sm_90a), and the
 ``hrm tune`` / ``hrm kernels`` commands."""
 
 from __future__ import annotations
@@ -18,18 +19,25 @@ from hrm.cli import main
 from hrm.errors import HrmError
 from hrm.ops.arch import ARCHS, occupancy, parse_arch, parse_archs
 from hrm.ops.impl.prefixlm_attention import triton_kernels as tk
+from hrm.ops.impl.rms_norm import row_tiles
 from hrm.tuning import table as tt
 from hrm.tuning.kernels import (
     KERNELS,
+    ROW_KERNELS,
     Bucket,
+    RowBucket,
     attention_bucket,
     default_config,
+    default_row_config,
+    row_bucket,
+    row_preset_buckets,
+    row_search_space,
     search_space,
     source_hash,
     space_with_default,
 )
 from hrm.tuning.report import check, static_report
-from hrm.tuning.tuner import AttentionCase, Case, select, tune
+from hrm.tuning.tuner import AttentionCase, Case, RowCase, select, tune
 
 FWD, DQ, DKDV = (KERNELS[f"prefixlm_attention.{k}"] for k in ("fwd", "dq", "dkdv"))
 
@@ -64,7 +72,7 @@ def _entry(config: dict, ms: float = 1.0) -> dict:
 def _table(name: str, capability: str, entries: dict[str, dict], hashes: dict[str, str] | None = None) -> dict:
     t = tt.new_table({"name": name, "capability": capability, "sm_count": 1})
     for kernel, buckets in entries.items():
-        h = (hashes or {}).get(kernel) or source_hash(KERNELS[kernel])
+        h = (hashes or {}).get(kernel) or source_hash({**KERNELS, **ROW_KERNELS}[kernel])
         t["kernels"][kernel] = {"source_hash": h, "buckets": buckets}
     return t
 
@@ -380,3 +388,172 @@ def test_hrm_kernels_show_on_cpu(tables, capsys):
     out = capsys.readouterr().out
     assert "the Triton interpreter" in out and "interpreter's config" in out
     assert "--arch sm_86" in out and "heuristic default for sm_86" in out and "heuristic default for sm_90a" in out
+
+
+# -- the row-wise kernels ------------------------------------------------------------------------
+RMS_FWD = ROW_KERNELS["rms_norm.fwd"]
+ROW_CFG = {"block_rows": 2, "num_warps": 2}
+
+
+class _Recorder:
+    """Stands in for a @jit kernel: records each launch's grid and keywords."""
+
+    def __init__(self):
+        self.launches = []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kw: self.launches.append((grid, kw))
+
+
+def _fake_gpu(monkeypatch, capability=(9, 0), name="NVIDIA Mine"):
+    """A CUDA device the row-wise lookup believes in: a tensor-like on cuda:0, that
+    capability and name, outside the interpreter."""
+    from types import SimpleNamespace
+
+    from hrm.ops import common
+
+    monkeypatch.setattr(common, "interpreting", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: name)
+    monkeypatch.setattr(common, "_ROW_DEVICES", {})
+    return SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.bfloat16)
+
+
+def test_row_lookup_precedence_on_a_faked_gpu(tables, monkeypatch):
+    from hrm.ops.common import row_config_source, tuned_row_config
+
+    w1024, w256 = row_bucket(1024, torch.bfloat16), row_bucket(256, torch.bfloat16)
+    mine = {RMS_FWD.name: {w1024: _entry(ROW_CFG)}}
+    other = {RMS_FWD.name: {w1024: _entry({"block_rows": 8, "num_warps": 16}), w256: _entry(ROW_CFG)}}
+    tt.save_table(_table("NVIDIA Mine", "9.0", mine), tables / "mine.json")
+    tt.save_table(_table("NVIDIA Other", "9.0", other), tables / "other.json")
+    t = _fake_gpu(monkeypatch)
+    default = row_tiles(8192, 1024, "gpu")[1::2]  # what the launcher picks today: (4, 8)
+    assert tuned_row_config(RMS_FWD.name, 1024, t, *default) == (2, 2)  # the exact device's table
+    assert tuned_row_config(RMS_FWD.name, 256, t, 16, 8) == (2, 2)  # another capability-9.0 device
+    assert tuned_row_config(RMS_FWD.name, 512, t, 8, 8) == (8, 8)  # no entry: the launcher's default
+    assert tuned_row_config("rms_norm.bwd", 1024, t, *default) == default  # another kernel: untouched
+    _, why = row_config_source(RMS_FWD.name, 1024, torch.bfloat16, (9, 0), "NVIDIA Mine")
+    assert "exact device" in why
+    assert row_config_source(RMS_FWD.name, 1024, torch.bfloat16, (8, 0), None)[0] is None  # other capability
+    cpu = type(t)(device=torch.device("cpu"), dtype=torch.bfloat16)
+    assert tuned_row_config(RMS_FWD.name, 1024, cpu, *default) == default  # not on a GPU: no table
+
+
+def test_row_lookup_is_cached_and_stale_entries_warn_once(tables, monkeypatch):
+    from hrm.ops.common import tuned_row_config
+
+    entries = {RMS_FWD.name: {row_bucket(1024, torch.bfloat16): _entry(ROW_CFG)}}
+    tt.save_table(_table("NVIDIA Mine", "9.0", entries, {RMS_FWD.name: "0" * 16}), tables / "m.json")
+    t = _fake_gpu(monkeypatch)
+    reads = []
+    real = tt.load_table
+    monkeypatch.setattr(tt, "load_table", lambda p: reads.append(p) or real(p))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            assert tuned_row_config(RMS_FWD.name, 1024, t, 4, 8) == (4, 8)  # stale: the default
+            tuned_row_config(RMS_FWD.name, 2048, t, 2, 8)
+    assert len(reads) == 1
+    assert len([w for w in caught if issubclass(w.category, tt.StaleTuningWarning)]) == 1
+
+
+def test_row_launcher_takes_forced_tiles_and_interpreter_tiles_stay(tables, monkeypatch):
+    """The launcher asks the lookup: a forced (tuner) config changes its grid, block_rows and
+    warps; without one, on a CPU, its tiles are today's whatever the tables say."""
+    from hrm.ops.common import forced_row_config, tile_target
+    from hrm.ops.impl import rms_norm
+
+    entries = {RMS_FWD.name: {row_bucket(64, torch.float32): _entry(ROW_CFG)}}
+    tt.save_table(_table("NVIDIA Mine", "9.0", entries), tables / "m.json")
+    rec = _Recorder()
+    monkeypatch.setattr(rms_norm, "_rms_norm_fwd_kernel", rec)
+    x = torch.randn(10, 64)
+    rms_norm.rms_norm_forward(x, None, 1e-6)
+    grid, block_rows, _, num_warps = row_tiles(10, 64, tile_target())
+    assert rec.launches[-1][0] == grid
+    assert (rec.launches[-1][1]["BLOCK_ROWS"], rec.launches[-1][1]["num_warps"]) == (block_rows, num_warps)
+    with forced_row_config(RMS_FWD.name, ROW_CFG):
+        rms_norm.rms_norm_forward(x, None, 1e-6)
+    assert rec.launches[-1][0] == (5,) and rec.launches[-1][1]["BLOCK_ROWS"] == 2
+    assert rec.launches[-1][1]["num_warps"] == 2
+
+
+def test_row_search_spaces_hold_the_defaults_first():
+    for k in ROW_KERNELS.values():
+        for b in row_preset_buckets(k, ["bench", "B"], ["bf16", "fp32"]):
+            space = row_search_space(k, b)
+            assert space[0] == default_row_config(k, b) and 0 < len(space) <= 32
+            assert len({tuple(c.items()) for c in space}) == len(space)
+            assert all(c["num_warps"] in (2, 4, 8, 16) and c["block_rows"] & (c["block_rows"] - 1) == 0 for c in space)
+    assert [b.key for b in row_preset_buckets(ROW_KERNELS["swiglu.fwd"], ["bench", "B"], ["bf16"])] == [
+        "w768-bf16",
+        "w2816-bf16",
+    ]
+    assert row_preset_buckets(ROW_KERNELS["linear_cross_entropy.chunk"], ["B"], ["bf16"])[0].width == 151808
+
+
+@pytest.mark.skipif(not tk.interpreting(), reason="runs the kernels under the Triton interpreter")
+def test_row_case_validates_against_the_reference_and_tune_discards_a_wrong_candidate(tmp_path):
+    """RowCase.check under the interpreter for every row-wise kernel (a perturbed reference
+    fails it); then tune() on rms_norm.fwd with an injected timer: the fastest candidate
+    computes a wrong result (its output corrupted) and is discarded."""
+    pytest.importorskip("triton")
+    widths = {"hidden": 64, "intermediate": 64, "qkv": 128, "vocab": 300}
+    for k in ROW_KERNELS.values():
+        case = RowCase(k, RowBucket(widths[k.width], "fp32"), torch.device("cpu"), rows=6, capability=(8, 0))
+        assert case.check(ROW_CFG) and case.check({"block_rows": 8, "num_warps": 4})
+        name = list(case._outputs())[-1]
+        case.ref[name] = case.ref[name] + 0.5
+        assert not case.check(ROW_CFG)
+
+    fast_but_wrong = {"block_rows": 1, "num_warps": 4}
+
+    class Timed(RowCase):
+        def static(self, configs):
+            return [None] * len(configs)
+
+        def check(self, config):
+            ok = super().check(config)
+            if config == fast_but_wrong:  # what a miscompiled tile would do
+                self.ref["y"] = self.ref["y"] + 1.0
+                ok = super().check(config)
+                self.ref["y"] = self.ref["y"] - 1.0
+            return ok
+
+        def time(self, config):
+            return 0.1 if config == fast_but_wrong else float(config["block_rows"])
+
+    space = lambda k, b: [{"block_rows": 8, "num_warps": 4}, fast_but_wrong, ROW_CFG]
+    device = {"name": "Interpreted GPU", "capability": "8.0", "sm_count": 1}
+    make = lambda k, b: Timed(k, b, torch.device("cpu"), rows=6, capability=(8, 0))
+    path = tmp_path / "t.json"
+    table = tune([RMS_FWD], lambda k: [RowBucket(64, "fp32")], path, device, make, space=space, progress=False)
+    e = table["kernels"][RMS_FWD.name]["buckets"]["w64-fp32"]
+    assert e["config"] == ROW_CFG and e["runner_up"]["config"]["block_rows"] == 8
+    assert (e["timed"], e["discarded"]) == (2, 1) and e["discarded_examples"][0]["config"] == fast_but_wrong
+    assert table["kernels"][RMS_FWD.name]["source_hash"] == source_hash(RMS_FWD)
+    assert tt.load_table(path) == json.loads(json.dumps(table))
+
+
+def test_table_with_row_entries_round_trips_through_json(tables):
+    entries = {
+        FWD.name: {BUCKET: _entry(CFG_A)},
+        RMS_FWD.name: {"w1024-bf16": {**_entry(ROW_CFG, 0.01), "runner_up": _entry({**ROW_CFG, "num_warps": 4})}},
+        "linear_cross_entropy.chunk": {"w151808-bf16": _entry({"block_rows": 1, "num_warps": 16})},
+    }
+    t = _table("NVIDIA Mine", "9.0", entries)
+    tt.save_table(t, tables / "t.json")
+    assert tt.load_table(tables / "t.json") == json.loads(json.dumps(t))
+    assert tt.lookup(RMS_FWD.name, "w1024-bf16", "NVIDIA Mine", (9, 0)).config == ROW_CFG
+
+
+@pytest.mark.skipif(_ptxas_missing(), reason="Triton's NVIDIA backend (ptxas) is not installed")
+def test_static_report_samples_the_row_search_spaces():
+    from hrm.tuning.report import jobs_for
+
+    jobs = jobs_for([ARCHS["sm_80"]], [Bucket(64, "bf16")], defaults_only=False, sample=1, row_kernels=True)
+    row_space = [j for j in jobs if j[1].startswith("w") and not j[3]]
+    assert {j[2].name.split()[0] for j in row_space} == {k.spec for k in ROW_KERNELS.values()}
+    rows = static_report([ARCHS["sm_80"]], [], defaults_only=True, row_kernels=False)
+    assert rows == []

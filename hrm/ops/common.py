@@ -81,6 +81,81 @@ def row_settings(n_rows: int, block_cols: int, target: TileTarget) -> tuple[int,
     return block_rows, min(16, max(4, block_rows * block_cols // 512))
 
 
+# -- tuned row-wise tiles ------------------------------------------------------------------
+# The launchers' (block_rows, num_warps) may come from a tuning table (hrm.tuning.table):
+# per (kernel, row width, dtype, device), resolved once and cached; the tuner forces a
+# candidate with :func:`forced_row_config`. Only on a CUDA device outside the interpreter.
+_ROW_CACHE: dict[tuple, tuple[tuple[int, int] | None, str]] = {}  # -> (tuned or None, why)
+_ROW_FORCED: dict[str, tuple[int, int]] = {}
+_ROW_DEVICES: dict[int, tuple[tuple[int, int], str]] = {}
+
+
+def clear_row_config_cache() -> None:
+    """Forget resolved row-wise configs (after a tuning table changed in this process; tests)."""
+    _ROW_CACHE.clear()
+
+
+@contextlib.contextmanager
+def forced_row_config(kernel: str, config: dict) -> Iterator[None]:
+    """Make ``kernel``'s launcher use ``config`` (``block_rows``, ``num_warps``), on any device:
+    how the tuner runs a candidate."""
+    _ROW_FORCED[kernel] = (int(config["block_rows"]), int(config["num_warps"]))
+    try:
+        yield
+    finally:
+        _ROW_FORCED.pop(kernel, None)
+
+
+def row_config_source(
+    kernel: str, width: int, dtype: torch.dtype, capability: tuple[int, int], device_name: str | None
+) -> tuple[tuple[int, int] | None, str]:
+    """The tuned ``(block_rows, num_warps)`` of a row-wise ``kernel`` at row ``width`` and
+    ``dtype`` on this device (exact device table, then same capability), or ``None`` (the
+    launcher's heuristic default), and why."""
+    key = (kernel, width, dtype, tuple(capability), device_name)
+    if key in _ROW_CACHE:
+        return _ROW_CACHE[key]
+    from hrm.tuning.kernels import row_bucket
+    from hrm.tuning.table import lookup
+
+    bucket = row_bucket(width, dtype)
+    t = lookup(kernel, bucket, device_name, tuple(capability)) if bucket is not None else None
+    hit, why = None, "heuristic default (row_settings; not timed)"
+    if t is not None:
+        if set(t.config) == {"block_rows", "num_warps"}:
+            hit, why = (int(t.config["block_rows"]), int(t.config["num_warps"])), t.why
+        else:  # a table from a version with other config fields
+            import warnings
+
+            warnings.warn(f"ignoring the tuned {kernel} config {t.config}: unknown fields", stacklevel=2)
+    _ROW_CACHE[key] = (hit, why)
+    return hit, why
+
+
+def tuned_row_config(kernel: str, width: int, t: torch.Tensor, block_rows: int, num_warps: int) -> tuple[int, int]:
+    """``(block_rows, num_warps)`` for a row-wise launcher over ``t`` (rows ``width`` wide):
+    the tuned config of this device when a table has one, else the heuristic default given.
+    Under the interpreter and on a CPU the default stays (no table is read). One dict
+    lookup per call once resolved: no file I/O, no host sync."""
+    if _ROW_FORCED and kernel in _ROW_FORCED:
+        return _ROW_FORCED[kernel]
+    if t.device.type != "cuda" or interpreting():
+        return block_rows, num_warps
+    index = t.device.index if t.device.index is not None else torch.cuda.current_device()
+    dev = _ROW_DEVICES.get(index)
+    if dev is None:
+        if torch.compiler.is_compiling():
+            return block_rows, num_warps
+        dev = _ROW_DEVICES[index] = (torch.cuda.get_device_capability(index), torch.cuda.get_device_name(index))
+    key = (kernel, width, t.dtype, dev[0], dev[1])
+    entry = _ROW_CACHE.get(key)
+    if entry is None:
+        if torch.compiler.is_compiling():  # reading tables is no graph op: the default, uncached
+            return block_rows, num_warps
+        entry = row_config_source(kernel, width, t.dtype, dev[0], dev[1])
+    return entry[0] if entry[0] is not None else (block_rows, num_warps)
+
+
 def rows_2d(x: torch.Tensor) -> torch.Tensor:
     """``x`` as a contiguous ``[rows, last_dim]`` matrix (a view when it already is one)."""
     return x.reshape(-1, x.shape[-1]).contiguous()
@@ -168,19 +243,23 @@ __all__ = [
     "RowKernelAot",
     "TileTarget",
     "cdiv",
+    "clear_row_config_cache",
     "compiled",
     "compute_dtype",
     "constexpr",
     "device_of",
+    "forced_row_config",
     "interpreting",
     "jit",
     "needs_grad",
     "next_pow2",
     "pointers",
+    "row_config_source",
     "row_kernel_aot",
     "row_settings",
     "rows_2d",
     "tile_target",
     "tl",
     "triton",
+    "tuned_row_config",
 ]

@@ -7,6 +7,7 @@ import json
 import sys
 
 DEFAULT_PRESETS = "bench,B"  # head dims 64 and 128
+TUNABLE_OPS = ("prefixlm_attention", "rms_norm", "magicnorm_transition", "swiglu", "split_rope", "linear_cross_entropy")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -18,7 +19,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "compute wrong results, time the rest (triton.testing.do_bench medians) and write the "
         "winners to <out>/<device-slug>.json after every bucket (re-running resumes).",
     )
-    p.add_argument("--ops", default="prefixlm_attention", help="ops to tune (only prefixlm_attention is tunable)")
+    p.add_argument(
+        "--ops",
+        default=",".join(TUNABLE_OPS),
+        help=f"comma-separated ops to tune (default all: {','.join(TUNABLE_OPS)})",
+    )
+    p.add_argument("--rows", type=int, default=8192, help="rows of the row-wise kernels' inputs (default 8192)")
     p.add_argument(
         "--presets", default=DEFAULT_PRESETS, help=f"model presets / bench configs (default {DEFAULT_PRESETS})"
     )
@@ -68,15 +74,23 @@ def run_tune(args) -> int:
 
     if not torch.cuda.is_available():
         raise HrmError("no CUDA GPU here: hrm tune times kernels on the GPU it tunes for (see hrm kernels report)")
-    if set(_list(args.ops)) - {"prefixlm_attention"}:
-        raise HrmError(f"only prefixlm_attention is tunable, got --ops {args.ops}")
+    ops = _list(args.ops)
+    if set(ops) - set(TUNABLE_OPS):
+        raise HrmError(f"unknown --ops {args.ops}; tunable: {','.join(TUNABLE_OPS)}")
     from pathlib import Path
 
     from hrm.bench.device import device_info, device_slug
     from hrm.ops.arch import arch_for_capability
-    from hrm.tuning.kernels import KERNELS, space_with_default
+    from hrm.tuning.kernels import (
+        KERNELS,
+        ROW_KERNELS,
+        RowKernel,
+        row_preset_buckets,
+        row_search_space,
+        space_with_default,
+    )
     from hrm.tuning.table import clear_cache, default_output_dir
-    from hrm.tuning.tuner import AttentionCase, tune
+    from hrm.tuning.tuner import AttentionCase, RowCase, tune
 
     dev = torch.device("cuda", torch.cuda.current_device())
     info = device_info(dev)
@@ -93,13 +107,18 @@ def run_tune(args) -> int:
     arch = arch_for_capability(torch.cuda.get_device_capability(dev))
     if arch.note:
         print(f"hrm tune: {arch.note}", file=sys.stderr)
+    kernels = [k for k in KERNELS.values() if "prefixlm_attention" in ops]
+    kernels += [k for k in ROW_KERNELS.values() if k.op in ops]
+    attention_buckets = _buckets(args)
+    presets, dtypes = _list(args.presets), _list(args.dtypes)
+    row = lambda k: isinstance(k, RowKernel)
     table = tune(
-        list(KERNELS.values()),
-        _buckets(args),
+        kernels,
+        lambda k: row_preset_buckets(k, presets, dtypes) if row(k) else attention_buckets,
         path,
         device,
-        lambda k, b: AttentionCase(k, b, dev, tokens=args.tokens),
-        space=lambda k, b: space_with_default(k, b, arch.arch.name),
+        lambda k, b: RowCase(k, b, dev, rows=args.rows) if row(k) else AttentionCase(k, b, dev, tokens=args.tokens),
+        space=lambda k, b: row_search_space(k, b) if row(k) else space_with_default(k, b, arch.arch.name),
         resume=not args.restart,
     )
     clear_cache()
@@ -151,11 +170,23 @@ def run_show(args) -> int:
             cfg, why = tk.attention_config_source(b.head_dim, DTYPES[b.dtype], cap, name)
             for k in tk.KERNELS:
                 print(f"  prefixlm_attention.{k:<5} {b.key:<10} {_fmt(getattr(cfg, k))}  <- {why[k]}")
-        print("  row-wise kernels (norms, transition, swiglu, split_rope, cross-entropy): hrm.ops.common")
-        print(
-            "    row_settings tiles (~4K elements per program on a GPU; whole tensors under the interpreter); not tuned"
-        )
+        _show_rows(_list(args.presets), _list(args.dtypes), cap, name)
     return 0
+
+
+def _show_rows(presets: list[str], dtypes: list[str], cap, name) -> None:
+    """The row-wise kernels' configs per bucket and where they come from."""
+    from hrm.ops.common import row_config_source
+    from hrm.tuning.kernels import ROW_KERNELS, default_row_config, row_preset_buckets
+
+    for k in ROW_KERNELS.values():
+        for b in row_preset_buckets(k, presets, dtypes):
+            if cap is None:
+                print(f"  {k.name:<26} {b.key:<14} whole tensors  <- the interpreter's tiles (row_settings)")
+                continue
+            tuned, why = row_config_source(k.name, b.width, b.torch_dtype, cap, name)
+            cfg = default_row_config(k, b) if tuned is None else dict(zip(("block_rows", "num_warps"), tuned))
+            print(f"  {k.name:<26} {b.key:<14} block_rows={cfg['block_rows']} warps={cfg['num_warps']}  <- {why}")
 
 
 def run_report(args) -> int:

@@ -64,6 +64,23 @@ def _row_kernel_specs(dtypes) -> list:
     return out
 
 
+def _row_space_jobs(arch: Arch, buckets: list, sample: int | None, seed: int) -> list:
+    """The row-wise kernels' search spaces (default excluded) at the widths of the benchmark
+    config and the largest preset, in the dtypes of ``buckets``; bucket ``w<width>-<dtype>``."""
+    from hrm.tuning.kernels import ROW_KERNELS, default_row_config, row_aot_spec, row_preset_buckets, row_search_space
+
+    dtypes = sorted({b.dtype for b in buckets}) or ["bf16"]
+    jobs = []
+    for k in ROW_KERNELS.values():
+        for b in row_preset_buckets(k, ["bench", "XL"], dtypes):
+            default = default_row_config(k, b)
+            space = [c for c in row_search_space(k, b) if c != default]
+            if sample is not None:
+                space = random.Random(f"{seed}{arch.name}{k.name}{b.key}").sample(space, min(sample, len(space)))
+            jobs += [(arch, b.key, row_aot_spec(k, b, c, arch.capability), False) for c in space]
+    return jobs
+
+
 def jobs_for(
     archs: list[Arch],
     buckets: list,
@@ -95,6 +112,8 @@ def jobs_for(
 
             dts = sorted({b.torch_dtype for b in buckets}, key=str) or [torch.bfloat16]
             jobs += [(arch, "", s, True) for s in _row_kernel_specs(dts)]  # bucket "": named by shape
+            if not defaults_only:
+                jobs += _row_space_jobs(arch, buckets, sample, seed)
     return jobs
 
 
@@ -121,7 +140,7 @@ def static_report(
         for (_, bucket, spec, is_default), r in zip(mine, raw):
             rows.append(
                 {
-                    "kernel": f"prefixlm_attention.{spec.name.split()[0]}" if bucket else spec.name,
+                    "kernel": f"prefixlm_attention.{spec.name.split()[0]}" if bucket.startswith("hd") else spec.name,
                     "arch": arch.name,
                     "bucket": bucket,
                     "config": _config_of(spec),

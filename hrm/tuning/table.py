@@ -166,12 +166,15 @@ def clear_cache() -> None:
     from hrm.ops.impl.prefixlm_attention import triton_kernels
 
     triton_kernels.clear_config_cache()
+    from hrm.ops.common import clear_row_config_cache
+
+    clear_row_config_cache()
 
 
 def _current_hash(kernel: str) -> str | None:
-    from hrm.tuning.kernels import KERNELS, source_hash
+    from hrm.tuning.kernels import ALL_KERNELS, source_hash
 
-    return source_hash(KERNELS[kernel]) if kernel in KERNELS else None
+    return source_hash(ALL_KERNELS[kernel]) if kernel in ALL_KERNELS else None
 
 
 def _resolve(device_name: str | None, capability: tuple[int, int]) -> list[tuple[str, Path, dict]]:

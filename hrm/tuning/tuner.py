@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
-from hrm.tuning.kernels import Bucket, TunableKernel, search_space, source_hash
+from hrm.tuning.kernels import Bucket, RowBucket, RowKernel, TunableKernel, search_space, source_hash
 from hrm.tuning.table import load_table, new_table, save_table
 
 MAX_REASONS = 5  # discarded / pruned configs listed per entry
@@ -81,18 +81,20 @@ class Case:
 
 
 def tune(
-    kernels: list[TunableKernel],
-    buckets: list[Bucket],
+    kernels: list,
+    buckets: list | Callable[[Any], list],
     table_path: str | Path,
     device: dict,
     make_case: Callable[[TunableKernel, Bucket], Case],
     *,
-    space: Callable[[TunableKernel, Bucket], list[dict]] = search_space,
+    space: Callable[[Any, Any], list[dict]] = search_space,
     resume: bool = True,
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict:
-    """Tune every (kernel, bucket) not yet in the table at ``table_path``; return the table."""
+    """Tune every (kernel, bucket) not yet in the table at ``table_path``; return the table.
+    ``buckets``: one list for every kernel, or ``buckets(kernel)`` (row-wise kernels have
+    buckets of their own row widths)."""
     from tqdm import tqdm
 
     path = Path(table_path)
@@ -100,7 +102,7 @@ def tune(
     if table["device"].get("name") != device.get("name"):
         table = new_table(device)  # another device's table: start over rather than mix
     table["device"] = {**table["device"], **device}
-    work = [(k, b) for k in kernels for b in buckets]
+    work = [(k, b) for k in kernels for b in (buckets(k) if callable(buckets) else buckets)]
     bar = tqdm(total=len(work), desc="hrm tune", unit="bucket", disable=not progress)
     for k, b in work:
         h = source_hash(k)
@@ -246,4 +248,149 @@ class AttentionCase(Case):
         return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
 
 
-__all__ = ["AttentionCase", "Case", "TOLERANCE", "select", "tune"]
+# -- the row-wise kernels on a GPU ----------------------------------------------------------------
+class RowCase(Case):
+    """One row-wise kernel at one bucket: ``rows`` random rows of the bucket's width, the
+    candidate forced on the kernel's launcher (:func:`hrm.ops.common.forced_row_config`),
+    its outputs compared with the op's torch reference in fp32 (forward outputs, or the
+    gradients autograd takes through the reference), timed with ``do_bench`` (median)."""
+
+    def __init__(
+        self,
+        kernel: RowKernel,
+        bucket: RowBucket,
+        device,
+        rows: int = 8192,
+        capability: tuple[int, int] | None = None,
+    ):
+        import torch
+
+        from hrm.ops.arch import arch_for_capability
+
+        self.kernel, self.bucket = kernel, bucket
+        self.capability = capability or torch.cuda.get_device_capability(device)
+        self.arch = arch_for_capability(self.capability).arch
+        self._setup_args: tuple | None = (device, rows)
+        self.ref: dict = {}
+
+    def _setup(self) -> None:  # after static(), as AttentionCase._setup
+        if self._setup_args is None:
+            return
+        import torch
+
+        (device, rows), self._setup_args = self._setup_args, None
+        gen = torch.Generator().manual_seed(0)
+        dt, w, op = self.bucket.torch_dtype, self.bucket.width, self.kernel.op
+        rand = lambda *shape: torch.randn(*shape, generator=gen).to(device, dt)
+        direction = self.kernel.name.rsplit(".", 1)[1]
+        if op == "rms_norm":
+            from hrm.ops.impl import rms_norm as m
+
+            x, r, dy, dh = (rand(rows, w) for _ in range(4))
+            hf = (x + r).float().requires_grad_()
+            y = m.rms_norm_reference(hf)
+            y.backward(dy.float())
+            self.ref = {"h": (x + r).float(), "y": y.detach(), "dx": hf.grad + dh.float()}
+            _, y_s, rstd = m.rms_norm_forward(x, r, 1e-6)
+            fwd = lambda: dict(zip(("h", "y"), m.rms_norm_forward(x, r, 1e-6)[:2]))
+            bwd = lambda: {"dx": m.rms_norm_backward(dy, y_s, rstd, dh)}
+        elif op == "magicnorm_transition":
+            from hrm.ops.impl import magicnorm_transition as m
+
+            x, delta, other, dz, du, dn = (rand(rows, w) for _ in range(6))
+            xf, of = x.float().requires_grad_(), other.float().requires_grad_()
+            outs = m.magicnorm_transition_reference(xf, delta.float(), of)
+            torch.autograd.backward(outs, [g.float() for g in (dz, du, dn)])
+            self.ref = {"z": outs[0].detach(), "u": outs[1].detach(), "n": outs[2].detach()}
+            self.ref.update(dh=xf.grad, dother=of.grad)
+            z, _, n_, rh, ru = m.magicnorm_transition_forward(x, delta, other, 1e-6)
+            fwd = lambda: dict(zip("zun", m.magicnorm_transition_forward(x, delta, other, 1e-6)[:3]))
+            bwd = lambda: dict(zip(("dh", "dother"), m.magicnorm_transition_backward(dz, du, dn, z, n_, rh, ru)))
+        elif op == "swiglu":
+            from hrm.ops.impl import swiglu as m
+
+            gu, dy = rand(rows, 2 * w), rand(rows, w)
+            gf = gu.float().requires_grad_()
+            y = m.swiglu_reference(gf)
+            y.backward(dy.float())
+            self.ref = {"y": y.detach(), "dgu": gf.grad}
+            fwd = lambda: {"y": m.swiglu_forward(gu)}
+            bwd = lambda: {"dgu": m.swiglu_backward(gu, dy)}
+        elif op == "split_rope":
+            from hrm.ops.impl import split_rope as m
+
+            hd = self.bucket.head_dim
+            heads = w // hd
+            gqkv = rand(rows, 4 * heads, hd)
+            grads = [rand(rows, heads, hd) for _ in range(4)]
+            cos, sin = m.rope_cos_sin(torch.arange(rows, device=device) % 1024, hd, 10000.0)
+            gf = gqkv.float().requires_grad_()
+            outs = m.split_rope_reference(gf, cos, sin)
+            torch.autograd.backward(outs, [g.float() for g in grads])
+            self.ref = {**{n: o.detach() for n, o in zip("gqkv", outs)}, "dgqkv": gf.grad}
+            fwd = lambda: dict(zip("gqkv", m.split_rope_forward(gqkv, cos, sin)))
+            bwd = lambda: {"dgqkv": m.split_rope_backward(*grads, cos, sin)}
+        else:
+            from hrm.ops.impl import linear_cross_entropy as m
+
+            logits = rand(min(rows, m.default_chunk_rows(w, device=device)), w)
+            targets = torch.randint(0, w, (logits.shape[0],), generator=gen).to(device)
+            lf = logits.float()
+            self.ref = {
+                "loss": torch.logsumexp(lf, -1) - lf.gather(1, targets[:, None])[:, 0],
+                "grad": torch.softmax(lf, -1) - torch.nn.functional.one_hot(targets, w).float(),
+            }
+            scratch = logits.clone()
+
+            def fwd():
+                g = logits.clone()
+                loss, _ = m.ce_chunk_forward(g, targets, True)
+                return {"loss": loss, "grad": g}
+
+            self._time_fn = lambda: m.ce_chunk_forward(scratch, targets, True)
+            self._outputs = fwd
+            return
+        self._outputs = fwd if direction == "fwd" else bwd
+        self._time_fn = self._outputs
+
+    def _forced(self, fn, config: dict):
+        from hrm.ops.common import forced_row_config
+
+        def run():
+            with forced_row_config(self.kernel.name, config):
+                return fn()
+
+        return run
+
+    def static(self, configs: list[dict]) -> list[str | None]:
+        from hrm.ops.aot import compile_report
+        from hrm.tuning.kernels import row_aot_spec
+        from hrm.tuning.report import annotate
+
+        cap = self.capability[0] * 10 + self.capability[1]
+        rows = compile_report([row_aot_spec(self.kernel, self.bucket, c, cap) for c in configs], (cap,))
+        return [annotate(r, self.arch)["problem"] for r in rows]
+
+    def check(self, config: dict) -> bool:
+        import torch
+
+        self._setup()
+        got = self._forced(self._outputs, config)()
+        if next(iter(got.values())).is_cuda:
+            torch.cuda.synchronize()
+        tol = TOLERANCE[self.bucket.dtype]
+        for name, g in got.items():
+            ref = self.ref[name]
+            err = (g.float() - ref).abs().max().item()
+            if not err <= tol * max(1.0, ref.abs().max().item()):
+                return False
+        return True
+
+    def time(self, config: dict) -> float:
+        from triton.testing import do_bench
+
+        self._setup()
+        return float(do_bench(self._forced(self._time_fn, config), warmup=25, rep=100, return_mode="median"))
+
+
+__all__ = ["AttentionCase", "Case", "RowCase", "TOLERANCE", "select", "tune"]

@@ -37,6 +37,7 @@ from hrm.ops.common import (
     TILE_ELEMS,
     TRITON_TYPES,
     TileTarget,
+    cdiv,
     compiled,
     compute_dtype,
     device_of,
@@ -47,6 +48,7 @@ from hrm.ops.common import (
     row_settings,
     tile_target,
     tl,
+    tuned_row_config,
 )
 from hrm.ops.dispatch import get_impl, register
 from hrm.ops.impl.cross_entropy import IGNORE_INDEX, cross_entropy_reference
@@ -169,6 +171,8 @@ def ce_chunk_forward(
     pred = torch.empty(n_rows, dtype=targets.dtype, device=logits.device)
     if n_rows:
         grid, block_rows, bv, num_warps = _ce_tiles(n_rows, n_cols, tile_target())
+        block_rows, num_warps = tuned_row_config("linear_cross_entropy.chunk", n_cols, logits, block_rows, num_warps)
+        grid = (cdiv(n_rows, block_rows),)
         with device_of(logits):
             _ce_chunk_kernel[grid](
                 logits,

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from hrm.ops.common import (
+    cdiv,
     compiled,
     compute_dtype,
     device_of,
@@ -37,6 +38,7 @@ from hrm.ops.common import (
     rows_2d,
     tile_target,
     tl,
+    tuned_row_config,
 )
 from hrm.ops.dispatch import get_impl, register
 from hrm.ops.impl.rms_norm import rms_norm_forward_math, rms_norm_grad_math, rms_norm_reference, row_tiles
@@ -144,6 +146,8 @@ def magicnorm_transition_forward(
     rstd_h, rstd_u = (torch.empty(n_rows, dtype=torch.float32, device=x.device) for _ in range(2))
     if n_rows:
         grid, block_rows, block_cols, num_warps = row_tiles(n_rows, n_cols, tile_target())
+        block_rows, num_warps = tuned_row_config("magicnorm_transition.fwd", n_cols, x2, block_rows, num_warps)
+        grid = (cdiv(n_rows, block_rows),)
         with device_of(x):
             _transition_fwd_kernel[grid](
                 x2,
@@ -174,6 +178,8 @@ def magicnorm_transition_backward(
     dh, dother = torch.empty_like(z2), torch.empty_like(n2)  # in h's and u's dtypes
     if n_rows:
         grid, block_rows, block_cols, num_warps = row_tiles(n_rows, n_cols, tile_target())
+        block_rows, num_warps = tuned_row_config("magicnorm_transition.bwd", n_cols, z2, block_rows, num_warps)
+        grid = (cdiv(n_rows, block_rows),)
         dz2, du2, dn2 = (rows_2d(g) if g is not None else z2 for g in (dz, du, dn))
         with device_of(z):
             _transition_bwd_kernel[grid](

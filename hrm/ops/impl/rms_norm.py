@@ -39,6 +39,7 @@ from hrm.ops.common import (
     rows_2d,
     tile_target,
     tl,
+    tuned_row_config,
 )
 from hrm.ops.dispatch import get_impl, register
 
@@ -129,6 +130,8 @@ def rms_norm_forward(x: Tensor, residual: Tensor | None, eps: float) -> tuple[Te
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     if n_rows:
         grid, block_rows, block_cols, num_warps = row_tiles(n_rows, n_cols, tile_target())
+        block_rows, num_warps = tuned_row_config("rms_norm.fwd", n_cols, x2, block_rows, num_warps)
+        grid = (cdiv(n_rows, block_rows),)
         r2 = rows_2d(residual) if residual is not None else x2
         with device_of(x):
             _rms_norm_fwd_kernel[grid](
@@ -156,6 +159,8 @@ def rms_norm_backward(dy: Tensor, y: Tensor, rstd: Tensor, dh: Tensor | None) ->
     dx = torch.empty_like(y2)
     if n_rows:
         grid, block_rows, block_cols, num_warps = row_tiles(n_rows, n_cols, tile_target())
+        block_rows, num_warps = tuned_row_config("rms_norm.bwd", n_cols, y2, block_rows, num_warps)
+        grid = (cdiv(n_rows, block_rows),)
         dh2 = rows_2d(dh) if dh is not None else dy2
         with device_of(y):
             _rms_norm_bwd_kernel[grid](

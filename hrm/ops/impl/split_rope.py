@@ -35,6 +35,7 @@ from hrm.ops.common import (
     row_settings,
     tile_target,
     tl,
+    tuned_row_config,
 )
 from hrm.ops.dispatch import get_impl, register
 
@@ -158,6 +159,8 @@ def split_rope_forward(gqkv: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, 
     parts = [gqkv.new_empty(T, four_h // 4, hd) for _ in range(4)]
     if T:
         grid, block_t, block_j, num_warps = _tiles(T, four_h // 4, hd, tile_target())
+        block_t, num_warps = tuned_row_config("split_rope.fwd", four_h // 4 * hd, gqkv, block_t, num_warps)
+        grid = (cdiv(T, block_t),)
         with device_of(gqkv):
             _split_rope_fwd_kernel[grid](
                 gqkv,
@@ -179,6 +182,8 @@ def split_rope_backward(dgate: Tensor, dq: Tensor, dk: Tensor, dv: Tensor, cos: 
     dgqkv = dq.new_empty(T, 4 * H, hd)
     if T:
         grid, block_t, block_j, num_warps = _tiles(T, H, hd, tile_target())
+        block_t, num_warps = tuned_row_config("split_rope.bwd", H * hd, dq, block_t, num_warps)
+        grid = (cdiv(T, block_t),)
         with device_of(dq):
             _split_rope_bwd_kernel[grid](
                 dgate.contiguous(),

@@ -31,6 +31,7 @@ from hrm.ops.common import (
     rows_2d,
     tile_target,
     tl,
+    tuned_row_config,
 )
 from hrm.ops.dispatch import get_impl, register
 
@@ -95,6 +96,8 @@ def swiglu_forward(gate_up: Tensor) -> Tensor:
     y = gu.new_empty(n_rows, n_cols)
     if n_rows:
         grid, block_rows, block_cols, num_warps = _tiles(n_rows, n_cols, tile_target())
+        block_rows, num_warps = tuned_row_config("swiglu.fwd", n_cols, gu, block_rows, num_warps)
+        grid = (cdiv(n_rows, block_rows), grid[1])
         with device_of(gu):
             _swiglu_fwd_kernel[grid](
                 gu, y, n_rows, n_cols, BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols, num_warps=num_warps
@@ -108,6 +111,8 @@ def swiglu_backward(gate_up: Tensor, dy: Tensor) -> Tensor:
     dgu = torch.empty_like(gu)
     if n_rows:
         grid, block_rows, block_cols, num_warps = _tiles(n_rows, n_cols, tile_target())
+        block_rows, num_warps = tuned_row_config("swiglu.bwd", n_cols, gu, block_rows, num_warps)
+        grid = (cdiv(n_rows, block_rows), grid[1])
         with device_of(gu):
             _swiglu_bwd_kernel[grid](
                 gu, dy2, dgu, n_rows, n_cols, BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols, num_warps=num_warps
