@@ -548,12 +548,29 @@ def test_table_with_row_entries_round_trips_through_json(tables):
     assert tt.lookup(RMS_FWD.name, "w1024-bf16", "NVIDIA Mine", (9, 0)).config == ROW_CFG
 
 
-@pytest.mark.skipif(_ptxas_missing(), reason="Triton's NVIDIA backend (ptxas) is not installed")
 def test_static_report_samples_the_row_search_spaces():
     from hrm.tuning.report import jobs_for
 
     jobs = jobs_for([ARCHS["sm_80"]], [Bucket(64, "bf16")], defaults_only=False, sample=1, row_kernels=True)
     row_space = [j for j in jobs if j[1].startswith("w") and not j[3]]
     assert {j[2].name.split()[0] for j in row_space} == {k.spec for k in ROW_KERNELS.values()}
-    rows = static_report([ARCHS["sm_80"]], [], defaults_only=True, row_kernels=False)
-    assert rows == []
+    assert {j[1] for j in row_space} >= {"w256-bf16", "w1536-bf16", "w32000-bf16"}  # bench and XL widths
+    assert len(row_space) == 2 * len(ROW_KERNELS)  # --sample 1: one candidate per (kernel, bucket)
+
+
+@pytest.mark.skipif(_ptxas_missing(), reason="Triton's NVIDIA backend (ptxas) is not installed")
+def test_row_candidates_compile_ahead_of_time_for_pruning():
+    """What RowCase.static prunes with: a candidate's spec compiles for sm_80 at its own
+    rows per program and warps (the default's spec is what aot_specs compiles)."""
+    from hrm.ops.aot import compile_report
+    from hrm.ops.impl import rms_norm
+    from hrm.tuning.kernels import row_aot_spec
+    from hrm.tuning.report import annotate
+
+    b = RowBucket(1024, "bf16")
+    spec = row_aot_spec(RMS_FWD, b, ROW_CFG, 80)
+    assert spec.constexprs["BLOCK_ROWS"] == 2 and spec.num_warps == 2 and spec.constexprs["BLOCK_COLS"] == 1024
+    default = row_aot_spec(RMS_FWD, b, default_row_config(RMS_FWD, b), 80)
+    assert default == next(s for s in rms_norm.aot_specs(1024, torch.bfloat16) if s.name == default.name)
+    (raw,) = compile_report([spec], (80,))
+    assert annotate(raw, ARCHS["sm_80"])["problem"] is None

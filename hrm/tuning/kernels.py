@@ -182,6 +182,7 @@ ROW_KERNELS = {
             "magicnorm_transition_fwd",
             "hidden",
             "_transition_fwd_kernel",
+            "row_tiles",
         ),
         _row(
             "magicnorm_transition.bwd",
@@ -189,6 +190,7 @@ ROW_KERNELS = {
             "magicnorm_transition_bwd",
             "hidden",
             "_transition_bwd_kernel",
+            "row_tiles",
         ),
         _row("swiglu.fwd", "swiglu", "swiglu_fwd", "intermediate", "_swiglu_fwd_kernel", "_swiglu_tile", "_tiles"),
         _row("swiglu.bwd", "swiglu", "swiglu_bwd", "intermediate", "_swiglu_bwd_kernel", "_swiglu_tile", "_tiles"),
