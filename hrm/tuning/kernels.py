@@ -281,11 +281,21 @@ def row_preset_buckets(kernel: RowKernel, presets: list[str], dtypes: list[str])
     return [RowBucket(w, d) for w in row_widths(presets)[kernel.width] for d in dtypes]
 
 
+def _op_module(op: str):
+    """The ``hrm.ops.impl`` module of a row-wise op (imported here: the ops import this package's
+    lookup lazily)."""
+    from hrm.ops.impl import linear_cross_entropy, magicnorm_transition, rms_norm, split_rope, swiglu
+
+    modules = {
+        m.__name__.rsplit(".", 1)[1]: m
+        for m in (linear_cross_entropy, magicnorm_transition, rms_norm, split_rope, swiglu)
+    }
+    return modules[op]
+
+
 def _row_tiles_fn(kernel: RowKernel, bucket: RowBucket, rows: int, target: str = "gpu") -> tuple[int, int, int]:
     """``(block_rows, block_cols, num_warps)`` the launcher picks for ``rows`` rows today."""
-    import importlib
-
-    mod = importlib.import_module(f"{_OPS}.{kernel.op}")
+    mod = _op_module(kernel.op)
     w = bucket.width
     if kernel.op in ("rms_norm", "magicnorm_transition"):
         _, br, bc, nw = mod.row_tiles(rows, w, target)
@@ -328,10 +338,9 @@ def row_search_space(kernel: RowKernel, bucket: RowBucket) -> list[dict]:
 def row_aot_spec(kernel: RowKernel, bucket: RowBucket, config: dict, capability: int = 80):
     """The :class:`hrm.ops.aot.KernelSpec` of ``kernel`` at ``config`` (the launcher's block
     columns; ``block_rows`` / ``num_warps`` from ``config``)."""
-    import importlib
     from dataclasses import replace
 
-    mod = importlib.import_module(f"{_OPS}.{kernel.op}")
+    mod = _op_module(kernel.op)
     w, dt = bucket.width, bucket.torch_dtype
     if kernel.op == "split_rope":
         specs = mod.aot_specs(w // bucket.head_dim, bucket.head_dim, dt)
