@@ -47,7 +47,7 @@ def annotate(raw: dict, arch: Arch) -> dict:
     return out
 
 
-def _row_kernel_specs(dtypes) -> list:
+def row_kernel_specs(dtypes) -> list:
     """The row-wise kernels at the tiles their launchers pick, at the benchmark config and the
     largest preset (the shapes of tests/test_fused_aot.py)."""
     from hrm.config import BENCH_CONFIGS, get_preset
@@ -111,7 +111,7 @@ def jobs_for(
             import torch
 
             dts = sorted({b.torch_dtype for b in buckets}, key=str) or [torch.bfloat16]
-            jobs += [(arch, "", s, True) for s in _row_kernel_specs(dts)]  # bucket "": named by shape
+            jobs += [(arch, "", s, True) for s in row_kernel_specs(dts)]  # bucket "": named by shape
             if not defaults_only:
                 jobs += _row_space_jobs(arch, buckets, sample, seed)
     return jobs

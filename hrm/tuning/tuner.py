@@ -135,6 +135,19 @@ def _key(config: dict) -> tuple:
 TOLERANCE = {"bf16": 3e-2, "fp16": 1e-2, "fp32": 5e-3}  # max abs error / max(1, max |reference|)
 
 
+def _matches(got: dict, ref: dict, dtype: str) -> bool:
+    """Whether every output of a candidate is within :data:`TOLERANCE` of the reference's."""
+    import torch
+
+    if got and next(iter(got.values())).is_cuda:
+        torch.cuda.synchronize()
+    tol = TOLERANCE[dtype]
+    return all(
+        (g.float() - ref[name]).abs().max().item() <= tol * max(1.0, ref[name].abs().max().item())
+        for name, g in got.items()
+    )
+
+
 class AttentionCase(Case):
     """One attention kernel at one bucket on a CUDA device: a packed row of ``tokens`` tokens
     (sequences of 256 to 1024 tokens, half instruction), the fp32 reference's output and
@@ -227,19 +240,8 @@ class AttentionCase(Case):
         return [annotate(r, self.arch)["problem"] for r in rows]
 
     def check(self, config: dict) -> bool:
-        import torch
-
         _, outputs = self._run(config)
-        got = outputs()
-        if got and next(iter(got.values())).is_cuda:
-            torch.cuda.synchronize()
-        tol = TOLERANCE[self.bucket.dtype]
-        for name, g in got.items():
-            ref = self.ref[name]
-            err = (g.float() - ref).abs().max().item()
-            if not err <= tol * max(1.0, ref.abs().max().item()):
-                return False
-        return True
+        return _matches(outputs(), self.ref, self.bucket.dtype)
 
     def time(self, config: dict) -> float:
         from triton.testing import do_bench
@@ -372,19 +374,8 @@ class RowCase(Case):
         return [annotate(r, self.arch)["problem"] for r in rows]
 
     def check(self, config: dict) -> bool:
-        import torch
-
         self._setup()
-        got = self._forced(self._outputs, config)()
-        if next(iter(got.values())).is_cuda:
-            torch.cuda.synchronize()
-        tol = TOLERANCE[self.bucket.dtype]
-        for name, g in got.items():
-            ref = self.ref[name]
-            err = (g.float() - ref).abs().max().item()
-            if not err <= tol * max(1.0, ref.abs().max().item()):
-                return False
-        return True
+        return _matches(self._forced(self._outputs, config)(), self.ref, self.bucket.dtype)
 
     def time(self, config: dict) -> float:
         from triton.testing import do_bench
