@@ -12,7 +12,7 @@ objective"): sequences are laid out back to back from position 0. A sample
 Trailing padding has input ``pad_id``, label -100 and position 0 and lies past
 ``cu_seqlens[-1]``.
 
-Steps: a step is ``num_rows`` rows, one per data-parallel rank. :func:`multipack` plans
+Steps: a step (the global batch) is ``num_rows`` rows. :func:`multipack` plans
 steps from sample lengths: it keeps a window of a few steps' worth of samples (taken in
 order), sorts the window longest first, and deals each sample to the row of the step
 that has the least attention work (sum of squared lengths; ties: fewest tokens) among the
@@ -20,6 +20,11 @@ rows it still fits in; what fits nowhere waits in the window for the next step. 
 first makes this LPT scheduling: rows come out nearly full and balanced in tokens, and
 as balanced in attention work as the window's lengths allow. Samples never split across
 rows.
+
+Data parallel: the plan depends on ``num_rows`` (the global batch), never on the number of
+ranks. :func:`split_rows` deals each step's rows to the ranks, the same number to each,
+again longest-work first to the least loaded rank, so what a step trains on is the same for
+any world size and only who computes which row changes.
 """
 
 from __future__ import annotations
@@ -121,6 +126,64 @@ def multipack(
     counts = np.bincount(row, minlength=num_steps * num_rows)
     rows = np.split(sample[np.argsort(row, kind="stable")], np.cumsum(counts)[:-1])
     return [rows[s * num_rows : (s + 1) * num_rows] for s in range(num_steps)]
+
+
+def split_rows(work: Sequence[int], tokens: Sequence[int], world_size: int) -> list[list[int]]:
+    """Deal a step's rows to ``world_size`` ranks, ``len(work) / world_size`` rows each.
+
+    ``work[i]`` and ``tokens[i]`` are row ``i``'s attention work (sum of squared sequence
+    lengths) and real tokens. LPT with a cardinality limit: rows in decreasing work (ties:
+    tokens, then index) go to the rank with the least work so far (ties: fewest tokens, then
+    lowest rank) among the ranks that still take rows. Returns each rank's row indices in
+    increasing order: its micro-steps. Deterministic given its inputs.
+    """
+    n = len(work)
+    if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
+        raise DataError(f"world_size must be a positive integer, got {world_size!r}")
+    if len(tokens) != n or n % world_size:
+        raise DataError(f"cannot split {n} rows evenly over {world_size} ranks")
+    per_rank = n // world_size
+    load = [[0, 0] for _ in range(world_size)]  # (work, tokens) per rank
+    ranks: list[list[int]] = [[] for _ in range(world_size)]
+    for i in sorted(range(n), key=lambda i: (-work[i], -tokens[i], i)):
+        r = min((r for r in range(world_size) if len(ranks[r]) < per_rank), key=lambda r: (load[r], r))
+        ranks[r].append(i)
+        load[r][0] += work[i]
+        load[r][1] += tokens[i]
+    return [sorted(rows) for rows in ranks]
+
+
+def split_balance(
+    lengths: Sequence[int] | np.ndarray, budget: int, num_rows: int, world_size: int, window_steps: int = 4
+) -> dict[str, float]:
+    """How evenly :func:`split_rows` spreads :func:`multipack`'s steps of ``lengths`` over ranks.
+
+    Per step, the busiest rank's tokens and attention work over the mean rank's: returns
+    ``tokens_max_over_mean`` and ``work_max_over_mean`` (mean over steps), their worst step
+    (``*_worst``), ``steps`` and the rows' fill ``packing_efficiency``. The epoch's last step is
+    left out (it holds the window's leftovers, often rows with nothing in them).
+    """
+    lengths = np.asarray(lengths, dtype=np.int64)
+    steps = multipack(lengths, budget, num_rows, window_steps)[:-1]
+    if not steps:
+        raise DataError("split_balance needs at least two steps of samples")
+    tokens_ratio, work_ratio = [], []
+    for step in steps:
+        tokens = [int(lengths[row].sum()) for row in step]
+        work = [int((lengths[row] ** 2).sum()) for row in step]
+        split = split_rows(work, tokens, world_size)
+        per_rank_tokens = [sum(tokens[i] for i in rows) for rows in split]
+        per_rank_work = [sum(work[i] for i in rows) for rows in split]
+        tokens_ratio.append(max(per_rank_tokens) / np.mean(per_rank_tokens))
+        work_ratio.append(max(per_rank_work) / np.mean(per_rank_work))
+    return {
+        "tokens_max_over_mean": float(np.mean(tokens_ratio)),
+        "tokens_max_over_mean_worst": float(np.max(tokens_ratio)),
+        "work_max_over_mean": float(np.mean(work_ratio)),
+        "work_max_over_mean_worst": float(np.max(work_ratio)),
+        "steps": len(steps),
+        "packing_efficiency": float(sum(lengths[r].sum() for s in steps for r in s) / (len(steps) * num_rows * budget)),
+    }
 
 
 @dataclass
@@ -235,16 +298,31 @@ def fit_to_budget(
     return kept, stats
 
 
+@dataclass
+class RankStep:
+    """One rank's share of a training step (:meth:`PackedLoader.next_step`).
+
+    ``rows``: this rank's packed rows, one micro-step each; ``num_supervised`` and
+    ``num_tokens``: supervised and real tokens of the whole step, over every rank's rows
+    (the loss divides by the former, so no rank needs another's count).
+    """
+
+    rows: list[PackedBatch]
+    num_supervised: int
+    num_tokens: int
+
+
 class PackedLoader:
     """An endless iterator of training steps; each step is ``num_rows`` :class:`PackedBatch`.
 
-    Row ``r`` of a step is data-parallel rank ``r``'s input. Every epoch shuffles the samples
-    with a generator seeded by ``(seed, epoch)`` and plans its steps with :func:`multipack`,
-    so the sequence of steps depends only on the samples and the arguments. Each sample is
-    used once per epoch (the last steps of an epoch may be less full, even have empty rows).
-    Samples longer than ``budget`` are handled per ``too_long`` (see :func:`fit_to_budget`)
-    and counted in :attr:`stats`. :meth:`state_dict` / :meth:`load_state_dict` save and
-    restore the position, so a resumed loader yields exactly the steps the original would.
+    :meth:`next_step` gives one data-parallel rank its share of a step instead. Every epoch
+    shuffles the samples with a generator seeded by ``(seed, epoch)`` and plans its steps with
+    :func:`multipack`, so the sequence of steps depends only on the samples and the arguments
+    (not on the world size). Each sample is used once per epoch (the last steps of an epoch
+    may be less full, even have empty rows). Samples longer than ``budget`` are handled per
+    ``too_long`` (see :func:`fit_to_budget`) and counted in :attr:`stats`. :meth:`state_dict` /
+    :meth:`load_state_dict` save and restore the position, so a resumed loader yields exactly
+    the steps the original would.
     """
 
     def __init__(
@@ -272,6 +350,7 @@ class PackedLoader:
                 f"({len(samples)} given, {self.stats.skipped_too_long} too long)"
             )
         self._lengths = np.array([s.packed_len for s in self._samples], dtype=np.int64)
+        self._supervised = np.array([len(s.response) for s in self._samples], dtype=np.int64)
         self._fingerprint = hashlib.blake2b(self._lengths.tobytes(), digest_size=8).hexdigest()
         self._epoch, self._step = 0, 0
         self._plan = self._make_plan(0)
@@ -285,13 +364,32 @@ class PackedLoader:
     def __iter__(self) -> PackedLoader:
         return self
 
-    def __next__(self) -> list[PackedBatch]:
+    def _advance(self) -> list[np.ndarray]:
         rows = self._plan[self._step]
         self._step += 1
         if self._step == len(self._plan):
             self._epoch, self._step = self._epoch + 1, 0
             self._plan = self._make_plan(self._epoch)
-        return [pack_row([self._samples[i] for i in row], self.budget, self.pad_id) for row in rows]
+        return rows
+
+    def __next__(self) -> list[PackedBatch]:
+        return [pack_row([self._samples[i] for i in row], self.budget, self.pad_id) for row in self._advance()]
+
+    def next_step(self, rank: int = 0, world_size: int = 1) -> RankStep:
+        """The next step as rank ``rank`` of ``world_size`` sees it: its rows per :func:`split_rows`
+        (only those are packed) and the whole step's token counts. Every rank must call this
+        once per step, so that all stay at the same position."""
+        if not 0 <= rank < world_size:
+            raise DataError(f"rank {rank} is outside 0..{world_size - 1}")
+        rows = self._advance()
+        tokens = [int(self._lengths[row].sum()) for row in rows]
+        work = [int((self._lengths[row] ** 2).sum()) for row in rows]
+        mine = split_rows(work, tokens, world_size)[rank]
+        return RankStep(
+            rows=[pack_row([self._samples[i] for i in rows[k]], self.budget, self.pad_id) for k in mine],
+            num_supervised=int(sum(self._supervised[row].sum() for row in rows)),
+            num_tokens=sum(tokens),
+        )
 
     @property
     def epoch(self) -> int:
