@@ -8,6 +8,10 @@
 * :class:`EMA`: an exponential moving average of a model's parameters (and a copy of its
   buffers), in ``model.state_dict()`` key order so it saves as ``ema.safetensors``.
 * :func:`lr_at`: linear warmup, then cosine decay to ``min_lr_ratio * lr``.
+
+Both are elementwise, so under FSDP2 (parameters, gradients, optimizer state and EMA are
+DTensors sharded over the ranks) they run on each rank's local shard and compute exactly
+what one process computes on the whole tensor.
 """
 
 from __future__ import annotations
@@ -18,9 +22,15 @@ from typing import Iterable, Iterator
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from hrm.ops.dispatch import resolve_backend
 from hrm.ops.impl.adam_atan2 import adam_atan2_, adam_atan2_reference
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (a view: writing to it writes the DTensor); other tensors as they are."""
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -41,7 +51,7 @@ class AdamAtan2(torch.optim.Optimizer):
     The math is :func:`adam_atan2_reference`'s. State per parameter: ``step`` (its own count,
     for the bias corrections), ``exp_avg``, ``exp_avg_sq``; the backend is not part of the
     state dict, so a checkpoint resumes on any backend. Parameters without a gradient are
-    left alone, state included.
+    left alone, state included. DTensor parameters (FSDP2) are stepped on their local shards.
     """
 
     def __init__(
@@ -74,16 +84,14 @@ class AdamAtan2(torch.optim.Optimizer):
                 continue
             states = []
             for p in params:
-                state = self.state[p]
-                if not state:
-                    state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+                state = self._state_of(p)
                 state["step"] += 1
                 states.append(state)
             adam_atan2_(
-                params,
-                [p.grad for p in params],
-                [s["exp_avg"] for s in states],
-                [s["exp_avg_sq"] for s in states],
+                [local(p) for p in params],
+                [local(p.grad) for p in params],
+                [local(s["exp_avg"]) for s in states],
+                [local(s["exp_avg_sq"]) for s in states],
                 [s["step"] for s in states],
                 lr=group["lr"],
                 betas=group["betas"],
@@ -91,6 +99,21 @@ class AdamAtan2(torch.optim.Optimizer):
                 backend=self.backend,
             )
         return loss
+
+    def _state_of(self, p: torch.Tensor) -> dict:
+        state = self.state[p]
+        if not state:
+            state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+        return state
+
+    def init_state(self) -> None:
+        """Give every parameter its (zero) state now rather than at its first gradient, so that
+        the state dict has the same entries at every step (a sharded checkpoint is loaded into
+        the structure of the live state dict). Changes no update: a parameter's ``step`` still
+        counts only the steps it had a gradient in."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                self._state_of(p)
 
 
 class EMA:
@@ -101,6 +124,7 @@ class EMA:
     from averaging in its random initialisation (with ``decay = 0.9999`` a full-strength
     average needs tens of thousands of steps). :meth:`state_dict` has the model's keys in the
     model's order; :meth:`swapped` puts the average into the model for evaluation or export.
+    For an FSDP2 model the averages are DTensors sharded like the parameters.
     """
 
     def __init__(self, model: nn.Module, decay: float = 0.9999) -> None:
@@ -123,9 +147,11 @@ class EMA:
     def update(self) -> None:
         weight = 1.0 - self.current_decay()
         state = self.model.state_dict()
-        torch._foreach_lerp_([self.shadow[k] for k in self._param_keys], [state[k] for k in self._param_keys], weight)
+        torch._foreach_lerp_(
+            [local(self.shadow[k]) for k in self._param_keys], [local(state[k]) for k in self._param_keys], weight
+        )
         for k in self._buffer_keys:
-            self.shadow[k].copy_(state[k])
+            local(self.shadow[k]).copy_(local(state[k]))
         self.num_updates += 1
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -133,9 +159,18 @@ class EMA:
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, torch.Tensor], num_updates: int) -> None:
+        """``state`` holds full tensors, or DTensors sharded like the averages; a full tensor is
+        sharded here for a DTensor average (a collective: every rank calls this)."""
         for k, v in self.shadow.items():
-            v.copy_(state[k])
+            new = state[k]
+            if isinstance(v, DTensor) and not isinstance(new, DTensor):
+                new = distribute_tensor(new.to(v.device), v.device_mesh, v.placements)
+            local(v).copy_(local(new))
         self.num_updates = num_updates
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The averages as whole tensors (DTensors are gathered: a collective, every rank calls this)."""
+        return {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in self.shadow.items()}
 
     @contextlib.contextmanager
     def swapped(self, model: nn.Module | None = None) -> Iterator[nn.Module]:
@@ -159,4 +194,4 @@ def lr_at(step: int, total_steps: int, lr: float, warmup_steps: int, min_lr_rati
     return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-__all__ = ["AdamAtan2", "EMA", "adam_atan2_reference", "lr_at", "param_groups"]
+__all__ = ["AdamAtan2", "EMA", "adam_atan2_reference", "local", "lr_at", "param_groups"]
