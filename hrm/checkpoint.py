@@ -8,6 +8,14 @@ A checkpoint is a directory::
     ema.safetensors     optional: the parameter EMA, same keys
     ...                 optional extra files (training writes its optimizer/loader state)
 
+A *sharded* checkpoint (written by a training run under ``torchrun``, every rank writing
+its own part) has the same ``config.json`` (its meta says ``"sharded": true``) and, in
+place of the safetensors files, ``dcp/``: a ``torch.distributed.checkpoint`` directory
+holding ``model``, ``optimizer`` (keyed by parameter name) and ``ema``, with each tensor's
+global shape, so it loads into any number of ranks (DDP, FSDP2 or one process).
+:func:`consolidate` turns it into the single-file form that ``hrm generate``,
+``hrm export-hf`` and :func:`load_model` read.
+
 Directories are written atomically: everything goes into a temporary sibling that is
 renamed into place at the end, so a reader never sees a half-written checkpoint and a
 kill at any moment leaves the previous one intact.
@@ -34,6 +42,7 @@ FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 EMA_FILE = "ema.safetensors"
+SHARDED_DIR = "dcp"
 
 
 def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -157,6 +166,10 @@ def check_state_dict(state: dict[str, torch.Tensor], expected: dict[str, torch.T
 def load_state(path: str | os.PathLike, *, ema: bool = False) -> dict[str, torch.Tensor]:
     """The weights (or, with ``ema``, the EMA weights) of checkpoint ``path``."""
     file = Path(path) / (EMA_FILE if ema else WEIGHTS_FILE)
+    if is_sharded(path):
+        raise CheckpointError(
+            f"{path} is a sharded checkpoint (written under torchrun); convert it: hrm consolidate {path} --out DIR"
+        )
     if not file.is_file():
         raise CheckpointError(f"{path}: {file.name} is missing")
     return read_safetensors(file)
@@ -196,4 +209,105 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
         raise CheckpointError(f"{latest} names {ckpt.name}, which is not a complete checkpoint")
     raise CheckpointError(
         f"{path} is neither a checkpoint (no {CONFIG_FILE}) nor a run directory with checkpoints/{LATEST_FILE}"
+    )
+
+
+# -- sharded checkpoints (torch.distributed.checkpoint) ----------------------------------------
+
+
+def is_sharded(path: str | os.PathLike) -> bool:
+    """Whether checkpoint ``path`` is sharded (see the module docstring)."""
+    return (Path(path) / SHARDED_DIR).is_dir()
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def save_sharded(
+    path: str | os.PathLike,
+    config: ModelConfig,
+    state: dict[str, Any],
+    *,
+    meta: dict[str, Any],
+    extra: Callable[[Path], None] | None = None,
+    is_main: bool = True,
+) -> Path:
+    """Write a sharded checkpoint: every rank calls this with its ``state`` (``{"model": ...,
+    "optimizer": ..., "ema": ...}``, as :mod:`torch.distributed.state_dict` gives them:
+    DTensors are written shard by shard, replicated tensors once). Atomic like
+    :func:`write_dir_atomically`: the ranks write into a temporary sibling that rank 0
+    (``is_main``) completes with ``config.json`` and ``extra(tmp)`` and renames into place,
+    replacing an existing ``path``. Every rank must see the same filesystem."""
+    import torch.distributed.checkpoint as dcp
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-sharded")
+    if is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    dcp.save(state, checkpoint_id=tmp / SHARDED_DIR)
+    if is_main:
+        doc = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "model": config.to_dict(),
+            "meta": {**meta, "sharded": True},
+        }
+        (tmp / CONFIG_FILE).write_text(json.dumps(doc, indent=2) + "\n")
+        if extra is not None:
+            extra(tmp)
+        old = None
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return path
+
+
+def load_sharded(path: str | os.PathLike, state: dict[str, Any]) -> None:
+    """Fill ``state`` (the structure :func:`save_sharded` took, from the loading run's own
+    objects: any world size, DTensors or whole tensors) from sharded checkpoint ``path``;
+    tensors are loaded in place. Every rank calls this; without a process group one process
+    reads every shard."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    if not is_sharded(path):
+        raise CheckpointError(f"{path}: not a sharded checkpoint ({SHARDED_DIR}/ is missing)")
+    try:
+        dcp.load(state, checkpoint_id=Path(path) / SHARDED_DIR, no_dist=not dist.is_initialized())
+    except Exception as e:  # DCP wraps per-rank failures in CheckpointException
+        raise CheckpointError(f"{path}: cannot load the sharded checkpoint ({str(e).strip().splitlines()[0]})") from e
+
+
+def consolidate(path: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Write sharded checkpoint ``path`` (or a run directory's latest) as a single-file
+    checkpoint ``out`` (model and EMA weights, ``config.json`` with the same meta) in one
+    process; the optimizer state stays behind (resume from the sharded one)."""
+    path = resolve_checkpoint(path)
+    config, meta = read_config(path)
+    if not is_sharded(path):
+        raise CheckpointError(f"{path} is not a sharded checkpoint; it already is in the single-file form")
+    shapes = model_shapes(config)
+    state = {
+        "model": {k: torch.empty(v.shape, dtype=v.dtype) for k, v in shapes.items()},
+        "ema": {k: torch.empty(v.shape, dtype=v.dtype) for k, v in shapes.items()},
+    }
+    load_sharded(path, state)
+    meta = {k: v for k, v in meta.items() if k != "sharded"}
+    return save_checkpoint(
+        out,
+        config,
+        state["model"],
+        ema_state_dict=state["ema"],
+        meta={**meta, "consolidated_from": str(path)},
+        overwrite=overwrite,
     )
