@@ -36,8 +36,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "train",
         help="train a model (single process or under torchrun)",
         description="Train an HRM-Text model. Writes metrics.jsonl, metrics.png and checkpoints to --out; "
-        "the last line printed is the held-out exact match. Under torchrun every rank takes one "
-        "packed row per step.",
+        "the last line printed is the held-out exact match. Under torchrun the ranks share each step's "
+        "--global-rows rows (DDP or FSDP2, see --parallel).",
     )
     model = p.add_argument_group("model")
     _option(model, "preset", f"model size: {', '.join(PRESETS)}")
@@ -66,7 +66,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     opt = p.add_argument_group("optimisation")
     _option(opt, "steps", "optimizer steps", type=int)
-    _option(opt, "batch_tokens", "tokens per packed row (per data-parallel rank)", type=int)
+    _option(opt, "batch_tokens", "tokens per packed row", type=int)
+    _option(
+        opt,
+        "global_rows",
+        "packed rows per optimizer step over all ranks, a multiple of the number of ranks; each rank "
+        "accumulates gradients over its share (none: one row per rank)",
+        type=int,
+        metavar="N",
+    )
     _option(opt, "lr", "peak learning rate", type=float)
     _option(opt, "min_lr_ratio", "final learning rate as a fraction of --lr (cosine decay)", type=float)
     _option(opt, "warmup_steps", "linear learning-rate warmup steps", type=int)
@@ -76,6 +84,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _option(opt, "grad_clip", "max gradient norm (0: no clipping)", type=float)
     _option(opt, "precision", "fp32, or bf16 autocast with fp32 master weights", choices=["fp32", "bf16"])
     _option(opt, "seed", "seed for initialisation, task data and data order", type=int)
+
+    par = p.add_argument_group("data parallel (under torchrun)")
+    _option(par, "parallel", "ddp (replicated model) or fsdp (FSDP2, sharded parameters)", choices=["ddp", "fsdp"])
+    _option(par, "dist_timeout", "seconds a rank waits for the others before the job fails", type=int, metavar="S")
 
     run = p.add_argument_group("run")
     _option(run, "out", "output directory", metavar="DIR")

@@ -17,11 +17,14 @@ from hrm.errors import ConfigError
 
 Precision = Literal["fp32", "bf16"]
 TooLong = Literal["skip", "truncate"]
+Parallel = Literal["ddp", "fsdp"]
 
 DEFAULT_TASK = "add"
 
 #: Fields a resumed run may change; every other field must equal the checkpoint's.
-RESUMABLE_CHANGES = frozenset({"out", "backend", "save_every", "eval_every", "eval_samples", "eval_data", "log_every"})
+RESUMABLE_CHANGES = frozenset(
+    {"out", "backend", "save_every", "eval_every", "eval_samples", "eval_data", "log_every", "parallel", "dist_timeout"}
+)
 
 
 @dataclass(frozen=True)
@@ -42,7 +45,8 @@ class TrainConfig:
     too_long: TooLong = "skip"
     # optimisation
     steps: int = 1500
-    batch_tokens: int = 1024  # tokens per packed row (per data-parallel rank)
+    batch_tokens: int = 1024  # tokens per packed row
+    global_rows: int | None = None  # rows per optimizer step over all ranks; None: one per rank (set at start)
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 100
@@ -52,6 +56,9 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
     precision: Precision = "fp32"  # bf16: autocast with fp32 master weights
     seed: int = 0
+    # data parallel (under torchrun)
+    parallel: Parallel = "ddp"  # ddp: replicate the model; fsdp: FSDP2, parameters sharded over the ranks
+    dist_timeout: int = 1800  # seconds a collective may wait for the other ranks before the job fails
     # bookkeeping
     out: str = "runs/train"
     log_every: int = 10
@@ -82,7 +89,7 @@ class TrainConfig:
         sources = [k for k in ("task", "data", "pretokenized") if getattr(self, k) is not None]
         if len(sources) > 1:
             fail(f"give one data source, not {' and '.join('--' + k for k in sources)}")
-        for name in ("steps", "batch_tokens", "train_samples", "log_every", "eval_samples"):
+        for name in ("steps", "batch_tokens", "train_samples", "log_every", "eval_samples", "dist_timeout"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 fail(f"{name} must be a positive integer, got {value!r}")
@@ -102,6 +109,12 @@ class TrainConfig:
             fail(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.precision not in ("fp32", "bf16"):
             fail(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
+        if self.global_rows is not None and (
+            not isinstance(self.global_rows, int) or isinstance(self.global_rows, bool) or self.global_rows < 1
+        ):
+            fail(f"global_rows must be a positive integer, got {self.global_rows!r}")
+        if self.parallel not in ("ddp", "fsdp"):
+            fail(f"parallel must be 'ddp' or 'fsdp', got {self.parallel!r}")
         if self.too_long not in ("skip", "truncate"):
             fail(f"too_long must be 'skip' or 'truncate', got {self.too_long!r}")
 

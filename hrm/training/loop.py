@@ -1,7 +1,8 @@
 """The thin training loop: one process, or one process per rank under ``torchrun``.
 
-Each step: take this rank's packed row, ``bp = bp_steps_at(...)``, forward with labels,
-backward, clip, Adam-atan2 step, EMA update; the learning rate follows :func:`lr_at`.
+Each step: take this rank's packed rows of the global batch, ``bp = bp_steps_at(...)``, for
+each row forward with labels and backward (gradients accumulate), clip, Adam-atan2 step, EMA
+update; the learning rate follows :func:`lr_at`.
 
 Output directory::
 
@@ -12,15 +13,24 @@ Output directory::
                      .../train_state.pt         optimizer, EMA count, loader, RNG, metric window
     OUT/checkpoints/latest                      the name of the newest complete checkpoint
 
+Under ``torchrun`` the checkpoints are sharded (hrm.checkpoint): ``dcp/`` holds model,
+optimizer and EMA, and ``train_state.pt`` the rest (rank 0's RNG).
+
 A checkpoint is written to a temporary directory and renamed into place, then ``latest``
 is replaced atomically, then all but the newest ``KEEP_CHECKPOINTS`` are deleted: a kill at
 any moment leaves a complete checkpoint. Resuming restores everything the next step
 depends on, so on the CPU a resumed run's losses equal an uninterrupted run's bit for bit.
 
-Data parallel: under ``torchrun`` (``WORLD_SIZE`` > 1) the loop joins the process group
-(NCCL on GPUs, gloo on CPUs), wraps the model in DDP, feeds rank ``r`` row ``r`` of every
-step, divides each rank's loss sum by the mean supervised count of the step's rows and
-lets rank 0 alone write files and progress.
+Data parallel (docs/distributed.md): under ``torchrun`` (``WORLD_SIZE`` > 1) the loop joins
+the process group (NCCL on GPUs, gloo on CPUs, ``dist_timeout``), and :func:`parallelize`
+wraps the model in DDP or applies FSDP2. A step is ``global_rows`` packed rows whatever the
+world size: the loader plans them as one batch and deals ``global_rows / world_size`` to each
+rank (:func:`hrm.data.split_rows`), which accumulates gradients over them, synchronising only
+on the last. Each rank divides its loss sums by the step's supervised count over all rows
+(known to every rank from the plan) times ``1 / world_size`` (DDP and FSDP average the
+ranks' gradients), so the update is the one a single process computes over the same rows.
+A checkpoint resumes with any world size and either wrapping. Rank 0 alone writes files and
+progress.
 """
 
 from __future__ import annotations
@@ -33,7 +43,9 @@ import random
 import shutil
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +55,17 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from hrm import profiling
-from hrm.checkpoint import LATEST_FILE, check_state_dict, load_state, read_config, resolve_checkpoint, save_checkpoint
+from hrm.checkpoint import (
+    LATEST_FILE,
+    check_state_dict,
+    is_sharded,
+    load_sharded,
+    load_state,
+    read_config,
+    resolve_checkpoint,
+    save_checkpoint,
+    save_sharded,
+)
 from hrm.config import bp_steps_at
 from hrm.data import (
     PackedLoader,
@@ -57,10 +79,10 @@ from hrm.data import (
 )
 from hrm.errors import CheckpointError, ConfigError, HrmError
 from hrm.inference import exact_match
-from hrm.model import HRMText
+from hrm.model import Block, HRMText
 from hrm.training.config import RESUMABLE_CHANGES, TrainConfig
 from hrm.training.metrics import MetricsLog, plot_metrics
-from hrm.training.optim import EMA, AdamAtan2, lr_at, param_groups
+from hrm.training.optim import EMA, AdamAtan2, local, lr_at, param_groups
 
 CHECKPOINTS = "checkpoints"
 TRAIN_STATE = "train_state.pt"
@@ -83,29 +105,77 @@ class Dist:
         return self.rank == 0
 
 
-def setup_distributed() -> Dist:
-    """Join the process group ``torchrun`` describes (if any) and pick this rank's device."""
+def setup_distributed(timeout_s: int = 1800) -> Dist:
+    """Join the process group ``torchrun`` describes (if any) and pick this rank's device.
+
+    A collective that waits longer than ``timeout_s`` for the other ranks raises (NCCL: its
+    watchdog aborts the process), so a stalled rank ends the job instead of hanging it; a
+    rank that dies ends it at once (torchrun stops the others)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     cuda = torch.cuda.is_available()
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(
+            "nccl" if cuda else "gloo",
+            timeout=timedelta(seconds=timeout_s),
+            device_id=device if cuda else None,
+        )
     rank = dist.get_rank() if dist.is_initialized() else 0
     return Dist(rank, dist.get_world_size() if dist.is_initialized() else 1, device)
 
 
-def parallelize(model: HRMText, env: Dist) -> torch.nn.Module:
-    """The module the loop runs forward and backward through: ``model`` itself, or wrapped in
-    DDP when there are several ranks. Truncated backprop leaves the embedding without a
-    gradient while ``bp_steps`` is 2, hence ``find_unused_parameters``."""
+def parallelize(model: HRMText, env: Dist, parallel: str = "ddp", precision: str = "fp32") -> torch.nn.Module:
+    """The module the loop runs forward and backward through; one process: ``model`` itself.
+
+    ``ddp``: ``model`` wrapped in DDP (truncated backprop leaves the embedding without a
+    gradient while ``bp_steps`` is 2, hence ``find_unused_parameters``). ``fsdp``: FSDP2
+    applied in place, ``fully_shard`` on every block and then on the root (embedding, LM head),
+    returns ``model``; with ``precision="bf16"`` blocks compute in bf16 from fp32 master
+    weights and gradients are reduced in fp32. Every block's parameters are gathered for each
+    of its calls in the recurrence and freed after it (``reshard_after_forward``)."""
     if env.world_size == 1:
+        return model
+    if parallel == "fsdp":
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        if precision == "bf16":
+            policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        else:
+            policy = MixedPrecisionPolicy()
+        for block in [m for m in model.modules() if isinstance(m, Block)]:
+            fully_shard(block, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)
         return model
     return torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[env.device.index] if env.device.type == "cuda" else None, find_unused_parameters=True
     )
+
+
+def sync_context(net: torch.nn.Module, sync: bool):
+    """Around a micro-step's forward and backward: reduce gradients across ranks only when
+    ``sync`` (the step's last micro-step); earlier ones accumulate locally."""
+    if isinstance(net, torch.nn.parallel.DistributedDataParallel):
+        return nullcontext() if sync else net.no_sync()
+    if hasattr(net, "set_requires_gradient_sync"):  # FSDP2
+        net.set_requires_gradient_sync(sync)
+    return nullcontext()
+
+
+def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` that also takes FSDP2's sharded gradients: the norm
+    is over the whole gradients (DTensor norms are reduced across ranks), the scaling local."""
+    from torch.distributed.tensor import DTensor
+
+    grads = [p.grad for p in params if p.grad is not None]
+    total = torch.nn.utils.get_total_norm(grads)
+    if isinstance(total, DTensor):
+        total = total.full_tensor()
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    torch._foreach_mul_([local(g) for g in grads], coef.to(grads[0].device))
+    return total
 
 
 def seed_everything(seed: int) -> None:
@@ -197,6 +267,21 @@ def write_latest(checkpoints: Path, name: str) -> None:
     os.replace(tmp, checkpoints / LATEST_FILE)
 
 
+def _optimizer_state_by_name(saved: dict, optimizer: AdamAtan2, model: HRMText) -> dict:
+    """``optimizer.state_dict()`` of a single-process run (keyed by position) keyed by
+    parameter name instead, as :func:`set_optimizer_state_dict` takes it; parameters that had
+    no state yet get zero state (what :meth:`AdamAtan2.init_state` gives them)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    state, groups = {}, []
+    for old, group in zip(saved["param_groups"], optimizer.param_groups):
+        fqns = [names[id(p)] for p in group["params"]]
+        for index, fqn, p in zip(old["params"], fqns, group["params"]):
+            zeros = torch.zeros(p.shape, dtype=p.dtype)
+            state[fqn] = saved["state"].get(index, {"step": 0, "exp_avg": zeros, "exp_avg_sq": zeros})
+        groups.append({**old, "params": fqns})
+    return {"state": state, "param_groups": groups}
+
+
 def prune_checkpoints(checkpoints: Path, keep: int) -> None:
     """Delete all but the newest ``keep`` checkpoints and temporaries left by a kill."""
     for leftover in checkpoints.glob(".step_*"):
@@ -271,18 +356,41 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> dict[str
     elif (out / CHECKPOINTS / LATEST_FILE).exists():
         raise ConfigError(f"{out} already holds a training run; continue it with --resume {out} or pick another --out")
 
-    env = setup_distributed()
+    env = setup_distributed(cfg.dist_timeout)
     try:
+        if cfg.global_rows is None:
+            cfg = cfg.replace(global_rows=env.world_size)  # recorded in the run's config and checkpoints
+        if cfg.global_rows % env.world_size:
+            raise ConfigError(
+                f"global_rows {cfg.global_rows} is not a multiple of the number of ranks ({env.world_size}); "
+                "every rank takes the same number of rows per step"
+            )
         return _train(cfg, out, ckpt_path, env)
+    except dist.DistError as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise HrmError(
+            f"rank {env.rank} of {env.world_size}: lost contact with the other ranks ({reason}); another rank "
+            f"failed or stalled for over --dist-timeout {cfg.dist_timeout} s, see its output"
+        ) from e
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
 def _restore(
-    path: Path, model: HRMText, optimizer: AdamAtan2, ema: EMA, loader: PackedLoader, device: torch.device
+    path: Path, model: HRMText, optimizer: AdamAtan2, ema: EMA, loader: PackedLoader, env: Dist
 ) -> tuple[int, _Window]:
-    """Load a training checkpoint into the run's objects; returns ``(step, metric window)``."""
+    """Load a training checkpoint into the run's objects (after :func:`parallelize`); returns
+    ``(step, metric window)``. A sharded checkpoint loads into any world size and wrapping; a
+    single-process one is loaded whole on every rank and, under FSDP, sharded."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
     saved_model_cfg, meta = read_config(path)
     if saved_model_cfg != model.config:
         field = next(k for k, v in model.config.to_dict().items() if saved_model_cfg.to_dict()[k] != v)
@@ -290,12 +398,31 @@ def _restore(
             f"cannot resume: model {field} is {getattr(model.config, field)!r} but the checkpoint "
             f"has {getattr(saved_model_cfg, field)!r}"
         )
-    weights = load_state(path)
-    check_state_dict(weights, model.state_dict(), str(path))
-    model.load_state_dict(weights)
-    state = torch.load(path / TRAIN_STATE, map_location=device, weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
-    ema.load_state_dict({k: v.to(device) for k, v in load_state(path, ema=True).items()}, state["ema_updates"])
+    state = torch.load(path / TRAIN_STATE, map_location=env.device, weights_only=True)
+    if is_sharded(path):
+        optimizer.init_state()
+        sharded = {
+            "model": get_model_state_dict(model),
+            "optimizer": get_optimizer_state_dict(model, optimizer),
+            "ema": ema.state_dict(),  # the averages themselves: loaded in place
+        }
+        load_sharded(path, sharded)
+        set_model_state_dict(model, sharded["model"])
+        set_optimizer_state_dict(model, optimizer, sharded["optimizer"])
+        ema.num_updates = state["ema_updates"]
+    else:
+        weights = load_state(path)
+        check_state_dict(weights, model.state_dict(), str(path))
+        if env.world_size == 1:
+            model.load_state_dict(weights)
+            optimizer.load_state_dict(state["optimizer"])
+        else:
+            whole = StateDictOptions(full_state_dict=True)
+            set_model_state_dict(model, weights, options=whole)
+            optimizer.init_state()
+            by_name = _optimizer_state_by_name(state["optimizer"], optimizer, model)
+            set_optimizer_state_dict(model, optimizer, by_name, options=whole)
+        ema.load_state_dict({k: v.to(env.device) for k, v in load_state(path, ema=True).items()}, state["ema_updates"])
     loader.load_state_dict(state["loader"])
     set_rng_state(state["rng"])
     return int(meta["step"]), _Window(state["window"])
@@ -311,10 +438,12 @@ def _train(cfg: TrainConfig, out: Path, ckpt_path: Path | None, env: Dist) -> di
         cfg.batch_tokens,
         seed=cfg.seed,
         pad_id=tokenizer.pad_id,
-        num_rows=env.world_size,
+        num_rows=cfg.global_rows,
         too_long=cfg.too_long,
     )
     model = HRMText(model_cfg, backend=cfg.backend).to(env.device)
+    net = parallelize(model, env, cfg.parallel, cfg.precision)
+    sharded_params = env.world_size > 1 and cfg.parallel == "fsdp"
     optimizer = AdamAtan2(
         param_groups(model, cfg.weight_decay),
         lr=cfg.lr,
@@ -325,9 +454,7 @@ def _train(cfg: TrainConfig, out: Path, ckpt_path: Path | None, env: Dist) -> di
     ema = EMA(model, cfg.ema_decay)
     start, window = 0, _Window()
     if ckpt_path is not None:
-        start, window = _restore(ckpt_path, model, optimizer, ema, loader, env.device)
-
-    net = parallelize(model, env)
+        start, window = _restore(ckpt_path, model, optimizer, ema, loader, env)
 
     log = progress = None
     if env.is_main:
@@ -335,11 +462,12 @@ def _train(cfg: TrainConfig, out: Path, ckpt_path: Path | None, env: Dist) -> di
         (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
         (out / "model_config.json").write_text(json.dumps(model_cfg.to_dict(), indent=2) + "\n")
         log = MetricsLog(out / "metrics.jsonl", keep_through=start)
+        parallel = f" ({cfg.parallel}, {cfg.global_rows // env.world_size} rows per rank)" if env.world_size > 1 else ""
         print(
             f"hrm train: {cfg.preset} ({model.num_parameters() / 1e6:.2f}M parameters), {described}: "
             f"{loader.num_samples} samples in rows of {cfg.batch_tokens} tokens "
             f"({loader.packing_efficiency:.1%} full, {loader.stats.skipped_too_long} too long), "
-            f"{env.world_size} x {env.device.type}, backend {model.backend}"
+            f"{cfg.global_rows} rows per step, {env.world_size} x {env.device.type}{parallel}, backend {model.backend}"
             + (f"; resuming after step {start}" if start else ""),
             file=sys.stderr,
         )
@@ -348,9 +476,9 @@ def _train(cfg: TrainConfig, out: Path, ckpt_path: Path | None, env: Dist) -> di
     checkpoints = out / CHECKPOINTS
 
     def save(step: int) -> None:
+        """Every rank calls this: one process writes the single-file form, several a sharded one."""
         train_state = {
             "step": step,
-            "optimizer": optimizer.state_dict(),
             "ema_updates": ema.num_updates,
             "loader": loader.state_dict(),
             "window": window.sums,
@@ -358,50 +486,93 @@ def _train(cfg: TrainConfig, out: Path, ckpt_path: Path | None, env: Dist) -> di
         }
         meta = {"step": step, "tokenizer": tokenizer.spec, "task": cfg.task, "train_config": cfg.to_dict()}
         name = f"step_{step:08d}"
-        save_checkpoint(
-            checkpoints / name,
-            model_cfg,
-            model.state_dict(),
-            ema_state_dict=ema.state_dict(),
-            meta=meta,
-            extra=lambda tmp: torch.save(train_state, tmp / TRAIN_STATE),
-            overwrite=True,
-        )
-        write_latest(checkpoints, name)
-        prune_checkpoints(checkpoints, KEEP_CHECKPOINTS)
+        if env.world_size == 1:
+            train_state["optimizer"] = optimizer.state_dict()
+            save_checkpoint(
+                checkpoints / name,
+                model_cfg,
+                model.state_dict(),
+                ema_state_dict=ema.state_dict(),
+                meta=meta,
+                extra=lambda tmp: torch.save(train_state, tmp / TRAIN_STATE),
+                overwrite=True,
+            )
+        else:
+            from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+            optimizer.init_state()
+            sharded = {
+                "model": get_model_state_dict(model),
+                "optimizer": get_optimizer_state_dict(model, optimizer),
+                "ema": ema.state_dict(),
+            }
+            save_sharded(
+                checkpoints / name,
+                model_cfg,
+                sharded,
+                meta={**meta, "world_size": env.world_size, "parallel": cfg.parallel},
+                extra=lambda tmp: torch.save(train_state, tmp / TRAIN_STATE),
+                is_main=env.is_main,
+            )
+        if env.is_main:
+            write_latest(checkpoints, name)
+            prune_checkpoints(checkpoints, KEEP_CHECKPOINTS)
+        if env.world_size > 1:
+            dist.barrier()
+
+    def run_evaluation() -> dict[str, float]:
+        """The EMA's held-out metrics, computed on rank 0 (every rank calls this; others get {})."""
+        if not sharded_params:
+            if not env.is_main:
+                return {}
+            with ema.swapped(model):
+                return evaluate(
+                    model, heldout, budget=cfg.batch_tokens, pad_id=tokenizer.pad_id, eos_id=tokenizer.eoa_id
+                )
+        averages = ema.full_state_dict()  # a collective: the whole EMA, on every rank
+        if not env.is_main:
+            return {}
+        with torch.device("meta"):
+            whole = HRMText(model_cfg, backend=cfg.backend)
+        whole = whole.to_empty(device=env.device)
+        whole.load_state_dict(averages)
+        return evaluate(whole, heldout, budget=cfg.batch_tokens, pad_id=tokenizer.pad_id, eos_id=tokenizer.eoa_id)
 
     def stop(step: int, what: str) -> None:
         last = latest_checkpoint(out)
         raise HrmError(f"non-finite {what} at step {step}; last good checkpoint: {last or 'none (none written yet)'}")
 
     autocast = torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    params = list(model.parameters())
     begin = timer = time.perf_counter()
     timer_tokens = 0
     record: dict[str, Any] = {}
     last_eval: dict[str, float] = {}
     for step in range(start, cfg.steps):
         done = step + 1
-        rows = next(loader)
-        batch = rows[env.rank].to(env.device, non_blocking=True)
+        mine = loader.next_step(env.rank, env.world_size)
         bp = bp_steps_at(model_cfg, step, cfg.steps)
         lr = lr_at(step, cfg.steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        divisor = sum(r.num_supervised for r in rows) / env.world_size
-        with autocast:
-            loss, m = net(**batch.model_inputs(), bp_steps=bp, loss_divisor=divisor)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
-        stats = torch.stack(
-            [m[k].to(torch.float64) for k in _Window.KEYS]
-            + [loss.detach().to(torch.float64), grad_norm.to(torch.float64)]
-        )
+        # DDP and FSDP average the ranks' gradients: each rank's loss sums count world_size times
+        divisor = max(mine.num_supervised, 1) / env.world_size
+        stats = torch.zeros(len(_Window.KEYS) + 1, dtype=torch.float64, device=env.device)
+        for i, row in enumerate(mine.rows):
+            batch = row.to(env.device, non_blocking=True)
+            with sync_context(net, i == len(mine.rows) - 1):
+                with autocast:
+                    loss, m = net(**batch.model_inputs(), bp_steps=bp, loss_divisor=divisor)
+                loss.backward()
+            stats += torch.stack([m[k].to(torch.float64) for k in _Window.KEYS] + [loss.detach().to(torch.float64)])
+        grad_norm = clip_grad_norm(params, cfg.grad_clip or math.inf)
         if env.world_size > 1:
             dist.all_reduce(stats)
-        *values, loss_value, grad_norm_sum = stats.tolist()
+        *values, loss_value = stats.tolist()
+        grad_norm_value = float(grad_norm)
         if not math.isfinite(loss_value):
             stop(done, "loss")
-        if not math.isfinite(grad_norm_sum):
+        if not math.isfinite(grad_norm_value):
             stop(done, "gradient norm")
         with profiling.range("optimizer"):
             optimizer.step()
@@ -410,7 +581,7 @@ def _train(cfg: TrainConfig, out: Path, ckpt_path: Path | None, env: Dist) -> di
 
         if env.is_main:
             window.add(values)
-            timer_tokens += sum(r.num_tokens for r in rows)
+            timer_tokens += mine.num_tokens
             if done % cfg.log_every == 0 or done == cfg.steps:
                 now = time.perf_counter()
                 record = {
@@ -419,7 +590,7 @@ def _train(cfg: TrainConfig, out: Path, ckpt_path: Path | None, env: Dist) -> di
                     "lr": lr,
                     "bp_steps": bp,
                     "tokens_per_s": timer_tokens / (now - timer),
-                    "grad_norm": grad_norm_sum / env.world_size,
+                    "grad_norm": grad_norm_value,
                     "epoch": loader.epoch,
                 }
                 log.write(record)
@@ -428,11 +599,9 @@ def _train(cfg: TrainConfig, out: Path, ckpt_path: Path | None, env: Dist) -> di
                 )
                 window, timer, timer_tokens = _Window(), now, 0
             progress.update()
-            if heldout and (done == cfg.steps or cfg.eval_every and done % cfg.eval_every == 0):
-                with ema.swapped(model):
-                    last_eval = evaluate(
-                        model, heldout, budget=cfg.batch_tokens, pad_id=tokenizer.pad_id, eos_id=tokenizer.eoa_id
-                    )
+        if heldout and (done == cfg.steps or cfg.eval_every and done % cfg.eval_every == 0):
+            last_eval = run_evaluation()
+            if env.is_main:
                 log.write({"step": done, **last_eval})
                 progress.write(
                     f"step {done}: held-out loss {last_eval['eval_loss']:.4f}, exact-match "
@@ -440,10 +609,7 @@ def _train(cfg: TrainConfig, out: Path, ckpt_path: Path | None, env: Dist) -> di
                     file=sys.stderr,
                 )
         if done == cfg.steps or cfg.save_every and done % cfg.save_every == 0:
-            if env.is_main:
-                save(done)
-            if env.world_size > 1:
-                dist.barrier()
+            save(done)
 
     if not env.is_main:
         return {"rank": env.rank, "world_size": env.world_size}
