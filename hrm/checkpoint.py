@@ -27,6 +27,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -283,7 +284,9 @@ def load_sharded(path: str | os.PathLike, state: dict[str, Any]) -> None:
     if not is_sharded(path):
         raise CheckpointError(f"{path}: not a sharded checkpoint ({SHARDED_DIR}/ is missing)")
     try:
-        dcp.load(state, checkpoint_id=Path(path) / SHARDED_DIR, no_dist=not dist.is_initialized())
+        with warnings.catch_warnings():  # one process reading every shard is intended, not a slip
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, checkpoint_id=Path(path) / SHARDED_DIR, no_dist=not dist.is_initialized())
     except Exception as e:  # DCP wraps per-rank failures in CheckpointException
         raise CheckpointError(f"{path}: cannot load the sharded checkpoint ({str(e).strip().splitlines()[0]})") from e
 

@@ -103,6 +103,40 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.set_defaults(func=run_train)
 
+    c = subparsers.add_parser(
+        "consolidate",
+        help="turn a sharded (torchrun) checkpoint into a single-file one for generate and export-hf",
+        description="Read a sharded checkpoint (or a run directory's latest) in one process and write its model "
+        "and EMA weights as a single-file checkpoint directory.",
+    )
+    c.add_argument("checkpoint", metavar="CHECKPOINT", help="a sharded checkpoint, or a training run directory")
+    c.add_argument("--out", required=True, metavar="DIR", help="the checkpoint directory to write")
+    c.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
+    c.set_defaults(func=run_consolidate)
+
+    b = subparsers.add_parser(
+        "pack-balance",
+        help="how evenly the packed global batch splits over data-parallel ranks",
+        description="Plan steps of --global-rows rows of --batch-tokens tokens and report, per world size, the "
+        "busiest rank's tokens and attention work (sum of squared lengths) over the mean rank's. Lengths come from "
+        "--data (byte tokenizer) or a log-normal distribution.",
+    )
+    b.add_argument("--data", metavar="FILE", help='JSONL file of {"instruction", "response"} objects')
+    b.add_argument(
+        "--lognormal",
+        type=float,
+        nargs=2,
+        default=(300.0, 0.9),
+        metavar=("MEDIAN", "SIGMA"),
+        help="without --data: sample lengths log-normal with this median and sigma (default: 300 0.9)",
+    )
+    b.add_argument("--samples", type=int, default=40_000, help="log-normal sample count (default: 40000)")
+    b.add_argument("--batch-tokens", type=int, default=4096, help="tokens per packed row (default: 4096)")
+    b.add_argument("--global-rows", type=int, default=16, help="rows per step (default: 16)")
+    b.add_argument("--world-sizes", type=int, nargs="+", default=[2, 4, 8, 16], help="(default: 2 4 8 16)")
+    b.add_argument("--seed", type=int, default=0)
+    b.set_defaults(func=run_pack_balance)
+
 
 def build_config(args: argparse.Namespace) -> TrainConfig:
     """The TrainConfig the arguments describe (on ``--resume``: the saved one, updated)."""
@@ -143,4 +177,49 @@ def run_train(args: argparse.Namespace) -> int:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
+    return 0
+
+
+def run_consolidate(args: argparse.Namespace) -> int:
+    from hrm.checkpoint import consolidate
+
+    out = consolidate(args.checkpoint, args.out, overwrite=args.overwrite)
+    print(f"wrote {out} (model and EMA weights; hrm generate / export-hf read it)")
+    return 0
+
+
+def run_pack_balance(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from hrm.data import ByteTokenizer, read_jsonl, split_balance
+    from hrm.errors import ConfigError
+
+    rng = np.random.default_rng(args.seed)
+    if args.data is not None:
+        samples, _ = read_jsonl(args.data, ByteTokenizer())
+        lengths = np.array([s.packed_len for s in samples], dtype=np.int64)
+        lengths = lengths[lengths <= args.batch_tokens]
+        source = f"{args.data}: {len(lengths)} samples that fit"
+    else:
+        median, sigma = args.lognormal
+        lengths = np.clip(np.round(rng.lognormal(np.log(median), sigma, args.samples)), 2, args.batch_tokens)
+        source = (
+            f"{args.samples} log-normal lengths (median {median:g}, sigma {sigma:g}, clipped to 2..{args.batch_tokens})"
+        )
+    lengths = rng.permutation(lengths.astype(np.int64))
+    bad = [w for w in args.world_sizes if w < 1 or args.global_rows % w]
+    if bad:
+        raise ConfigError(f"--global-rows {args.global_rows} does not split evenly over {bad[0]} ranks")
+    print(
+        f"{source}; mean {lengths.mean():.0f}, p99 {np.percentile(lengths, 99):.0f} tokens; "
+        f"{args.global_rows} rows of {args.batch_tokens} tokens per step"
+    )
+    print("ranks  rows/rank  steps  fill    tokens max/mean (mean, worst)  attention work max/mean (mean, worst)")
+    for world in args.world_sizes:
+        r = split_balance(lengths, args.batch_tokens, args.global_rows, world)
+        print(
+            f"{world:5d}  {args.global_rows // world:9d}  {r['steps']:5d}  {r['packing_efficiency']:.1%}  "
+            f"{r['tokens_max_over_mean']:.4f}, {r['tokens_max_over_mean_worst']:.4f}"
+            f"{'':17s}{r['work_max_over_mean']:.3f}, {r['work_max_over_mean_worst']:.3f}"
+        )
     return 0
