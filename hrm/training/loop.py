@@ -40,6 +40,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import sys
 import time
@@ -85,6 +86,9 @@ from hrm.training.metrics import MetricsLog, plot_metrics
 from hrm.training.optim import EMA, AdamAtan2, local, lr_at, param_groups
 
 CHECKPOINTS = "checkpoints"
+# what gloo and NCCL errors say when a peer died or stalled past the timeout (DDP's reducer and
+# gloo raise plain RuntimeErrors, not DistError)
+_COMM_FAILURE = re.compile(r"timeout|timed out|closure|connection (closed|reset)|peer|nccl|gloo", re.IGNORECASE)
 TRAIN_STATE = "train_state.pt"
 KEEP_CHECKPOINTS = 2
 
@@ -366,11 +370,13 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> dict[str
                 "every rank takes the same number of rows per step"
             )
         return _train(cfg, out, ckpt_path, env)
-    except dist.DistError as e:
+    except (dist.DistError, RuntimeError) as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        if env.world_size == 1 or not (isinstance(e, dist.DistError) or _COMM_FAILURE.search(reason)):
+            raise
         raise HrmError(
             f"rank {env.rank} of {env.world_size}: lost contact with the other ranks ({reason}); another rank "
-            f"failed or stalled for over --dist-timeout {cfg.dist_timeout} s, see its output"
+            f"failed (see its output) or stalled for longer than --dist-timeout {cfg.dist_timeout} s"
         ) from e
     finally:
         if dist.is_initialized():
