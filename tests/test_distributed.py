@@ -21,7 +21,8 @@ from hrm.training.metrics import read_metrics
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
 STEPS = 5
-# two rows of 128 tokens per step whatever the world size; checkpoints after steps 3 and 5
+# four rows of 128 tokens per step whatever the world size (one process accumulates gradients
+# over 4 rows, each of two ranks over 2 and synchronises on the last); checkpoints after steps 3 and 5
 RUN_ARGS = [
     "--task",
     "add",
@@ -30,7 +31,7 @@ RUN_ARGS = [
     "--batch-tokens",
     "128",
     "--global-rows",
-    "2",
+    "4",
     "--train-samples",
     "400",
     "--warmup-steps",
@@ -103,6 +104,31 @@ def test_split_balance_on_log_normal_lengths():
         assert report["work_max_over_mean"] < np.mean(contiguous) - 0.05
 
 
+def test_pack_balance_command(capsys):
+    code = main(["pack-balance", "--samples", "4000", "--global-rows", "8", "--world-sizes", "1", "2", "8"])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert code == 0 and out[0].startswith("4000 log-normal lengths (median 300, sigma 0.9")
+    rows = [line.split() for line in out[2:]]
+    assert [(r[0], r[1]) for r in rows] == [("1", "8"), ("2", "4"), ("8", "1")]
+    assert rows[0][4:] == ["1.0000,", "1.0000", "1.000,", "1.000"]  # one rank: nothing to balance
+    assert main(["pack-balance", "--global-rows", "6", "--world-sizes", "4"]) == 2
+    assert "does not split evenly over 4 ranks" in capsys.readouterr().err
+
+
+def test_clip_grad_norm_is_torchs_on_whole_tensors():
+    from hrm.training.loop import clip_grad_norm
+
+    for max_norm in (0.5, float("inf")):
+        ours = [torch.nn.Parameter(torch.randn(5, 7)) for _ in range(3)] + [torch.nn.Parameter(torch.randn(4))]
+        theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+        for a, b in zip(ours[:-1], theirs[:-1]):  # the last one has no gradient
+            a.grad = torch.randn_like(a)
+            b.grad = a.grad.clone()
+        norm = clip_grad_norm(ours, max_norm)
+        assert torch.equal(norm, torch.nn.utils.clip_grad_norm_(theirs, max_norm))
+        assert all(torch.equal(a.grad, b.grad) for a, b in zip(ours[:-1], theirs[:-1]))
+
+
 # -- torchrun -------------------------------------------------------------------------------------
 
 
@@ -127,8 +153,8 @@ def max_relative_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tenso
     return max(float((a[k].double() - b[k].double()).norm() / b[k].double().norm()) for k in a)
 
 
-def losses(run: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r}
+def losses(run: Path, key: str = "loss") -> dict[int, float]:
+    return {r["step"]: r[key] for r in read_metrics(run / "metrics.jsonl") if "loss" in r}
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +184,7 @@ def test_two_ranks_reach_the_single_process_parameters(runs, tmp_path, parallel)
     run = runs[parallel]
     _, meta = read_config(run / "checkpoints" / f"step_{STEPS:08d}")
     assert meta["sharded"] and meta["world_size"] == 2 and meta["parallel"] == parallel
-    assert meta["train_config"]["global_rows"] == 2
+    assert meta["train_config"]["global_rows"] == 4
     single = final_weights(runs["single"], tmp_path)
     assert max_relative_difference(final_weights(run, tmp_path), single) <= TOLERANCE
     single_ema = final_weights(runs["single"], tmp_path, ema=True)
@@ -166,6 +192,9 @@ def test_two_ranks_reach_the_single_process_parameters(runs, tmp_path, parallel)
     reference = losses(runs["single"])
     assert list(losses(run)) == list(range(1, STEPS + 1))
     assert all(abs(loss - reference[step]) <= TOLERANCE * reference[step] for step, loss in losses(run).items())
+    # Adam-atan2 is blind to a constant factor in the gradients; the gradient norm is not
+    norms = losses(runs["single"], "grad_norm")
+    assert all(abs(norm - norms[step]) <= TOLERANCE * norms[step] for step, norm in losses(run, "grad_norm").items())
     # training moved the parameters: the comparison is not between two copies of the initialisation
     assert reference[STEPS] < reference[1] - 0.5
 
