@@ -71,7 +71,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         opt,
         "global_rows",
         "packed rows per optimizer step over all ranks, a multiple of the number of ranks; each rank "
-        "accumulates gradients over its share (none: one row per rank)",
+        "accumulates gradients over its share; none means one row per rank",
         type=int,
         metavar="N",
     )
