@@ -2,10 +2,13 @@
 ``torchrun`` runs on CPU/gloo where only the number of processes changes -- DDP and FSDP2 must
 reach the parameters one process reaches, and sharded checkpoints resume with another world size."""
 
+import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -229,3 +232,60 @@ def test_generate_needs_a_consolidated_checkpoint(runs, tmp_path, capsys):
     whole = str(tmp_path / "whole")
     assert main(["generate", whole, "--prompt", "1+2=", "--max-new-tokens", "4", "--backend", "torch"]) == 0
     assert "1+2= -> " in capsys.readouterr().out
+
+
+def worker_pids(parent: int) -> dict[int, int]:
+    """``{rank: pid}`` of the processes torchrun ``parent`` started (from /proc)."""
+    ranks = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            environ = (stat.parent / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        rank = next((int(e[5:]) for e in environ if e.startswith(b"RANK=")), None)
+        if ppid == parent and rank is not None:
+            ranks[rank] = int(stat.parent.name)
+    return ranks
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the ranks' processes in /proc")
+def test_a_stalled_rank_ends_the_job_with_one_line(tmp_path):
+    out = tmp_path / "stall"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    args = ["--task", "add", "--steps", "100000", "--batch-tokens", "128", "--train-samples", "400", "--log-every", "1"]
+    proc = subprocess.Popen(
+        [*command, "-m", "hrm", "train", *args, "--dist-timeout", "5", "--out", str(out)],
+        cwd=ROOT,
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    ranks: dict[int, int] = {}
+    try:
+        deadline = time.monotonic() + 120
+        while not read_metrics(out / "metrics.jsonl"):
+            assert proc.poll() is None and time.monotonic() < deadline, "the run did not start"
+            time.sleep(0.1)
+        ranks = worker_pids(proc.pid)
+        assert sorted(ranks) == [0, 1]
+        os.kill(ranks[1], signal.SIGSTOP)
+        stalled = time.monotonic()
+        while Path(f"/proc/{ranks[0]}").exists():  # rank 0 times out in its next collective and exits
+            assert time.monotonic() < stalled + 60, "rank 0 hangs"
+            time.sleep(0.1)
+        os.kill(ranks[1], signal.SIGCONT)  # lets torchrun's SIGTERM end it
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:  # a failed check: end this test's own processes
+            for pid in ranks.values():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            proc.kill()
+            proc.wait()
+    assert proc.returncode != 0
+    message = [line for line in stderr.splitlines() if line.startswith("hrm train: error: rank 0 of 2")]
+    assert len(message) == 1 and "lost contact with the other ranks" in message[0]
+    assert "stalled for longer than --dist-timeout 5 s" in message[0]
