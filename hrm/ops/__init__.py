@@ -12,7 +12,7 @@ from hrm.ops.impl.magicnorm_transition import magicnorm_transition
 from hrm.ops.impl.prefixlm_attention import AttentionPacking, allowed_pairs, prefixlm_attention, prepare_packing
 from hrm.ops.impl.rms_norm import add_rms_norm, rms_norm
 from hrm.ops.impl.split_rope import rope, rope_cos_sin, split_rope
-from hrm.ops.impl.swiglu import swiglu
+from hrm.ops.impl.swiglu import swiglu, swiglu_linear
 
 __all__ = [
     "BACKENDS",
@@ -35,4 +35,5 @@ __all__ = [
     "split_rope",
     "supervised_rows",
     "swiglu",
+    "swiglu_linear",
 ]

@@ -16,6 +16,7 @@ import hashlib
 import os
 import platform
 import shutil
+import sysconfig
 from pathlib import Path
 from typing import Iterator
 
@@ -24,7 +25,18 @@ import torch
 from hrm.errors import BackendUnavailable
 from hrm.ops.dispatch import register_probe
 
-CSRC = Path(__file__).resolve().parents[2] / "csrc"
+
+def _csrc() -> Path:
+    """The C++ sources: ``csrc/`` of the checkout holding this package (a checkout or an editable
+    install), else ``<prefix>/share/hrm/csrc``, where a wheel installs them
+    (``[tool.setuptools.data-files]`` in pyproject.toml)."""
+    checkout = Path(__file__).resolve().parents[2] / "csrc"
+    if checkout.is_dir():
+        return checkout
+    return Path(sysconfig.get_path("data")) / "share" / "hrm" / "csrc"
+
+
+CSRC = _csrc()
 
 
 def _pip_ninja_dir() -> str | None:

@@ -2,8 +2,9 @@
 
 Backends, in the order ``auto`` prefers them:
 
-- ``cuda``: reserved for hand-written CUDA/CUTLASS kernels from ``csrc/`` (GPU); no op
-  implements it yet, so it reports itself unavailable.
+- ``cuda``: hand-written CUDA/CUTLASS kernels from ``csrc/`` (GPU), built with CMake into
+  ``libhrm_cuda.so`` (:mod:`hrm.ops.cuda_extension`, docs/cuda.md); available when a CUDA
+  device is visible and the library loads. Inputs its kernels do not take run on the fallback.
 - ``triton``: Triton kernels (GPU; the interpreter runs them on the CPU for tests, but
   ``auto`` never picks it where no CUDA device is visible).
 - ``cpu``: hand-written CPU kernels.
@@ -140,6 +141,17 @@ def get_impl(op: str, backend: str | None) -> Callable:
         return impls[backend]
     name = resolve_backend(backend)
     for b in (name, *_FALLBACK[name]):
+        if b in impls and unavailable_reason(b) is None:
+            return impls[b]
+    return impls["torch"]
+
+
+def fallback_impl(op: str, backend: str) -> Callable:
+    """Where ``op`` runs when ``backend`` implements it but declines these inputs (e.g. a dtype
+    or shape its kernel does not take): the first available fallback of ``backend`` that has
+    it, else the reference."""
+    impls = _IMPLS[op]
+    for b in _FALLBACK[backend]:
         if b in impls and unavailable_reason(b) is None:
             return impls[b]
     return impls["torch"]

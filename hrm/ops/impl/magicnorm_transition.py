@@ -26,6 +26,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from hrm.ops import cuda_extension
 from hrm.ops.common import (
     cdiv,
     compiled,
@@ -40,7 +41,7 @@ from hrm.ops.common import (
     tl,
     tuned_row_config,
 )
-from hrm.ops.dispatch import get_impl, register
+from hrm.ops.dispatch import fallback_impl, get_impl, register
 from hrm.ops.impl.rms_norm import rms_norm_forward_math, rms_norm_grad_math, rms_norm_reference, row_tiles
 
 
@@ -346,6 +347,60 @@ def magicnorm_transition_compile(
     else:
         z, u, n = _transition_fwd_compiled(*flat, eps)[:3]
     return z.view(x.shape), u.view(x.shape), n.view(x.shape)
+
+
+# -- cuda backend (csrc/magicnorm_transition, hrm.ops.cuda_extension) -------------------------
+_CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_CUDA_MAX_VECS = 8 * 512  # csrc/common/hrm_cuda_math.h: kMaxVecsPerThread * kMaxThreads
+
+
+def cuda_takes(x: Tensor, delta: Tensor, other: Tensor) -> bool:
+    """Whether the CUDA kernel takes these inputs: one dtype (fp32/fp16/bf16) and shape, CUDA,
+    contiguous, 16-byte aligned, rows of whole 128-bit vectors and at most 4096 of them."""
+    row_bytes = x.shape[-1] * x.element_size()
+    return (
+        x.is_cuda
+        and x.dtype in _CUDA_DTYPES
+        and all(t.dtype == x.dtype and t.shape == x.shape and t.is_contiguous() for t in (delta, other))
+        and x.is_contiguous()
+        and row_bytes % 16 == 0
+        and 0 < row_bytes // 16 <= _CUDA_MAX_VECS
+        and cuda_extension.storage_aligned(x, delta, other)
+    )
+
+
+@cuda_extension.on_load
+def _register_cuda_transition() -> None:
+    """Fakes and autograd of ``hrm_cuda::magicnorm_transition`` (defined in csrc/hrm_cuda/ops.cpp)."""
+
+    @torch.library.register_fake("hrm_cuda::magicnorm_transition")
+    def _(x, delta, other, eps):
+        rows = x.shape[:-1]
+        return (
+            *(torch.empty_like(x) for _ in range(3)),
+            *(x.new_empty(rows, dtype=torch.float32) for _ in range(2)),
+        )
+
+    @torch.library.register_fake("hrm_cuda::magicnorm_transition_backward")
+    def _(dz, du, dn, z, n, rstd_h, rstd_u):
+        return torch.empty_like(z), torch.empty_like(n)
+
+    def backward(ctx, dz, du, dn, _drstd_h, _drstd_u):
+        grads = (g.contiguous() if g is not None else None for g in (dz, du, dn))
+        dh, dother = torch.ops.hrm_cuda.magicnorm_transition_backward(*grads, *ctx.saved_tensors)
+        return dh, dh, dother, None
+
+    torch.library.register_autograd("hrm_cuda::magicnorm_transition", backward, setup_context=_transition_setup)
+
+
+@register("magicnorm_transition", "cuda")
+def magicnorm_transition_cuda(
+    x: Tensor, delta: Tensor, other: Tensor, eps: float = 1e-6
+) -> tuple[Tensor, Tensor, Tensor]:
+    if not cuda_takes(x, delta, other):  # mixed dtypes (autocast), odd widths: the fallback
+        return fallback_impl("magicnorm_transition", "cuda")(x, delta, other, eps)
+    z, u, n, _, _ = torch.ops.hrm_cuda.magicnorm_transition(x, delta, other, eps)
+    return z, u, n
 
 
 def magicnorm_transition(

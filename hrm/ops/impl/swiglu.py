@@ -8,6 +8,13 @@ For ``gate_up = [g | u]`` (each half ``I`` wide) and ``s = sigmoid(g)``:
 
 computed in fp32 and stored in the input dtype. Only ``gate_up`` is saved for backward;
 ``silu(g)`` is recomputed there rather than stored.
+
+``swiglu_linear(x, weight)`` is the up-projection and the activation in one op,
+``swiglu(x @ weight.T)`` for the fused ``[gate | up]`` weight (``[2I, K]``). Its ``cuda``
+backend is a GEMM with the SwiGLU in the epilogue (csrc/swiglu_linear), so the ``[T, 2I]``
+product never reaches memory; its backward recomputes ``gate_up`` with a torch matmul and
+runs the SwiGLU gradient and the two weight/input GEMMs as torch ops. The other backends
+run ``F.linear`` and then their ``swiglu``.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from hrm.ops import cuda_extension
 from hrm.ops.common import (
     TileTarget,
     cdiv,
@@ -33,7 +41,7 @@ from hrm.ops.common import (
     tl,
     tuned_row_config,
 )
-from hrm.ops.dispatch import get_impl, register
+from hrm.ops.dispatch import fallback_impl, get_impl, register
 
 
 @register("swiglu", "torch")
@@ -227,3 +235,75 @@ def swiglu_compile(gate_up: Tensor) -> Tensor:
 def swiglu(gate_up: Tensor, *, backend: str | None = None) -> Tensor:
     """``silu(gate) * up`` for ``gate_up = [gate | up]`` on the last dimension."""
     return get_impl("swiglu", backend)(gate_up)
+
+
+# -- swiglu_linear: the up-projection with the activation --------------------------------------
+@register("swiglu_linear", "torch")
+def swiglu_linear_reference(x: Tensor, weight: Tensor) -> Tensor:
+    """``silu(x W_g^T) * (x W_u^T)`` for ``weight = [W_g | W_u]`` (``[2I, K]``)."""
+    return swiglu_reference(F.linear(x, weight))
+
+
+@register("swiglu_linear", "triton")
+def swiglu_linear_triton(x: Tensor, weight: Tensor) -> Tensor:
+    return swiglu_triton(F.linear(x, weight))
+
+
+@register("swiglu_linear", "compile")
+def swiglu_linear_compile(x: Tensor, weight: Tensor) -> Tensor:
+    return swiglu_compile(F.linear(x, weight))
+
+
+def cuda_swiglu_linear_takes(x: Tensor, weight: Tensor) -> bool:
+    """Whether the CUDA GEMM takes these inputs: bf16/fp16 of one dtype on the GPU, contiguous,
+    16-byte aligned, ``K`` and ``I`` multiples of 8."""
+    return (
+        x.is_cuda
+        and x.dtype in (torch.float16, torch.bfloat16)
+        and weight.dtype == x.dtype
+        and weight.dim() == 2
+        and weight.shape[1] == x.shape[-1]
+        and x.shape[-1] % 8 == 0
+        and weight.shape[0] % 16 == 0
+        and x.is_contiguous()
+        and weight.is_contiguous()
+        and cuda_extension.storage_aligned(x, weight)
+    )
+
+
+@cuda_extension.on_load
+def _register_cuda_swiglu_linear() -> None:
+    """Fake and autograd of ``hrm_cuda::swiglu_linear`` (csrc/hrm_cuda/ops.cpp). The backward
+    is torch ops: recompute ``gate_up = x W^T``, the SwiGLU gradient in fp32, then
+    ``dx = d(gate_up) W`` and ``dW = d(gate_up)^T x``."""
+
+    @torch.library.register_fake("hrm_cuda::swiglu_linear")
+    def _(x, weight):
+        return x.new_empty(*x.shape[:-1], weight.shape[0] // 2)
+
+    def setup(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        dgu = _swiglu_backward_math(F.linear(x, weight), dy)
+        dx = dgu @ weight
+        dw = dgu.reshape(-1, dgu.shape[-1]).T @ x.reshape(-1, x.shape[-1])
+        return dx, dw
+
+    torch.library.register_autograd("hrm_cuda::swiglu_linear", backward, setup_context=setup)
+
+
+@register("swiglu_linear", "cuda")
+def swiglu_linear_cuda(x: Tensor, weight: Tensor) -> Tensor:
+    if torch.is_autocast_enabled("cuda"):  # a custom op is not autocast-aware: cast as F.linear would
+        dtype = torch.get_autocast_dtype("cuda")
+        x, weight = x.to(dtype), weight.to(dtype)
+    if not cuda_swiglu_linear_takes(x, weight):
+        return fallback_impl("swiglu_linear", "cuda")(x, weight)
+    return torch.ops.hrm_cuda.swiglu_linear(x, weight)
+
+
+def swiglu_linear(x: Tensor, weight: Tensor, *, backend: str | None = None) -> Tensor:
+    """``swiglu(x @ weight.T)`` for the fused ``[gate | up]`` weight ``[2I, K]``: ``[..., I]``."""
+    return get_impl("swiglu_linear", backend)(x, weight)
