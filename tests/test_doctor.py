@@ -72,7 +72,7 @@ def test_device_section_lists_every_backend_with_a_reason():
     assert rows["torch"]["available"] and rows["torch"]["checked"] == "native"
     for b in rows.values():
         assert b["available"] == (b["reason"] is None)
-    assert rows["cuda"]["checked"] is None  # no CUDA here, and no op implements it yet
+    assert rows["cuda"]["checked"] is None or torch.cuda.is_available()  # needs a GPU and libhrm_cuda
 
 
 def test_parity_section_checks_every_op_of_the_torch_backend():

@@ -20,6 +20,8 @@ Every row has a ``check`` (what was checked), a ``status`` (``PASS``, ``FAIL``, 
   on CUDA also under ``torch.cuda.set_sync_debug_mode("error")``.
 - :func:`cuda_graph_section` (CUDA): forward + backward of that step captured in one CUDA
   graph and replayed; the replayed loss must equal the eager one.
+- :func:`cuda_kernels_section` (CUDA): the ``cuda`` backend's kernels (csrc/) timed against
+  the Triton versions, with their parity.
 - :func:`attention_timing_section`: PrefixLM attention on every backend next to SDPA,
   FlexAttention and FlashAttention's varlen kernel at the same useful work (causal packed
   sequences): ``4 * pairs * head_dim * heads`` FLOPs forward, 3.5x that forward + backward.
@@ -173,7 +175,7 @@ def attention_case(
 
 def parity_cases(bench: BenchConfig, device: torch.device, quick: bool) -> list[suites.OpCase]:
     """:func:`hrm.bench.suites.op_cases` at ``bench``, the two reference-only ops
-    (``cross_entropy``, ``rope``), and attention on degenerate packings; without ``quick``
+    (``cross_entropy``, ``rope``), ``swiglu_linear``, and attention on degenerate packings; without ``quick``
     also attention at head dim 128 (the reference presets') on a 2048-token row."""
     cfg = bench.model
     batch = train_batch(bench).to(device)
@@ -193,6 +195,16 @@ def parity_cases(bench: BenchConfig, device: torch.device, quick: bool) -> list[
         ),
         suites.OpCase(
             "rope", f"{T}x{H}x{hd}", lambda: [rand(T, H, hd)], lambda x, backend: ops.rope(x, cos, sin, backend=backend)
+        ),
+        # the up-projection with SwiGLU in one op (its cuda backend is the GEMM of csrc/swiglu_linear)
+        suites.OpCase(
+            "swiglu_linear",
+            f"{T}x{cfg.hidden_size} @ {cfg.hidden_size}x2x{cfg.intermediate_size}",
+            lambda: [
+                rand(T, cfg.hidden_size),
+                rand(2 * cfg.intermediate_size, cfg.hidden_size) * cfg.hidden_size**-0.5,
+            ],
+            lambda x, w, backend: ops.swiglu_linear(x, w, backend=backend),
         ),
         # one-token sequences, sequences that are all prefix, a long causal part, trailing padding
         attention_case(
@@ -680,6 +692,104 @@ def attention_timing_section(device: torch.device, quick: bool, backends: list[s
     return rows
 
 
+# -- the csrc/ CUDA kernels against Triton (CUDA) --------------------------------------------
+def cuda_kernel_cases(bench: BenchConfig, device: torch.device) -> list[tuple[suites.OpCase, torch.dtype, str]]:
+    """``(case, dtype, unit)``: the MagicNorm transition at the benchmark shape in fp32 and bf16
+    (rated in GB/s of its unavoidable traffic: 3 loads + 3 stores forward, 5 loads + 2
+    stores backward) and the SwiGLU up-projection ``swiglu(x @ W^T)`` in bf16 (TFLOP/s:
+    ``2 * T * d * 2I`` forward, 3x that forward + backward)."""
+    cfg, T = bench.model, bench.tokens
+    d, I = cfg.hidden_size, cfg.intermediate_size
+    g = torch.Generator().manual_seed(3)
+
+    def rand(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(device).requires_grad_()
+
+    out = []
+    for dtype in (torch.float32, torch.bfloat16):
+        size = torch.finfo(dtype).bits // 8
+        case = suites.OpCase(
+            "magicnorm_transition",
+            f"{T}x{d}",
+            lambda: [rand(T, d, scale=2), rand(T, d), rand(T, d)],
+            lambda x, dl, o, backend: ops.magicnorm_transition(x, dl, o, backend=backend),
+            fwd_bytes=6 * T * d * size,
+            bwd_bytes=7 * T * d * size,
+        )
+        out.append((case, dtype, "GB/s"))
+    swiglu = suites.OpCase(
+        "swiglu_linear",
+        f"{T}x{d} @ {d}x2x{I}",
+        lambda: [rand(T, d), rand(2 * I, d, scale=d**-0.5)],
+        lambda x, w, backend: ops.swiglu_linear(x, w, backend=backend),
+        fwd_flops=2.0 * T * d * 2 * I,
+        full_flops=6.0 * T * d * 2 * I,
+    )
+    out.append((swiglu, torch.bfloat16, "TFLOP/s"))
+    return out
+
+
+def cuda_kernels_section(device: torch.device, quick: bool, backends: list[str] | None = None) -> list[dict]:
+    """The ``cuda`` backend's kernels (csrc/, docs/cuda.md) next to ``triton`` at the benchmark
+    shapes: forward and forward + backward time, the rate, and the parity against the fp64
+    oracle (the parity section's rule); a ``cuda`` row passes when its parity does."""
+    name = "cuda kernels vs triton"
+    if device.type != "cuda":
+        return [{"check": name, "status": SKIP, "note": NEEDS_CUDA}]
+    reason = dispatch.unavailable_reason("cuda")
+    if reason is not None:
+        return [{"check": name, "status": SKIP, "note": f"backend 'cuda': {reason}"}]
+    from hrm.ops import cuda_extension
+
+    rows = [{"check": "libhrm_cuda kernels", "value": cuda_extension.kernels(), "status": INFO, "note": ""}]
+    bench = QUICK_OPS if quick else BENCH_CONFIGS["bench"]
+    for case, dtype, unit in cuda_kernel_cases(bench, device):
+        inputs = case.inputs()
+        times: dict[str, float] = {}
+        for backend in ("cuda", "triton"):
+            if dispatch.unavailable_reason(backend) is not None or (backends is not None and backend not in backends):
+                continue
+            check = f"{case.name} {case.shape} {str(dtype)[6:]} on {backend}"
+            row = {"check": check, "value": None, "status": INFO, "note": ""}
+            try:
+                xs = [x.detach().to(dtype).requires_grad_() for x in inputs]
+
+                def forward(xs=xs, backend=backend, call=case.call) -> None:
+                    with torch.no_grad():
+                        call(*xs, backend=backend)
+
+                def full(xs=xs, backend=backend, call=case.call) -> None:
+                    outs = suites._float_outputs(call(*xs, backend=backend))
+                    torch.autograd.grad(outs, xs, [torch.ones_like(o) for o in outs])
+
+                t_fwd = measure(forward, device=device, warmup=3, reps=20)
+                t_full = measure(full, device=device, warmup=3, reps=20)
+                times[backend] = t_full
+                if unit == "GB/s":
+                    rates = (case.fwd_bytes / t_fwd / 1e9, (case.fwd_bytes + case.bwd_bytes) / t_full / 1e9)
+                else:
+                    rates = (case.fwd_flops / t_fwd / 1e12, case.full_flops / t_full / 1e12)
+                row["value"] = (
+                    f"fwd {t_fwd * 1e3:.3f} ms ({rates[0]:.3g} {unit}), "
+                    f"fwd+bwd {t_full * 1e3:.3f} ms ({rates[1]:.3g} {unit})"
+                )
+                error = suites.op_parity(case, inputs, backend, dtype)
+                if dtype == torch.float32:
+                    tolerance = case.tolerance
+                else:
+                    tolerance = REF_FACTOR * suites.op_parity(case, inputs, "torch", dtype) + FLOOR[dtype]
+                row["note"] = f"parity {error:.2g} (tolerance {tolerance:.2g})"
+                if backend == "cuda":
+                    row["status"] = PASS if error <= tolerance else FAIL
+                elif "cuda" in times:
+                    row["note"] += f"; cuda fwd+bwd is {t_full / times['cuda']:.2f}x faster"
+            except Exception as e:  # noqa: BLE001 - a crashing kernel is a failed check, not a crashed doctor
+                row.update(status=FAIL if backend == "cuda" else INFO, note=_first_line(e))
+            progress(f"cuda kernels {check}: {row['status']}")
+            rows.append(row)
+    return rows
+
+
 # -- one section in a fresh process ----------------------------------------------------------
 def run_section(spec: dict) -> object:
     """The result of the section that ``spec`` names (``section``, ``device``, ``quick``,
@@ -698,6 +808,7 @@ def run_section(spec: dict) -> object:
         "host_reads": host_reads_section,
         "cuda_graph": cuda_graph_section,
         "attention_timing": attention_timing_section,
+        "cuda_kernels": cuda_kernels_section,
     }
     return sections[section](device, quick, backends)
 

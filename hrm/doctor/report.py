@@ -10,6 +10,7 @@ TITLES = {
     "host_reads": "Train step: host reads, CUDA syncs, CUDA graph",
     "cuda_graph": "Train step: host reads, CUDA syncs, CUDA graph",
     "attention_timing": "Attention timing (causal packed sequences, useful work only)",
+    "cuda_kernels": "CUDA kernels (csrc/) vs Triton",
 }
 
 

@@ -41,6 +41,7 @@ SECTION_TIMEOUT_S = {
     "host_reads": 600,
     "cuda_graph": 300,
     "attention_timing": 600,
+    "cuda_kernels": 300,
 }
 
 PARALLEL_MIN_CPUS = 8
