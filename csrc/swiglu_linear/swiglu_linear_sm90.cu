@@ -33,11 +33,13 @@ using namespace cute;
 constexpr int kBM = 128, kBN = 128, kBK = 64, kStages = 4;
 constexpr int kThreads = 384;  // producer warpgroup + two consumer warpgroups
 
+// 1024-byte alignment: the period of the 128-byte swizzle, which TMA and the WGMMA descriptors
+// (base offset 0) assume.
 template <class T, class SmemLayoutA, class SmemLayoutB>
 struct SharedStorage {
-  alignas(128) ArrayEngine<T, cosize_v<SmemLayoutA>> a;
-  alignas(128) ArrayEngine<T, cosize_v<SmemLayoutB>> gate;
-  alignas(128) ArrayEngine<T, cosize_v<SmemLayoutB>> up;
+  alignas(1024) ArrayEngine<T, cosize_v<SmemLayoutA>> a;
+  alignas(1024) ArrayEngine<T, cosize_v<SmemLayoutB>> gate;
+  alignas(1024) ArrayEngine<T, cosize_v<SmemLayoutB>> up;
   uint64_t full[kStages];
   uint64_t empty[kStages];
 };
@@ -49,7 +51,7 @@ __global__ void __launch_bounds__(kThreads, 1)
                          T* __restrict__ Y, TiledMma mma) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   using Barrier = cutlass::arch::ClusterTransactionBarrier;
-  extern __shared__ char smem_raw[];
+  extern __shared__ __align__(1024) char smem_raw[];
   auto& smem = *reinterpret_cast<SharedStorage<T, SmemLayoutA, SmemLayoutB>*>(smem_raw);
   Tensor sA = make_tensor(make_smem_ptr(smem.a.begin()), SmemLayoutA{});     // (BM, BK, STAGES)
   Tensor sG = make_tensor(make_smem_ptr(smem.gate.begin()), SmemLayoutB{});  // (BN, BK, STAGES)
