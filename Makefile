@@ -17,6 +17,9 @@ $(VENV)/.base: pyproject.toml
 
 $(VENV)/.test: $(VENV)/.base
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
+	# CUTLASS/CuTe headers for compiling csrc/ (docs/cuda.md); --no-deps: only the headers are
+	# used, not the wheel's Python generator (which would pull scipy, networkx, cuda-python)
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps 'nvidia-cutlass>=4.2'
 	touch $@
 
 demo: $(VENV)/.base
