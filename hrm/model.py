@@ -88,7 +88,9 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: Packing) -> torch.Tensor:
         with profiling.range("mlp"):
-            return self.down_proj(ops.swiglu(self.gate_up_proj(x), backend=ctx.backend))
+            # the up-projection and its activation as one op: the `cuda` backend's GEMM applies
+            # the SwiGLU in its epilogue, so [T, 2I] never reaches memory; others run F.linear + swiglu
+            return self.down_proj(ops.swiglu_linear(x, self.gate_up_proj.weight, backend=ctx.backend))
 
 
 class Block(nn.Module):
