@@ -14,7 +14,10 @@ from typing import Any, Literal
 
 from hrm.errors import ConfigError
 
-Arch = Literal["hrm", "transformer"]
+#: ``hrm``: the H and L stacks in nested loops; ``transformer``: one stack called once;
+#: ``ut``: one shared stack looped ``num_stack_calls`` times (universal-transformer style).
+Arch = Literal["hrm", "transformer", "ut"]
+ARCHS = ("hrm", "transformer", "ut")
 
 
 def round_up(x: int, multiple: int) -> int:
@@ -70,8 +73,9 @@ class ModelConfig:
 
     @property
     def num_stack_calls(self) -> int:
-        """Stack invocations per forward: ``H_cycles * (L_cycles + 1)`` for HRM, 1 otherwise."""
-        return self.H_cycles * (self.L_cycles + 1) if self.arch == "hrm" else 1
+        """Stack invocations per forward: ``H_cycles * (L_cycles + 1)`` for HRM and for the
+        universal transformer (as many loops as HRM has stack calls), 1 for the Transformer."""
+        return 1 if self.arch == "transformer" else self.H_cycles * (self.L_cycles + 1)
 
     @property
     def embed_std(self) -> float:
@@ -95,8 +99,8 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 fail(f"{name} must be a positive integer, got {value!r}")
-        if self.arch not in ("hrm", "transformer"):
-            fail(f"arch must be 'hrm' or 'transformer', got {self.arch!r}")
+        if self.arch not in ARCHS:
+            fail(f"arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
         if self.hidden_size % self.num_heads:
             fail(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if self.head_dim % 2:
@@ -175,4 +179,4 @@ def get_preset(name: str, **overrides: Any) -> ModelConfig:
     return PRESETS[name].replace(**overrides) if overrides else PRESETS[name]
 
 
-__all__ = ["BENCH_CONFIGS", "BenchConfig", "ModelConfig", "PRESETS", "get_preset", "bp_steps_at", "round_up"]
+__all__ = ["ARCHS", "BENCH_CONFIGS", "BenchConfig", "ModelConfig", "PRESETS", "get_preset", "bp_steps_at", "round_up"]

@@ -1,4 +1,5 @@
-"""HRM-Text: a hierarchical recurrent language model (and a plain Transformer baseline).
+"""HRM-Text: a hierarchical recurrent language model, and its baselines (a plain Transformer,
+and a universal-transformer-style model: one shared stack looped).
 
 Reads top to bottom: Attention, MLP, Block, Stack (MagicNorm: pre-norm blocks + exit
 RMSNorm), then the model. All tensors are *packed*: ``T`` tokens of several sequences back
@@ -157,6 +158,31 @@ def grad_steps(config: ModelConfig, bp_steps: int | None) -> tuple[int, int]:
     return h_bp, bp_steps - h_bp
 
 
+def stack_calls(config: ModelConfig, bp_steps: int | None, grad: bool = True) -> list[tuple[str, bool]]:
+    """The stack invocations of one forward in call order: ``(level, runs with gradients)``.
+
+    ``hrm``: ``for h: (repeat L: "L"); "H"`` with the last ``L_bp`` L-steps and the last
+    ``H_bp`` H-steps (:func:`grad_steps`) under gradients. ``ut``: the one stack ``"L"``
+    looped ``num_stack_calls`` times, the last ``bp_steps`` loops under gradients.
+    ``transformer``: one ``"H"`` call. ``grad=False``: every call without gradients.
+    """
+    if config.arch == "transformer":
+        return [("H", grad)]
+    n = config.num_stack_calls
+    if config.arch == "ut":
+        with_grad = sum(grad_steps(config, bp_steps))  # bp_steps (None: n)
+        return [("L", grad and i >= n - with_grad) for i in range(n)]
+    h_bp, l_bp = grad_steps(config, bp_steps)
+    steps: list[tuple[str, bool]] = []
+    for h in range(config.H_cycles):
+        steps += [
+            ("L", grad and h * config.L_cycles + l >= config.H_cycles * config.L_cycles - l_bp)
+            for l in range(config.L_cycles)
+        ]
+        steps.append(("H", grad and h >= config.H_cycles - h_bp))
+    return steps
+
+
 class HRMText(nn.Module):
     """HRM-Text language model on packed batches.
 
@@ -173,18 +199,17 @@ class HRMText(nn.Module):
         self.backend = ops.resolve_backend(backend)
         d = config.hidden_size
         self.embed_tokens = nn.Embedding(config.padded_vocab_size, d)
-        if config.arch == "hrm":
+        if config.arch != "ut":
             self.H_level = Stack(config)
-            self.L_level = Stack(config)
+        if config.arch != "transformer":
+            self.L_level = Stack(config)  # ut: the one shared stack
             self.register_buffer("z_L_init", torch.empty(d))
-        else:
-            self.H_level = Stack(config)
         self.lm_head = Linear(d, config.padded_vocab_size)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         trunc_normal_(self.embed_tokens.weight, self.config.embed_std)
-        if self.config.arch == "hrm":
+        if self.config.arch != "transformer":
             trunc_normal_(self.z_L_init, 1.0)
         for module in self.modules():
             if isinstance(module, Linear):
@@ -243,7 +268,9 @@ class HRMText(nn.Module):
     def _recurrence(self, x: torch.Tensor, ctx: Packing, bp_steps: int | None) -> torch.Tensor:
         """``for h: (repeat L: z_L = L(z_L + z_H)); z_H = H(z_H + z_L)`` with truncated backprop:
         only the last ``L_bp`` L-steps and last ``H_bp`` H-steps (counted over the whole
-        forward) run with gradients; the others run forward-only under no-grad.
+        forward) run with gradients; the others run forward-only under no-grad. ``ut`` runs
+        only L-steps, ``z_L = L(z_L + x)`` (``z_H`` stays the embedding), and returns ``z_L``
+        (see :func:`stack_calls`).
 
         Each seam between two stack calls is one fused MagicNorm transition: the finished
         stack's last residual add and exit norm, the next injection add and the next
@@ -252,20 +279,13 @@ class HRMText(nn.Module):
         next step has none.
         """
         cfg, eps, backend = self.config, self.config.norm_eps, ctx.backend
-        h_bp, l_bp = grad_steps(cfg, bp_steps)
-        grad = torch.is_grad_enabled()
-        steps: list[tuple[str, bool]] = []  # (level, runs with gradients), in call order
-        for h in range(cfg.H_cycles):
-            steps += [
-                ("L", grad and h * cfg.L_cycles + l >= cfg.H_cycles * cfg.L_cycles - l_bp) for l in range(cfg.L_cycles)
-            ]
-            steps.append(("H", grad and h >= cfg.H_cycles - h_bp))
+        steps = stack_calls(cfg, bp_steps, torch.is_grad_enabled())
         z = {"H": x, "L": self.z_L_init.to(x.dtype).expand_as(x)}  # z_L broadcasts over tokens
         with torch.set_grad_enabled(steps[0][1]), profiling.range("norm"):
             u, n = ops.add_rms_norm(z["L"], z["H"], eps, backend=backend)  # first injection and pre-norm
         for call, (level, with_grad) in enumerate(steps):
             stack = self.L_level if level == "L" else self.H_level
-            name = profiling.stack_range_name(level, call, cfg.L_cycles)  # L0.0 .. L0.2, H0, L1.0, ...
+            name = f"U{call}" if cfg.arch == "ut" else profiling.stack_range_name(level, call, cfg.L_cycles)
             with torch.set_grad_enabled(with_grad), profiling.range(name):
                 x, delta = stack.run(u, n, ctx, call)
             if call == len(steps) - 1:
@@ -338,4 +358,4 @@ class HRMText(nn.Module):
         return loss_sum / divisor, metrics
 
 
-__all__ = ["HRMText", "Packing", "AttentionCache", "grad_steps"]
+__all__ = ["HRMText", "Packing", "AttentionCache", "grad_steps", "stack_calls"]

@@ -25,7 +25,7 @@ def model(cfg=CFG):
     return HRMText(cfg).double()
 
 
-@pytest.mark.parametrize("arch", ["hrm", "transformer"])
+@pytest.mark.parametrize("arch", ["hrm", "transformer", "ut"])
 def test_packed_batch_equals_each_sequence_alone(arch):
     m = model(CFG.replace(arch=arch))
     seqs = [([3, 4, 5, 6, 7], 3), ([8], 1), ([9, 10, 11], 3), ([12, 13, 14, 15, 16, 17, 18], 2)]
