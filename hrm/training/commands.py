@@ -14,7 +14,7 @@ import os
 import sys
 from typing import Any
 
-from hrm.config import PRESETS
+from hrm.config import ARCHS, PRESETS
 from hrm.data import TASKS
 from hrm.training.config import DEFAULT_TASK, TrainConfig, parse_override
 
@@ -47,6 +47,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="append",
         metavar="FIELD=VALUE",
         help="set a ModelConfig field over the preset, e.g. hidden_size=128 (repeatable)",
+    )
+    model.add_argument(
+        "--arch",
+        choices=ARCHS,
+        default=None,
+        help="hrm; transformer (its one stack called once); ut (its one stack looped as often as HRM calls "
+        "its stacks); same as --override arch=NAME (default: the preset's, hrm)",
     )
     _option(model, "tokenizer", "'byte' or a path to a tokenizer.json")
     _option(model, "backend", "kernel backend (torch, compile, triton, cuda, auto)")
@@ -149,6 +156,8 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
     }
     if "model_overrides" in given:
         given["model_overrides"] = dict(parse_override(text) for text in given["model_overrides"])
+    if getattr(args, "arch", None) is not None:
+        given["model_overrides"] = {**given.get("model_overrides", {}), "arch": args.arch}
     if any(k in given for k in _SOURCES):
         given.update({k: None for k in _SOURCES if k not in given})
     if args.resume is None:
