@@ -44,7 +44,7 @@ from hrm.bench.timing import measure
 from hrm.bench.workloads import train_batch
 from hrm.config import BenchConfig, ModelConfig
 from hrm.data import PackedBatch
-from hrm.model import grad_steps
+from hrm.flops import RowWork, train_step_flops
 from hrm.ops import allowed_pairs, dispatch, rope_cos_sin
 from hrm.training.optim import AdamAtan2
 
@@ -362,17 +362,10 @@ def run_ops(
 
 # -- train step ------------------------------------------------------------------------------------
 def train_flops(cfg: ModelConfig, batch: PackedBatch, bp_steps: int) -> float:
-    """Useful FLOPs of one train step: every stack call forward (real tokens, allowed
-    attention pairs), the backward (2x) of the calls with gradients, and the LM head on the
-    supervised rows forward and backward."""
-    T, S = batch.num_tokens, batch.num_supervised
-    d, I, nh, hd, V = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.head_dim, cfg.padded_vocab_size
-    pairs = allowed_pairs(batch.cu_seqlens, batch.prefix_lens, batch.input_ids.numel())
-    per_block = 2 * T * (d * 4 * nh * hd + nh * hd * d + d * 2 * I + I * d) + 4 * pairs * hd * nh
-    per_call = cfg.layers_per_stack * per_block
-    calls = cfg.num_stack_calls
-    grad_calls = sum(grad_steps(cfg, bp_steps)) if cfg.arch == "hrm" else 1
-    return per_call * (calls + 2 * grad_calls) + 3 * 2 * S * d * V
+    """Useful FLOPs of one train step (:func:`hrm.flops.train_step_flops`, the accounting the
+    training loop logs): every stack call forward (real tokens, allowed attention pairs),
+    the backward of the calls with gradients, the LM head on the supervised rows."""
+    return float(train_step_flops(cfg, RowWork.of(batch), bp_steps).total)
 
 
 def make_train_step(

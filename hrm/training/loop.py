@@ -79,6 +79,7 @@ from hrm.data import (
     task_samples,
 )
 from hrm.errors import CheckpointError, ConfigError, HrmError
+from hrm.flops import RowWork, train_step_flops
 from hrm.inference import exact_match
 from hrm.model import Block, HRMText
 from hrm.training.config import RESUMABLE_CHANGES, TrainConfig
@@ -461,6 +462,9 @@ def _train(cfg: TrainConfig, out: Path, ckpt_path: Path | None, env: Dist) -> di
     start, window = 0, _Window()
     if ckpt_path is not None:
         start, window = _restore(ckpt_path, model, optimizer, ema, loader, env)
+    # cumulative training FLOPs (hrm.flops), all ranks; None when resuming a checkpoint that lacks them
+    flops = 0 if ckpt_path is None else read_config(ckpt_path)[1].get("train_flops")
+    num_params = model.num_parameters()
 
     log = progress = None
     if env.is_main:
@@ -490,7 +494,13 @@ def _train(cfg: TrainConfig, out: Path, ckpt_path: Path | None, env: Dist) -> di
             "window": window.sums,
             "rng": rng_state(),
         }
-        meta = {"step": step, "tokenizer": tokenizer.spec, "task": cfg.task, "train_config": cfg.to_dict()}
+        meta = {
+            "step": step,
+            "tokenizer": tokenizer.spec,
+            "task": cfg.task,
+            "train_config": cfg.to_dict(),
+            "train_flops": flops,
+        }
         name = f"step_{step:08d}"
         if env.world_size == 1:
             train_state["optimizer"] = optimizer.state_dict()
@@ -563,18 +573,23 @@ def _train(cfg: TrainConfig, out: Path, ckpt_path: Path | None, env: Dist) -> di
             group["lr"] = lr
         # DDP and FSDP average the ranks' gradients: each rank's loss sums count world_size times
         divisor = max(mine.num_supervised, 1) / env.world_size
-        stats = torch.zeros(len(_Window.KEYS) + 1, dtype=torch.float64, device=env.device)
+        stats = torch.zeros(len(_Window.KEYS) + 2, dtype=torch.float64, device=env.device)  # + loss, + FLOPs
         for i, row in enumerate(mine.rows):
             batch = row.to(env.device, non_blocking=True)
             with sync_context(net, i == len(mine.rows) - 1):
                 with autocast:
                     loss, m = net(**batch.model_inputs(), bp_steps=bp, loss_divisor=divisor)
                 loss.backward()
-            stats += torch.stack([m[k].to(torch.float64) for k in _Window.KEYS] + [loss.detach().to(torch.float64)])
+            stats[:-1] += torch.stack(
+                [m[k].to(torch.float64) for k in _Window.KEYS] + [loss.detach().to(torch.float64)]
+            )
+        stats[-1] = sum(train_step_flops(model_cfg, RowWork.of(row), bp).total for row in mine.rows)  # this rank's
         grad_norm = clip_grad_norm(params, cfg.grad_clip or math.inf)
         if env.world_size > 1:
             dist.all_reduce(stats)
-        *values, loss_value = stats.tolist()
+        *values, loss_value, step_flops = stats.tolist()
+        if flops is not None:
+            flops += int(step_flops)
         grad_norm_value = float(grad_norm)
         if not math.isfinite(loss_value):
             stop(done, "loss")
@@ -598,6 +613,8 @@ def _train(cfg: TrainConfig, out: Path, ckpt_path: Path | None, env: Dist) -> di
                     "tokens_per_s": timer_tokens / (now - timer),
                     "grad_norm": grad_norm_value,
                     "epoch": loader.epoch,
+                    "flops": flops,
+                    "params": num_params,
                 }
                 log.write(record)
                 progress.set_postfix(
@@ -608,7 +625,7 @@ def _train(cfg: TrainConfig, out: Path, ckpt_path: Path | None, env: Dist) -> di
         if heldout and (done == cfg.steps or cfg.eval_every and done % cfg.eval_every == 0):
             last_eval = run_evaluation()
             if env.is_main:
-                log.write({"step": done, **last_eval})
+                log.write({"step": done, **last_eval, "flops": flops})
                 progress.write(
                     f"step {done}: held-out loss {last_eval['eval_loss']:.4f}, exact-match "
                     f"{last_eval['eval_exact_match']:.4f} (EMA)",

@@ -2,8 +2,11 @@
 
 Every line is one JSON object with a ``step`` (optimizer steps done): training lines carry
 ``loss``, ``lr``, ``bp_steps``, ``tokens_per_s``, ``accuracy`` (token accuracy),
-``exact_accuracy`` (whole responses right under teacher forcing) and ``grad_norm``;
-evaluation lines carry ``eval_loss``, ``eval_accuracy`` and ``eval_exact_match``.
+``exact_accuracy`` (whole responses right under teacher forcing), ``grad_norm`` and
+``params`` (the model's parameter count); evaluation lines carry ``eval_loss``,
+``eval_accuracy`` and ``eval_exact_match``. Both carry ``flops``: the training FLOPs of
+all steps so far, all ranks together (:mod:`hrm.flops`; ``null`` in a run resumed from a
+checkpoint written before they were counted).
 """
 
 from __future__ import annotations
