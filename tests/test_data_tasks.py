@@ -14,12 +14,22 @@ def answer(instruction: str) -> str:
         return "".join(sorted(instruction[len("sort:") :]))
     if instruction.startswith("copy:"):
         return instruction[len("copy:") :]
+    if instruction.startswith("chain:"):
+        expr = instruction[len("chain:") :]
+        value = int(expr[0])
+        for op, digit in zip(expr[1::2], map(int, expr[2::2]), strict=True):
+            value = {"+": value + digit, "-": value - digit, "*": value * digit}[op] % 10
+        return str(value)
+    if "*" in instruction:
+        a, b = instruction.split("*")
+        return str(int(a) * int(b))
     a, b = instruction.split("+")
     return str(int(a) + int(b))
 
 
 def test_examples():
     assert answer("123+4567") == "4690"
+    assert answer("chain:3+4*2-9") == "5" and answer("12*34") == "408"
     assert set(TASKS) >= {"add", "reverse", "sort"}
 
 
@@ -62,8 +72,8 @@ def test_task_samples():
 
 
 def test_task_errors():
-    with pytest.raises(DataError, match="unknown task 'mul'; known tasks: add, reverse, sort"):
-        make_task("mul", 1, "train")
+    with pytest.raises(DataError, match="unknown task 'div'; known tasks: add, reverse, sort, mul, chain"):
+        make_task("div", 1, "train")
     with pytest.raises(DataError, match="unknown split 'test'"):
         make_task("add", 1, "test")
     with pytest.raises(DataError, match="has no parameter max_len; known: max_digits"):
