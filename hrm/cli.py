@@ -2,7 +2,8 @@
 
 Each feature area adds its own subcommands through a ``register(subparsers)`` function
 (``hrm.training.commands``, ``hrm.inference_commands``, ``hrm.interop.commands``,
-``hrm.bench.commands``, ``hrm.doctor.commands``, ``hrm.tuning.commands``);
+``hrm.bench.commands``, ``hrm.doctor.commands``, ``hrm.tuning.commands``,
+``hrm.study.commands``);
 this module only wires them and turns user errors (:class:`~hrm.errors.HrmError`) into one
 line on stderr and exit code 2.
 """
@@ -23,6 +24,7 @@ _COMMAND_MODULES = (
     "hrm.bench.commands",
     "hrm.doctor.commands",
     "hrm.tuning.commands",
+    "hrm.study.commands",
 )
 
 
