@@ -6,8 +6,10 @@ import torch
 import torch.nn.functional as F
 
 from hrm import HRMText, ModelConfig
+from hrm.cli import build_parser
 from hrm.inference import generate, generate_uncached
 from hrm.model import stack_calls
+from hrm.training.commands import build_config
 
 CFG = ModelConfig(vocab_size=50, vocab_multiple=16, hidden_size=24, num_heads=3, n_layers=2, arch="ut")
 
@@ -64,3 +66,9 @@ def test_kv_cache_generation_equals_recomputation():
     prompts = [[1, 5, 7, 9], [2], [3, 4, 5, 6, 7, 8, 9, 10, 11]]
     for prompt, tokens in zip(prompts, generate(model, prompts, max_new_tokens=8, eos_id=49)):
         assert tokens == generate_uncached(model, prompt, max_new_tokens=8, eos_id=49)
+
+
+def test_train_selects_the_arch():
+    args = build_parser().parse_args(["train", "--arch", "ut", "--override", "hidden_size=32"])
+    cfg = build_config(args)
+    assert cfg.model_overrides == {"hidden_size": 32, "arch": "ut"} and cfg.model_config(260).arch == "ut"

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from hrm.errors import HrmError
 from hrm.study.compare import RUN_TIME_FILE, RUNS, StudySpec
 from hrm.training.metrics import read_metrics
 
@@ -35,7 +36,7 @@ def collect(out: str | os.PathLike, spec: StudySpec, runs: list[dict[str, Any]])
         evals = [r for r in records if "eval_exact_match" in r]
         train = [r for r in records if "loss" in r]
         if not evals or not train or train[-1]["step"] != run["steps"]:
-            raise FileNotFoundError(f"{run_dir}: the run has not finished")
+            raise HrmError(f"{run_dir}: the run has not finished (rerun the same hrm compare command)")
         timing = run_dir / RUN_TIME_FILE
         results.append(
             {
