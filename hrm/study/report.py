@@ -120,16 +120,25 @@ def plot(spec: StudySpec, results: list[dict[str, Any]], rows: list[dict[str, An
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
+    top = 0.0
     for row in rows:
         curves = [r["curve"] for r in results if r["arch"] == row["arch"]]
         x, mean, low, high = band(curves)
-        label = f"{row['arch']} ({row['params'] / 1e6:.2f}M params, {row['layers_per_stack']}x{row['stack_calls']})"
+        label = (
+            f"{row['arch']} ({row['params'] / 1e6:.2f}M params, {row['layers_per_stack']} blocks x "
+            f"{row['stack_calls']} calls)"
+        )
         (line,) = ax.plot(x, mean, "o-", ms=3, label=label)
         ax.fill_between(x, low, high, color=line.get_color(), alpha=0.2, lw=0)
+        top = max(top, float(high.max()))
+    ax.set_xlim(left=0)
     ax.set_xlabel("training FLOPs")
     ax.set_ylabel("held-out exact match")
-    ax.set_ylim(0, 1)
-    ax.set_title(f"task {spec.task}: {spec.seeds} seed(s), band = min..max over seeds")
+    ax.set_ylim(0, min(1.0, np.ceil(10 * top + 1) / 10))
+    ax.set_title(
+        f"task {spec.task}, {spec.budget_flops:.3g} FLOPs per run: mean of {spec.seeds} seed(s), band min..max",
+        fontsize=10,
+    )
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
