@@ -67,6 +67,8 @@ STUDY = [
     "2",
     "--eval-samples",
     "8",
+    "--backend",  # passed to every run, fresh or resumed
+    "torch",
 ]
 
 
@@ -99,6 +101,8 @@ def test_compare_end_to_end_and_resume(tmp_path, monkeypatch, capsys):
     assert main([*STUDY, "--out", str(out)]) == 0
     err = capsys.readouterr().err
     assert "hrm-seed0: resumed" in err and "transformer-seed0: skipped" in err
+    log = (out / "runs" / "hrm-seed0" / "train.log").read_text()
+    assert f"$ hrm train --resume {out / 'runs' / 'hrm-seed0'} --backend torch" in log
     again = json.loads((out / "results.json").read_text())
     for a, b in zip(first["runs"], again["runs"]):
         assert a["curve"] == b["curve"] and a["logged_flops"] == b["logged_flops"]

@@ -23,7 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "ordinary `hrm train` run in OUT/runs/ARCH-seedS; rerunning the same command skips finished runs "
         "and resumes a partial one from its latest checkpoint.",
     )
-    p.add_argument("--task", required=True, help=f"built-in task: {', '.join(TASKS)}")
+    p.add_argument("--task", required=True, choices=list(TASKS), help="built-in task, e.g. chain")
     p.add_argument("--budget-flops", type=float, required=True, metavar="F", help="training FLOPs per run, e.g. 3e12")
     p.add_argument("--archs", nargs="+", default=list(d.archs), choices=ARCHS, help="(default: all)")
     p.add_argument("--seeds", type=int, default=d.seeds, metavar="N", help=f"seeds 0..N-1 (default: {d.seeds})")
@@ -37,10 +37,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="FIELD=VALUE",
         help="a ModelConfig field over the preset for every architecture (repeatable)",
     )
-    p.add_argument("--batch-tokens", type=int, default=d.batch_tokens, help=f"(default: {d.batch_tokens})")
-    p.add_argument("--train-samples", type=int, default=d.train_samples, help=f"(default: {d.train_samples})")
-    p.add_argument("--evals", type=int, default=d.evals, help=f"evaluations per run (default: {d.evals})")
-    p.add_argument("--eval-samples", type=int, default=d.eval_samples, help=f"(default: {d.eval_samples})")
+    p.add_argument(
+        "--batch-tokens", type=int, default=d.batch_tokens, help=f"tokens per packed row (default: {d.batch_tokens})"
+    )
+    p.add_argument(
+        "--train-samples",
+        type=int,
+        default=d.train_samples,
+        help=f"samples drawn from the task (default: {d.train_samples})",
+    )
+    p.add_argument("--evals", type=int, default=d.evals, help=f"held-out evaluations per run (default: {d.evals})")
+    p.add_argument(
+        "--eval-samples",
+        type=int,
+        default=d.eval_samples,
+        help=f"held-out samples per evaluation (default: {d.eval_samples})",
+    )
+    p.add_argument(
+        "--backend",
+        default=None,
+        help="kernel backend of every run, e.g. auto on a GPU (not part of the study's settings; default: hrm train's)",
+    )
     p.set_defaults(func=run_compare)
 
 
@@ -61,7 +78,7 @@ def run_compare(args: argparse.Namespace) -> int:
         eval_samples=args.eval_samples,
     )
     runs = []
-    for run, what in run_study(spec, args.out):
+    for run, what in run_study(spec, args.out, backend=args.backend):
         print(f"{run['name']}: {what} ({run['steps']} steps, {run['flops']:.3g} FLOPs)", file=sys.stderr)
         runs.append(run)
     table = write_report(args.out, spec, runs)

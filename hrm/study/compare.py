@@ -278,10 +278,13 @@ def load_study(out: Path, spec: StudySpec) -> list[dict[str, Any]]:
     return runs
 
 
-def run_study(spec: StudySpec, out: str | os.PathLike) -> Iterator[tuple[dict[str, Any], str]]:
+def run_study(
+    spec: StudySpec, out: str | os.PathLike, backend: str | None = None
+) -> Iterator[tuple[dict[str, Any], str]]:
     """Plan (or reload) the study in ``out`` and run what is left of it, with one progress bar
     over the training FLOPs of all runs. Yields ``(run, what was done)``: ``"skipped"``
-    (finished before), ``"resumed"`` or ``"trained"``."""
+    (finished before), ``"resumed"`` or ``"trained"``. ``backend`` (kernels, e.g. ``auto`` on
+    a GPU) is passed to every ``hrm train``; it is not part of the study's settings."""
     out = Path(out)
     runs = load_study(out, spec)
     progress = tqdm(
@@ -310,6 +313,7 @@ def run_study(spec: StudySpec, out: str | os.PathLike) -> Iterator[tuple[dict[st
             else:
                 cfg = spec.train_config(run["arch"], run["seed"], run["steps"], str(run_dir), **run["model"])
                 argv = ["train", "--resume", str(run_dir)] if state == "partial" else ["train", *train_argv(cfg)]
+                argv += ["--backend", backend] if backend is not None else []
                 _run_child(argv, run_dir, poll)
                 what = "resumed" if state == "partial" else "trained"
             done_flops += run["flops"]
