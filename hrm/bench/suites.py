@@ -16,9 +16,9 @@ steps (parameters, optimizer state, the batch) plus the peak of the tensors one 
 allocates, from the profiler's allocation events. Next to it, a CPU row records the
 process's resident high-water mark minus an idle process's (one that imports the same
 libraries and builds the same batch): it also counts what the compilers and malloc keep.
-Model FLOPs count only the useful work: allowed attention
-pairs, real tokens, supervised LM-head rows; every stack call forward, the backward only
-of those with gradients.
+Model FLOPs count only the useful work (:mod:`hrm.flops`, the count the training loop logs):
+allowed attention pairs, real tokens, supervised LM-head rows; every stack call forward,
+the backward only of those with gradients.
 """
 
 from __future__ import annotations
