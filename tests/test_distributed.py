@@ -200,6 +200,8 @@ def test_two_ranks_reach_the_single_process_parameters(runs, tmp_path, parallel)
     assert all(abs(norm - norms[step]) <= TOLERANCE * norms[step] for step, norm in losses(run, "grad_norm").items())
     # training moved the parameters: the comparison is not between two copies of the initialisation
     assert reference[STEPS] < reference[1] - 0.5
+    # the training FLOPs of a step are all ranks' together (hrm.flops), whatever the world size
+    assert losses(run, "flops") == losses(runs["single"], "flops")
 
 
 @pytest.mark.slow
@@ -210,6 +212,7 @@ def test_sharded_checkpoint_resumes_in_one_rank(runs, tmp_path):
     assert list(got) == list(range(1, STEPS + 1))
     for step in (4, 5):
         assert abs(got[step] - expected[step]) <= TOLERANCE * expected[step]
+    assert losses(resumed, "flops") == losses(runs["fsdp"], "flops")  # the count continues from the checkpoint
     final = resumed / "checkpoints" / f"step_{STEPS:08d}"
     assert not is_sharded(final)  # one process writes the single-file form
     assert max_relative_difference(load_state(final), final_weights(runs["fsdp"], tmp_path)) <= TOLERANCE
