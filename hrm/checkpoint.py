@@ -6,6 +6,8 @@ A checkpoint is a directory::
                          "model": {ModelConfig fields}, "meta": {free-form: tokenizer, step, ...}}
     model.safetensors   the model's state dict (parameters and the z_L_init buffer)
     ema.safetensors     optional: the parameter EMA, same keys
+    tokenizer.json      a copy of the Hugging Face tokenizer the model was trained with
+                        (meta "tokenizer": "tokenizer.json"); absent for the byte tokenizer
     ...                 optional extra files (training writes its optimizer/loader state)
 
 A *sharded* checkpoint (written by a training run under ``torchrun``, every rank writing
@@ -44,6 +46,7 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 EMA_FILE = "ema.safetensors"
 SHARDED_DIR = "dcp"
+TOKENIZER_FILE = "tokenizer.json"
 
 
 def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -188,6 +191,27 @@ def load_model(
     check_state_dict(state, model.state_dict(), str(path))
     model.load_state_dict(state)
     return model
+
+
+def load_checkpoint_tokenizer(path: str | os.PathLike, meta: dict[str, Any], override: str | None = None):
+    """The tokenizer of checkpoint ``path``: ``override`` (``--tokenizer``) when given, else the
+    one its ``meta`` records: ``"byte"``, the copy inside the checkpoint (``tokenizer.json``,
+    relative to ``path``), or, for checkpoints written before tokenizers were copied in, the
+    path recorded at training time."""
+    from hrm.data import load_tokenizer
+
+    if override is not None:
+        return load_tokenizer(override)
+    spec = meta.get("tokenizer", "byte")
+    if spec == "byte":
+        return load_tokenizer(spec)
+    for candidate in (Path(path) / spec, Path(spec)):
+        if candidate.is_file():
+            return load_tokenizer(str(candidate))
+    raise CheckpointError(
+        f"{path}: the tokenizer it was trained with ({spec}) is not in the checkpoint nor at that path; "
+        "pass --tokenizer PATH"
+    )
 
 
 LATEST_FILE = "latest"

@@ -82,7 +82,7 @@ def test_transformers_logits_match(config: ModelConfig, tmp_path: Path) -> None:
     assert hf_model.config.num_layers_per_stack == config.layers_per_stack
     assert torch.equal(hf_model.model.z_L_init, model.z_L_init) and not hf_model.model.z_L_init.requires_grad
     n = 13
-    ids = torch.randint(0, config.vocab_size, (n,), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, 260, (n,), generator=torch.Generator().manual_seed(1))  # ids of the byte tokenizer
     for prefix in (1, 5, n):
         with torch.no_grad():
             ours = model(
@@ -90,6 +90,8 @@ def test_transformers_logits_match(config: ModelConfig, tmp_path: Path) -> None:
             )
             token_type_ids = (torch.arange(n) < prefix).long()[None]  # 1 marks the bidirectional prefix
             theirs = hf_model(input_ids=ids[None], token_type_ids=token_type_ids).logits[0]
+        assert theirs.shape == (n, 260)  # one column per id of the byte tokenizer; padding rows are cut
+        ours = ours[:, :260]
         torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5 * ours.abs().max().item())
 
 
@@ -98,9 +100,9 @@ def test_config_json_fields(tmp_path: Path) -> None:
     random_checkpoint(tmp_path / "ckpt", config)
     export_hf(tmp_path / "ckpt", tmp_path / "hf")
     doc = json.loads((tmp_path / "hf/config.json").read_text())
-    assert doc == hf_config_dict(config, {"tokenizer": "byte", "step": 7})
+    assert doc == hf_config_dict(config, {"tokenizer": "byte", "step": 7}, vocab_size=260)
     assert doc["model_type"] == "hrm_text" and doc["architectures"] == ["HrmTextForCausalLM"]
-    assert doc["vocab_size"] == 512 and doc["num_hidden_layers"] == 2 and doc["head_dim"] == 32
+    assert doc["vocab_size"] == 260 and doc["num_hidden_layers"] == 2 and doc["head_dim"] == 32
     assert doc["intermediate_size"] == config.intermediate_size
     assert doc["embedding_scale"] == 8.0 and doc["initializer_range"] == 0.125
     assert doc["rope_parameters"] == {"rope_type": "default", "rope_theta": 10000.0}
@@ -130,7 +132,7 @@ def test_ema_export_and_bf16_weights(tmp_path: Path) -> None:
     assert_same_state(load_state(tmp_path / "back"), ema)
 
 
-def test_import_without_hrm_entry_uses_padded_vocab(tmp_path: Path) -> None:
+def test_import_without_hrm_entry_takes_the_exported_vocab(tmp_path: Path) -> None:
     random_checkpoint(tmp_path / "ckpt", CONFIGS[1])
     export_hf(tmp_path / "ckpt", tmp_path / "hf")
     doc = json.loads((tmp_path / "hf/config.json").read_text())
@@ -138,9 +140,13 @@ def test_import_without_hrm_entry_uses_padded_vocab(tmp_path: Path) -> None:
     (tmp_path / "hf/config.json").write_text(json.dumps(doc))
     import_hf(tmp_path / "hf", tmp_path / "back")
     config, _ = read_config(tmp_path / "back")
-    assert (config.vocab_size, config.vocab_multiple, config.padded_vocab_size) == (512, 256, 512)
+    assert (config.vocab_size, config.vocab_multiple, config.padded_vocab_size) == (260, 1, 260)
     assert config.intermediate_size == CONFIGS[1].intermediate_size
-    assert_same_state(load_state(tmp_path / "back"), load_state(tmp_path / "ckpt"))
+    original = load_state(tmp_path / "ckpt")
+    vocab_rows = {"embed_tokens.weight", "lm_head.weight"}
+    assert_same_state(
+        load_state(tmp_path / "back"), {k: v[:260] if k in vocab_rows else v for k, v in original.items()}
+    )
 
 
 def test_import_sharded_checkpoint(tmp_path: Path) -> None:
@@ -149,6 +155,9 @@ def test_import_sharded_checkpoint(tmp_path: Path) -> None:
     sharded = tmp_path / "sharded"
     sharded.mkdir()
     (sharded / "config.json").write_text((tmp_path / "hf/config.json").read_text())
+    (sharded / "hrm_vocab_padding.safetensors").write_bytes(
+        (tmp_path / "hf/hrm_vocab_padding.safetensors").read_bytes()
+    )
     state = read_safetensors(tmp_path / "hf/model.safetensors")
     names = sorted(state)
     shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}

@@ -148,6 +148,61 @@ class HFTokenizer:
         return f"HFTokenizer({self._path!r})"
 
 
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character map, which ``tokenizers``' ByteLevel steps use."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1)]
+    printable += range(ord("\u00ae"), ord("\u00ff") + 1)
+    others = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(others)}}
+
+
+def hf_tokenizer_json(tokenizer: ByteTokenizer | HFTokenizer) -> dict:
+    """``tokenizer`` as a Hugging Face ``tokenizer.json`` document that gives the same ids,
+    special tokens included. The byte tokenizer becomes a byte-level BPE without merges (each
+    UTF-8 byte its own token, ids ``0..255``); a :class:`HFTokenizer` is its own file with the
+    special tokens it added. Needs no ``tokenizers`` package for the byte tokenizer."""
+    import json
+
+    if isinstance(tokenizer, HFTokenizer):
+        return json.loads(tokenizer._tok.to_str())
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}
+    specials = {tokenizer.pad_id: "pad", tokenizer.boi_id: "boi", tokenizer.eoi_id: "eoi", tokenizer.eoa_id: "eoa"}
+    added = [
+        {
+            "id": i,
+            "content": HF_SPECIAL_TOKENS[name],
+            "single_word": False,
+            "lstrip": False,
+            "rstrip": False,
+            "normalized": False,
+            "special": True,
+        }
+        for i, name in sorted(specials.items())
+    ]
+    return {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": added,
+        "normalizer": None,
+        "pre_tokenizer": byte_level,
+        "post_processor": None,
+        "decoder": byte_level,
+        "model": {
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": None,
+            "continuing_subword_prefix": None,
+            "end_of_word_suffix": None,
+            "fuse_unk": False,
+            "byte_fallback": False,
+            "ignore_merges": False,
+            "vocab": {char: b for b, char in sorted(_bytes_to_unicode().items())},
+            "merges": [],
+        },
+    }
+
+
 def load_tokenizer(spec: str) -> ByteTokenizer | HFTokenizer:
     """``"byte"`` gives a :class:`ByteTokenizer`; anything else is a path to a ``tokenizer.json``."""
     if spec == "byte":

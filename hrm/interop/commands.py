@@ -13,7 +13,7 @@ from hrm.interop.reference import import_reference
 
 
 def _export_hf(args: argparse.Namespace) -> None:
-    out = export_hf(args.ckpt_dir, args.out_dir, ema=args.ema)
+    out = export_hf(args.ckpt_dir, args.out_dir, ema=args.ema, tokenizer=args.tokenizer)
     print(f"exported {'EMA weights of ' if args.ema else ''}{args.ckpt_dir} to transformers model {out}")
 
 
@@ -45,10 +45,20 @@ def _import_reference(args: argparse.Namespace) -> None:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("export-hf", help="write a checkpoint as a transformers HrmTextForCausalLM directory")
-    p.add_argument("ckpt_dir", metavar="CKPT_DIR")
+    p = subparsers.add_parser(
+        "export-hf",
+        help="write a checkpoint as a transformers HrmTextForCausalLM directory",
+        description="Write a checkpoint as a directory that transformers' AutoModelForCausalLM and AutoTokenizer "
+        "load as they are: weights (one row per token id), config, generation config and tokenizer files.",
+    )
+    p.add_argument("ckpt_dir", metavar="CKPT_DIR", help="a checkpoint, or a training run's directory (its latest)")
     p.add_argument("out_dir", metavar="OUT_DIR", help="must not exist or be empty")
     p.add_argument("--ema", action="store_true", help="export the parameter EMA instead of the raw weights")
+    p.add_argument(
+        "--tokenizer",
+        metavar="PATH",
+        help="'byte' or a tokenizer.json (default: the checkpoint's own copy, or what it recorded)",
+    )
     p.set_defaults(func=_export_hf)
 
     p = subparsers.add_parser("import-hf", help="convert a transformers HrmTextForCausalLM directory to a checkpoint")

@@ -21,13 +21,32 @@ Weights, for each stack ``S`` in ``H``, ``L`` and block ``i`` (``w = num_heads *
                                               rows [I:2I]  ....mlp.up_proj.weight
     S_level.layers.i.mlp.down_proj.weight     model.S_module.layers.i.mlp.down_proj.weight
 
-Config: ``vocab_size`` = our padded vocab; ``num_hidden_layers`` = blocks per stack
+Vocabulary: the export keeps the tokenizer's ids only. ``HrmTextConfig.vocab_size`` sizes
+both ``nn.Embedding`` and the LM head, so the exported ``vocab_size`` is the tokenizer's
+(the rows our padding adds up to a multiple of 256 are cut): the model's logits then have
+exactly one column per token the tokenizer knows, for ``generate``, ``pipeline`` and raw
+forwards alike, which a ``suppress_tokens`` list in the generation config would give only to
+``generate``. Our generation masks those rows to ``-inf``, so greedy answers and sampling
+distributions are the same. The cut rows go to ``hrm_vocab_padding.safetensors`` (transformers
+ignores it), from which :func:`import_hf` restores them.
+
+Config: ``vocab_size`` = the tokenizer's vocab (see above); ``num_hidden_layers`` = blocks per stack
 (``transformers`` remembers it as ``num_layers_per_stack`` and inflates
 ``num_hidden_layers`` to one KV-cache slot per stack call); ``embedding_scale`` =
 ``1/s_in`` = ``sqrt(d)``; ``initializer_range`` = ``s_in``; ``max_position_embeddings`` =
 ``max_seq_len``; ``rope_parameters`` = ``{"rope_type": "default", "rope_theta": theta}``;
 untied LM head; ``prefix_lm`` (``token_type_ids == 1`` marks the bidirectional
 instruction). Only ``arch="hrm"`` has an ``HrmTextForCausalLM`` counterpart.
+
+Tokenizer and generation: the export writes ``tokenizer.json`` (the run's tokenizer in
+the ``tokenizers`` format, the byte tokenizer as a byte-level BPE without merges) with the
+special tokens ``<|pad|>``, ``<|boi|>``, ``<|eoi|>``, ``<|eoa|>`` and a post-processor that
+frames a text as ``<|boi|> text <|eoi|>`` with ``token_type_ids`` 1 on every token -- the
+prompt our ``hrm generate`` builds -- ``tokenizer_config.json`` for ``PreTrainedTokenizerFast``
+(special-token strings inside a text stay text, as in training), and
+``generation_config.json`` (greedy, ``eos_token_id`` = ``<|eoa|>``, the end of an answer;
+``max_new_tokens`` 64 as ``hrm generate``). So ``model.generate(**tokenizer(prompt,
+return_tensors="pt"))`` reproduces ``hrm generate``'s answer.
 
 An ``"hrm"`` entry in the exported ``config.json`` keeps what ``transformers`` cannot
 express (the unpadded vocab size, the truncated-backprop schedule) and the checkpoint's
@@ -40,6 +59,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -47,12 +67,15 @@ import torch
 from safetensors.torch import save_file
 
 from hrm.checkpoint import (
+    TOKENIZER_FILE,
     check_state_dict,
+    load_checkpoint_tokenizer,
     load_state,
     model_shapes,
     read_config,
     read_json,
     read_safetensors,
+    resolve_checkpoint,
     save_checkpoint,
     write_dir_atomically,
 )
@@ -64,6 +87,12 @@ ARCHITECTURE = "HrmTextForCausalLM"
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
+VOCAB_PADDING_FILE = "hrm_vocab_padding.safetensors"
+GENERATION_CONFIG_FILE = "generation_config.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+SPECIAL_TOKENS_FILE = "special_tokens_map.json"
+#: Our keys of the tensors with one row per vocabulary id, and their transformers names.
+_VOCAB_ROWS = {"embed_tokens.weight": "model.embed_tokens.weight", "lm_head.weight": "lm_head.weight"}
 
 #: ``ModelConfig`` fields that the transformers config determines (vocab and SwiGLU width as padded sizes).
 _HF_DETERMINED = (
@@ -140,14 +169,19 @@ def from_hf_state_dict(
 
 # -- config ---------------------------------------------------------------------------------
 def hf_config_dict(
-    config: ModelConfig, meta: dict[str, Any] | None = None, *, dtype: torch.dtype = torch.float32
+    config: ModelConfig,
+    meta: dict[str, Any] | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    vocab_size: int | None = None,
 ) -> dict[str, Any]:
-    """The ``config.json`` that ``transformers`` loads as ``HrmTextForCausalLM``."""
+    """The ``config.json`` that ``transformers`` loads as ``HrmTextForCausalLM``, with
+    ``vocab_size`` rows of embedding and LM head (default: our padded vocab)."""
     _require_hrm_arch(config)
     return {
         "model_type": MODEL_TYPE,
         "architectures": [ARCHITECTURE],
-        "vocab_size": config.padded_vocab_size,
+        "vocab_size": vocab_size or config.padded_vocab_size,
         "hidden_size": config.hidden_size,
         "num_attention_heads": config.num_heads,
         "head_dim": config.head_dim,
@@ -176,8 +210,10 @@ def _restore_hrm_fields(derived: ModelConfig, block: Any) -> ModelConfig:
         saved = ModelConfig.from_dict(block["model"])
     except (HrmError, KeyError, TypeError):
         return derived
-    same = all(getattr(saved, f) == getattr(derived, f) for f in _HF_DETERMINED)
-    return saved if same else derived
+    same = all(getattr(saved, f) == getattr(derived, f) for f in _HF_DETERMINED if f != "padded_vocab_size")
+    # an export holds the padded vocab (older exports) or the tokenizer's ids, at most the model's
+    rows = derived.vocab_size
+    return saved if same and (rows == saved.padded_vocab_size or rows <= saved.vocab_size) else derived
 
 
 def config_from_hf_dict(doc: dict[str, Any], where: str = CONFIG_FILE) -> tuple[ModelConfig, dict[str, Any], float]:
@@ -269,37 +305,144 @@ def _read_hf_dir(hf_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]
     return doc, state
 
 
-def export_hf(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, *, ema: bool = False) -> Path:
-    """Write our checkpoint ``ckpt_dir`` (its EMA weights with ``ema``) as a transformers model
-    directory ``out_dir`` (atomically; an existing non-empty ``out_dir`` is an error)."""
+def tokenizer_files(tokenizer, max_length: int) -> dict[str, Any]:
+    """The JSON documents (file name -> object) that make ``AutoTokenizer`` load ``tokenizer``
+    as a ``PreTrainedTokenizerFast`` framing a text as our prompts (see the module docstring)."""
+    from hrm.data.tokenizer import HF_SPECIAL_TOKENS, hf_tokenizer_json
+
+    boi, eoi = HF_SPECIAL_TOKENS["boi"], HF_SPECIAL_TOKENS["eoi"]
+    prompt = [{"SpecialToken": {"id": boi, "type_id": 1}}, {"Sequence": {"id": "A", "type_id": 1}}]
+    end = [{"SpecialToken": {"id": eoi, "type_id": 1}}]
+    doc = hf_tokenizer_json(tokenizer)
+    doc["post_processor"] = {
+        "type": "TemplateProcessing",
+        "single": prompt + end,
+        "pair": prompt + [{"Sequence": {"id": "B", "type_id": 1}}] + end,
+        "special_tokens": {
+            name: {"id": name, "ids": [i], "tokens": [name]}
+            for name, i in ((boi, tokenizer.boi_id), (eoi, tokenizer.eoi_id))
+        },
+    }
+    special = {
+        "bos_token": boi,
+        "eos_token": HF_SPECIAL_TOKENS["eoa"],
+        "pad_token": HF_SPECIAL_TOKENS["pad"],
+        "additional_special_tokens": [eoi],
+    }
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        **special,
+        "model_max_length": max_length,
+        "padding_side": "left",
+        "split_special_tokens": True,  # "<|eoa|>" inside a text is text, as in training
+        "model_input_names": ["input_ids", "token_type_ids", "attention_mask"],
+        "clean_up_tokenization_spaces": False,
+    }
+    return {TOKENIZER_FILE: doc, TOKENIZER_CONFIG_FILE: config, SPECIAL_TOKENS_FILE: special}
+
+
+def generation_config_dict(tokenizer) -> dict[str, Any]:
+    """``generation_config.json``: greedy, ending at the end-of-answer token, as ``hrm generate``."""
+    return {
+        "bos_token_id": tokenizer.boi_id,
+        "eos_token_id": tokenizer.eoa_id,
+        "pad_token_id": tokenizer.pad_id,
+        "do_sample": False,
+        "max_new_tokens": 64,
+    }
+
+
+def export_hf(
+    ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, *, ema: bool = False, tokenizer: str | None = None
+) -> Path:
+    """Write our checkpoint ``ckpt_dir`` (or a run directory's latest; its EMA weights with
+    ``ema``) as a transformers model directory ``out_dir`` with its tokenizer (``tokenizer``
+    overrides the one the checkpoint records) and generation config (atomically; an existing
+    non-empty ``out_dir`` is an error)."""
+    ckpt_dir = resolve_checkpoint(ckpt_dir)
     config, meta = read_config(ckpt_dir)
     _require_hrm_arch(config)  # before reading the weights
+    tok = load_checkpoint_tokenizer(ckpt_dir, meta, tokenizer)
+    if tok.vocab_size > config.vocab_size:
+        raise CheckpointError(
+            f"{ckpt_dir}: the tokenizer has {tok.vocab_size} ids but the model only {config.vocab_size}; "
+            "pass the --tokenizer it was trained with"
+        )
     state = to_hf_state_dict(config, load_state(ckpt_dir, ema=ema), where=str(ckpt_dir))
-    doc = hf_config_dict(config, meta, dtype=state["lm_head.weight"].dtype)
+    padding = {ours: state[theirs][tok.vocab_size :].contiguous() for ours, theirs in _VOCAB_ROWS.items()}
+    for theirs in _VOCAB_ROWS.values():
+        state[theirs] = state[theirs][: tok.vocab_size].contiguous()
+    meta = {**meta, "tokenizer": "byte" if tok.spec == "byte" else TOKENIZER_FILE}
+    doc = hf_config_dict(config, meta, dtype=state["lm_head.weight"].dtype, vocab_size=tok.vocab_size)
+    documents = {
+        CONFIG_FILE: doc,
+        GENERATION_CONFIG_FILE: generation_config_dict(tok),
+        **tokenizer_files(tok, config.max_seq_len),
+    }
 
     def fill(tmp: Path) -> None:
-        (tmp / CONFIG_FILE).write_text(json.dumps(doc, indent=2) + "\n")
+        for name, document in documents.items():
+            (tmp / name).write_text(json.dumps(document, indent=2, ensure_ascii=False) + "\n")
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        if padding["lm_head.weight"].shape[0]:
+            save_file(padding, str(tmp / VOCAB_PADDING_FILE))
 
     return write_dir_atomically(out_dir, fill)
 
 
-def import_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
-    """Write the transformers ``HrmTextForCausalLM`` directory ``hf_dir`` as our checkpoint
-    ``out_dir`` (atomically; an existing non-empty ``out_dir`` is an error).
+def _pad_vocab(hf_dir: Path, config: ModelConfig, hf_state: dict[str, torch.Tensor]) -> None:
+    """Give an export's embedding and LM head (the tokenizer's rows) their padding rows back:
+    from ``hrm_vocab_padding.safetensors`` when it fits, else zeros (never a label, masked when
+    generating)."""
+    if any(k not in hf_state for k in _VOCAB_ROWS.values()):
+        return  # from_hf_state_dict names what is missing
+    rows = hf_state["lm_head.weight"].shape[0]
+    if rows >= config.padded_vocab_size:
+        return
+    saved = read_safetensors(hf_dir / VOCAB_PADDING_FILE) if (hf_dir / VOCAB_PADDING_FILE).is_file() else {}
+    for ours, theirs in _VOCAB_ROWS.items():
+        weight = hf_state[theirs]
+        pad = saved.get(ours)
+        if pad is None or pad.shape != (config.padded_vocab_size - rows, weight.shape[1]):
+            pad = weight.new_zeros(config.padded_vocab_size - rows, weight.shape[1])
+        hf_state[theirs] = torch.cat([weight, pad.to(weight.dtype)])
+
+
+def read_hf_model(hf_dir: str | os.PathLike) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[str, Any]]:
+    """``(config, our state dict, meta)`` of the transformers ``HrmTextForCausalLM`` directory ``hf_dir``.
 
     An ``embedding_scale`` other than ``sqrt(hidden_size)`` is folded into the embedding
     weights (our forward always scales by ``sqrt(hidden_size)``); otherwise every tensor is
-    copied bit for bit.
+    copied bit for bit, vocabulary padding included (see the module docstring).
     """
     hf_dir = Path(hf_dir)
     doc, hf_state = _read_hf_dir(hf_dir)
     config, meta, embedding_scale = config_from_hf_dict(doc, str(hf_dir / CONFIG_FILE))
+    _pad_vocab(hf_dir, config, hf_state)
     state = from_hf_state_dict(config, hf_state, where=str(hf_dir))
     if not math.isclose(embedding_scale, 1.0 / config.embed_std, rel_tol=1e-9):
         embed = state["embed_tokens.weight"]
         state["embed_tokens.weight"] = (embed.double() * (embedding_scale * config.embed_std)).to(embed.dtype)
-    return save_checkpoint(out_dir, config, state, meta={**meta, "imported_from": str(hf_dir.resolve())})
+    return config, state, meta
+
+
+def import_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """Write the transformers ``HrmTextForCausalLM`` directory ``hf_dir`` as our checkpoint
+    ``out_dir`` (atomically; an existing non-empty ``out_dir`` is an error), with a copy of
+    its ``tokenizer.json`` unless it was exported with the byte tokenizer (see :func:`read_hf_model`)."""
+    hf_dir = Path(hf_dir)
+    config, state, meta = read_hf_model(hf_dir)
+    tokenizer = hf_dir / TOKENIZER_FILE
+    copy = meta.get("tokenizer") != "byte" and tokenizer.is_file()
+    if copy:
+        meta = {**meta, "tokenizer": TOKENIZER_FILE}
+    return save_checkpoint(
+        out_dir,
+        config,
+        state,
+        meta={**meta, "imported_from": str(hf_dir.resolve())},
+        extra=(lambda tmp: shutil.copyfile(tokenizer, tmp / TOKENIZER_FILE)) if copy else None,
+    )
 
 
 def load_transformers_model(hf_dir: str | os.PathLike, *, dtype: torch.dtype = torch.float32):
@@ -318,5 +461,6 @@ __all__ = [
     "hf_config_dict",
     "import_hf",
     "load_transformers_model",
+    "read_hf_model",
     "to_hf_state_dict",
 ]
