@@ -7,19 +7,19 @@ from pathlib import Path
 
 import torch
 
-from hrm.checkpoint import load_model, read_config, resolve_checkpoint
-from hrm.data import load_tokenizer, read_jsonl, task_samples
+from hrm.checkpoint import load_checkpoint_tokenizer, load_model, read_config, resolve_checkpoint
+from hrm.data import read_jsonl, read_pretokenized, task_samples
 from hrm.errors import HrmError
 from hrm.inference import exact_match, generate
 
 _FORMATTER = argparse.ArgumentDefaultsHelpFormatter
 
 
-def _load(path: str, ema: bool, backend: str | None):
-    """``(model, tokenizer, meta)`` of a checkpoint or run directory."""
+def _load(path: str, ema: bool, backend: str | None, tokenizer: str | None = None):
+    """``(model, tokenizer, meta)`` of a checkpoint or run directory (``tokenizer``: ``--tokenizer``)."""
     ckpt = resolve_checkpoint(path)
     _, meta = read_config(ckpt)
-    tokenizer = load_tokenizer(meta.get("tokenizer", "byte"))
+    tokenizer = load_checkpoint_tokenizer(ckpt, meta, tokenizer)
     model = load_model(ckpt, ema=ema, backend=backend).eval()
     if tokenizer.vocab_size > model.config.padded_vocab_size:
         raise HrmError(
@@ -39,7 +39,7 @@ def _generate(args: argparse.Namespace) -> int:
             raise HrmError(f"cannot read --prompts-file {args.prompts_file}: {e}") from None
     if not prompts or any(not p for p in prompts):
         raise HrmError("give at least one non-empty --prompt (or --prompts-file)")
-    model, tok, _ = _load(args.checkpoint, args.ema, args.backend)
+    model, tok, _ = _load(args.checkpoint, args.ema, args.backend, args.tokenizer)
     generator = torch.Generator().manual_seed(args.seed)
     answers = generate(
         model,
@@ -55,15 +55,20 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    model, tok, meta = _load(args.checkpoint, args.ema, args.backend)
-    if args.data:
-        samples, _ = read_jsonl(args.data, tok)
+    model, tok, meta = _load(args.checkpoint, args.ema, args.backend, args.tokenizer)
+    recorded = meta.get("eval_data") or meta.get("train_config", {}).get("eval_data")
+    data = args.data or (None if args.task else recorded)
+    if data:
+        vocab = model.config.vocab_size
+        samples, _ = read_pretokenized(data, 0, vocab) if Path(data).is_dir() else read_jsonl(data, tok)
         samples = samples[: args.samples]
-        source = args.data
+        source = data if args.data else f"{data} (the run's --eval-data)"
     else:
         task = args.task or meta.get("task")
         if not task:
-            raise HrmError("the checkpoint does not record a task; pass --task NAME or --data FILE.jsonl")
+            raise HrmError(
+                "the checkpoint records neither a task nor --eval-data; pass --task NAME or --data FILE.jsonl"
+            )
         samples = task_samples(task, args.samples, "heldout", tok, seed=args.seed)
         source = f"task {task} (held-out)"
     if not samples:
@@ -77,6 +82,11 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="a checkpoint directory, or a training run's --out directory (uses its latest)")
     p.add_argument("--ema", action="store_true", help="use the EMA weights")
     p.add_argument("--backend", default="auto", help="kernel backend: auto, torch, compile, cpu, triton, cuda")
+    p.add_argument(
+        "--tokenizer",
+        metavar="PATH",
+        help="'byte' or a tokenizer.json (default: the checkpoint's own copy, or what it recorded)",
+    )
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -95,7 +105,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     _common(e)
     src = e.add_mutually_exclusive_group()
     src.add_argument("--task", help="a built-in task (its held-out split); default: the task the model was trained on")
-    src.add_argument("--data", help='a JSONL file of {"instruction", "response"} objects')
+    src.add_argument(
+        "--data",
+        help='a JSONL file of {"instruction", "response"} objects (default: the run\'s --eval-data, if it had one)',
+    )
     e.add_argument("--samples", type=int, default=500, help="how many samples to evaluate")
     e.add_argument("--seed", type=int, default=0, help="seed of the held-out task split")
     e.add_argument("--batch-size", type=int, default=64)
