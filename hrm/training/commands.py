@@ -57,6 +57,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     _option(model, "tokenizer", "'byte' or a path to a tokenizer.json")
     _option(model, "backend", "kernel backend (torch, compile, triton, cuda, auto)")
+    _option(
+        model,
+        "init_from",
+        "start from these weights with a fresh optimizer (fine-tuning): a checkpoint or run directory, a "
+        "transformers export, or a reference state dict file (.safetensors/.pt); the tokenizer defaults to theirs",
+        metavar="PATH",
+    )
 
     data = p.add_argument_group("data (one source; the default is the task " + DEFAULT_TASK + ")")
     _option(data, "task", f"built-in task: {', '.join(TASKS)}")
@@ -161,6 +168,10 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
     if any(k in given for k in _SOURCES):
         given.update({k: None for k in _SOURCES if k not in given})
     if args.resume is None:
+        if "init_from" in given and "tokenizer" not in given:
+            from hrm.training.init_from import init_tokenizer
+
+            given["tokenizer"] = init_tokenizer(given["init_from"]) or _DEFAULTS.tokenizer
         return TrainConfig(**given)
     given.setdefault("out", args.resume)
     return resume_config(args.resume).replace(**given)

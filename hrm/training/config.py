@@ -23,7 +23,18 @@ DEFAULT_TASK = "add"
 
 #: Fields a resumed run may change; every other field must equal the checkpoint's.
 RESUMABLE_CHANGES = frozenset(
-    {"out", "backend", "save_every", "eval_every", "eval_samples", "eval_data", "log_every", "parallel", "dist_timeout"}
+    {
+        "out",
+        "backend",
+        "save_every",
+        "eval_every",
+        "eval_samples",
+        "eval_data",
+        "log_every",
+        "parallel",
+        "dist_timeout",
+        "steps",  # more steps extend the run; the schedules follow the new length (README, "Fine-tuning")
+    }
 )
 
 
@@ -36,6 +47,7 @@ class TrainConfig:
     model_overrides: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields over the preset
     tokenizer: str = "byte"  # "byte" or a path to a tokenizer.json
     backend: str = "torch"
+    init_from: str | None = None  # start from these weights (a checkpoint, run, transformers dir or reference file)
     # data: exactly one of task / data / pretokenized
     task: str | None = None  # a built-in task; DEFAULT_TASK when no other source is given
     data: str | None = None  # a JSONL file of {"instruction", "response"}

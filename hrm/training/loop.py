@@ -11,6 +11,7 @@ Output directory::
     OUT/metrics.png                             loss / accuracy / exact-match against step
     OUT/checkpoints/step_NNNNNNNN/              hrm checkpoints (model, EMA, config + meta)
                      .../train_state.pt         optimizer, EMA count, loader, RNG, metric window
+                     .../tokenizer.json         a copy of --tokenizer (not for the byte tokenizer)
     OUT/checkpoints/latest                      the name of the newest complete checkpoint
 
 Under ``torchrun`` the checkpoints are sharded (hrm.checkpoint): ``dcp/`` holds model,
@@ -58,8 +59,10 @@ from tqdm import tqdm
 from hrm import profiling
 from hrm.checkpoint import (
     LATEST_FILE,
+    TOKENIZER_FILE,
     check_state_dict,
     is_sharded,
+    load_checkpoint_tokenizer,
     load_sharded,
     load_state,
     read_config,
@@ -253,6 +256,14 @@ def resume_config(out: str | os.PathLike) -> TrainConfig:
     return TrainConfig.from_dict(meta["train_config"])
 
 
+def checkpoint_step(path: Path) -> int:
+    """The step a training checkpoint was written at."""
+    step = read_config(path)[1].get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise CheckpointError(f"{path}: not a training checkpoint (its meta has no step)")
+    return step
+
+
 def check_resumable(saved: TrainConfig, cfg: TrainConfig) -> None:
     """ConfigError naming the first setting that a resumed run may not change."""
     if saved.source != cfg.source:
@@ -356,8 +367,11 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> dict[str
             raise ConfigError(f"--resume {resume} and --out {cfg.out} must name the same directory")
         check_resumable(resume_config(out), cfg)
         ckpt_path = latest_checkpoint(out)
-        if read_config(ckpt_path)[1]["step"] >= cfg.steps:
-            raise HrmError(f"{out}: the run already finished its {cfg.steps} steps; nothing to resume")
+        step = checkpoint_step(ckpt_path)
+        if step == cfg.steps:
+            raise HrmError(f"{out}: the run already finished its {cfg.steps} steps; give more with --steps N")
+        if step > cfg.steps:
+            raise ConfigError(f"{out} is at step {step}; --steps {cfg.steps} would not continue it")
     elif (out / CHECKPOINTS / LATEST_FILE).exists():
         raise ConfigError(f"{out} already holds a training run; continue it with --resume {out} or pick another --out")
 
@@ -389,7 +403,58 @@ def _restore(
 ) -> tuple[int, _Window]:
     """Load a training checkpoint into the run's objects (after :func:`parallelize`); returns
     ``(step, metric window)``. A sharded checkpoint loads into any world size and wrapping; a
-    single-process one is loaded whole on every rank and, under FSDP, sharded."""
+    single-process one is loaded whole on every rank and, under FSDP, sharded. A damaged or
+    missing training state is a :class:`CheckpointError`."""
+    saved_model_cfg, meta = read_config(path)
+    if saved_model_cfg != model.config:
+        field = next(k for k, v in model.config.to_dict().items() if saved_model_cfg.to_dict()[k] != v)
+        raise ConfigError(
+            f"cannot resume: model {field} is {getattr(model.config, field)!r} but the checkpoint "
+            f"has {getattr(saved_model_cfg, field)!r}"
+        )
+    state = read_train_state(path, env.device)
+    try:
+        _apply_train_state(path, state, model, optimizer, ema, env)
+        loader.load_state_dict(state["loader"])
+        set_rng_state(state["rng"])
+        window = _Window(state["window"])
+    except HrmError:
+        raise
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and env.world_size > 1:
+            raise  # may be a lost rank: train() names it
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"{path / TRAIN_STATE}: damaged training state ({reason}); {_OTHER_CHECKPOINT}") from e
+    return int(meta["step"]), window
+
+
+_OTHER_CHECKPOINT = "resume from an earlier checkpoint named in checkpoints/latest, or start anew with --init-from"
+_TRAIN_STATE_KEYS = ("ema_updates", "loader", "window", "rng")
+
+
+def read_train_state(path: Path, device: torch.device) -> dict[str, Any]:
+    """``train_state.pt`` of checkpoint ``path``; missing, unreadable or incomplete is a
+    :class:`CheckpointError` (one line)."""
+    file = path / TRAIN_STATE
+    if not file.is_file():
+        raise CheckpointError(f"{file} is missing, so the run cannot continue from it; {_OTHER_CHECKPOINT}")
+    try:
+        state = torch.load(file, map_location=device, weights_only=True)
+    except Exception as e:  # torch.load raises many types (zip, pickle, OS, EOF) for damaged files
+        raise CheckpointError(
+            f"{file}: cannot read the training state (truncated or damaged: {type(e).__name__}); {_OTHER_CHECKPOINT}"
+        ) from None
+    keys = _TRAIN_STATE_KEYS if is_sharded(path) else (*_TRAIN_STATE_KEYS, "optimizer")
+    missing = [k for k in keys if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CheckpointError(f"{file}: not a training state (no {', '.join(missing)}); {_OTHER_CHECKPOINT}")
+    return state
+
+
+def _apply_train_state(
+    path: Path, state: dict[str, Any], model: HRMText, optimizer: AdamAtan2, ema: EMA, env: Dist
+) -> None:
+    """Model, optimizer and EMA of checkpoint ``path`` into the run's objects (see :func:`_restore`)."""
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         get_model_state_dict,
@@ -398,14 +463,6 @@ def _restore(
         set_optimizer_state_dict,
     )
 
-    saved_model_cfg, meta = read_config(path)
-    if saved_model_cfg != model.config:
-        field = next(k for k, v in model.config.to_dict().items() if saved_model_cfg.to_dict()[k] != v)
-        raise ConfigError(
-            f"cannot resume: model {field} is {getattr(model.config, field)!r} but the checkpoint "
-            f"has {getattr(saved_model_cfg, field)!r}"
-        )
-    state = torch.load(path / TRAIN_STATE, map_location=env.device, weights_only=True)
     if is_sharded(path):
         optimizer.init_state()
         sharded = {
@@ -430,14 +487,14 @@ def _restore(
             by_name = _optimizer_state_by_name(state["optimizer"], optimizer, model)
             set_optimizer_state_dict(model, optimizer, by_name, options=whole)
         ema.load_state_dict({k: v.to(env.device) for k, v in load_state(path, ema=True).items()}, state["ema_updates"])
-    loader.load_state_dict(state["loader"])
-    set_rng_state(state["rng"])
-    return int(meta["step"]), _Window(state["window"])
 
 
 def _train(cfg: TrainConfig, out: Path, ckpt_path: Path | None, env: Dist) -> dict[str, Any]:
     seed_everything(cfg.seed)
-    tokenizer = load_tokenizer(cfg.tokenizer)
+    # a resumed run reads the copy of its tokenizer in the checkpoint: it works from any directory
+    tokenizer = load_checkpoint_tokenizer(ckpt_path, read_config(ckpt_path)[1]) if ckpt_path else None
+    tokenizer = tokenizer or load_tokenizer(cfg.tokenizer)
+    tokenizer_file = None if tokenizer.spec == "byte" else Path(tokenizer.spec).read_bytes()
     model_cfg = cfg.model_config(tokenizer.vocab_size)
     train_samples, heldout, described = load_samples(cfg, tokenizer, model_cfg.vocab_size)
     loader = PackedLoader(
@@ -449,6 +506,13 @@ def _train(cfg: TrainConfig, out: Path, ckpt_path: Path | None, env: Dist) -> di
         too_long=cfg.too_long,
     )
     model = HRMText(model_cfg, backend=cfg.backend).to(env.device)
+    initialised = ""
+    if cfg.init_from is not None and ckpt_path is None:
+        from hrm.training.init_from import init_weights
+
+        weights, described_init = init_weights(cfg.init_from, model_cfg)
+        model.load_state_dict(weights)
+        initialised = f"; weights from {described_init}"
     net = parallelize(model, env, cfg.parallel, cfg.precision)
     sharded_params = env.world_size > 1 and cfg.parallel == "fsdp"
     optimizer = AdamAtan2(
@@ -478,6 +542,7 @@ def _train(cfg: TrainConfig, out: Path, ckpt_path: Path | None, env: Dist) -> di
             f"{loader.num_samples} samples in rows of {cfg.batch_tokens} tokens "
             f"({loader.packing_efficiency:.1%} full, {loader.stats.skipped_too_long} too long), "
             f"{cfg.global_rows} rows per step, {env.world_size} x {env.device.type}{parallel}, backend {model.backend}"
+            + initialised
             + (f"; resuming after step {start}" if start else ""),
             file=sys.stderr,
         )
@@ -496,12 +561,19 @@ def _train(cfg: TrainConfig, out: Path, ckpt_path: Path | None, env: Dist) -> di
         }
         meta = {
             "step": step,
-            "tokenizer": tokenizer.spec,
+            "tokenizer": "byte" if tokenizer_file is None else TOKENIZER_FILE,
             "task": cfg.task,
+            "eval_data": cfg.eval_data and str(Path(cfg.eval_data).resolve()),  # what hrm eval falls back to
             "train_config": cfg.to_dict(),
             "train_flops": flops,
         }
         name = f"step_{step:08d}"
+
+        def extra(tmp: Path) -> None:
+            torch.save(train_state, tmp / TRAIN_STATE)
+            if tokenizer_file is not None:
+                (tmp / TOKENIZER_FILE).write_bytes(tokenizer_file)
+
         if env.world_size == 1:
             train_state["optimizer"] = optimizer.state_dict()
             save_checkpoint(
@@ -510,7 +582,7 @@ def _train(cfg: TrainConfig, out: Path, ckpt_path: Path | None, env: Dist) -> di
                 model.state_dict(),
                 ema_state_dict=ema.state_dict(),
                 meta=meta,
-                extra=lambda tmp: torch.save(train_state, tmp / TRAIN_STATE),
+                extra=extra,
                 overwrite=True,
             )
         else:
@@ -527,7 +599,7 @@ def _train(cfg: TrainConfig, out: Path, ckpt_path: Path | None, env: Dist) -> di
                 model_cfg,
                 sharded,
                 meta={**meta, "world_size": env.world_size, "parallel": cfg.parallel},
-                extra=lambda tmp: torch.save(train_state, tmp / TRAIN_STATE),
+                extra=extra,
                 is_main=env.is_main,
             )
         if env.is_main:
