@@ -302,17 +302,31 @@ def load_sharded(path: str | os.PathLike, state: dict[str, Any]) -> None:
     objects: any world size, DTensors or whole tensors) from sharded checkpoint ``path``;
     tensors are loaded in place. Every rank calls this; without a process group one process
     reads every shard."""
+    import logging
+
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
 
     if not is_sharded(path):
         raise CheckpointError(f"{path}: not a sharded checkpoint ({SHARDED_DIR}/ is missing)")
+
+    # DCP logs a damaged file's tracebacks as warnings on the root logger; the error below names it
+    def quiet(record: logging.LogRecord) -> bool:
+        return "distributed/checkpoint" not in record.pathname.replace(os.sep, "/")
+
+    logging.getLogger().addFilter(quiet)
     try:
         with warnings.catch_warnings():  # one process reading every shard is intended, not a slip
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             dcp.load(state, checkpoint_id=Path(path) / SHARDED_DIR, no_dist=not dist.is_initialized())
-    except Exception as e:  # DCP wraps per-rank failures in CheckpointException
-        raise CheckpointError(f"{path}: cannot load the sharded checkpoint ({str(e).strip().splitlines()[0]})") from e
+    except (Exception, CheckpointException) as e:  # CheckpointException (a BaseException) wraps per-rank failures
+        failures = getattr(e, "failures", None)
+        cause = next(iter(failures.values()))[0] if failures else e
+        reason = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+        raise CheckpointError(f"{path}: cannot load the sharded checkpoint ({reason})") from e
+    finally:
+        logging.getLogger().removeFilter(quiet)
 
 
 def consolidate(path: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False) -> Path:

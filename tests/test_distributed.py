@@ -218,6 +218,38 @@ def test_sharded_checkpoint_resumes_in_one_rank(runs, tmp_path):
     assert max_relative_difference(load_state(final), final_weights(runs["fsdp"], tmp_path)) <= TOLERANCE
 
 
+def _truncate(file: Path) -> None:
+    file.write_bytes(file.read_bytes()[:100])
+
+
+SHARDED_DAMAGE = {
+    "metadata truncated": (lambda c: _truncate(c / "dcp" / ".metadata"), "cannot load the sharded checkpoint"),
+    "shard deleted": (lambda c: (c / "dcp" / "__1_0.distcp").unlink(), "__1_0.distcp"),
+    "dcp deleted": (lambda c: shutil.rmtree(c / "dcp"), "written sharded, but its dcp/ is missing"),
+    "train_state deleted": (lambda c: (c / "train_state.pt").unlink(), "train_state.pt is missing"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", list(SHARDED_DAMAGE))
+def test_damaged_sharded_checkpoint_is_one_line_and_exit_2(runs, tmp_path, damage):
+    resumed = rewind(runs["fsdp"], tmp_path / "resumed", 3)
+    ckpt = resumed / "checkpoints" / "step_00000003"
+    spoil, message = SHARDED_DAMAGE[damage]
+    spoil(ckpt)
+    result = subprocess.run(
+        [sys.executable, "-m", "hrm", "train", "--resume", str(resumed)],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr[-3000:]
+    assert lines[0].startswith(f"hrm train: error: {ckpt}") and message in lines[0]
+
+
 @pytest.mark.slow
 def test_single_process_checkpoint_resumes_under_fsdp(runs, tmp_path):
     resumed = rewind(runs["single"], tmp_path / "resumed", 3)

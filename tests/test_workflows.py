@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 from hrm.checkpoint import load_model, load_state, read_config, save_checkpoint
+from hrm.cli import main
 from hrm.config import ModelConfig
 from hrm.data import HFTokenizer, load_tokenizer, read_jsonl
 from hrm.inference import generate
@@ -151,13 +152,21 @@ DAMAGE = {
 
 @pytest.mark.slow
 @pytest.mark.parametrize("damage", list(DAMAGE))
-def test_resume_from_a_damaged_checkpoint_is_one_line_and_exit_2(project, tmp_path, damage):
+def test_resume_from_a_damaged_checkpoint_is_one_line_and_exit_2(project, tmp_path, capsys, monkeypatch, damage):
+    """The first case as a subprocess; the others through the same entry point in this process."""
     run = shutil.copytree(project / "runs/bpe", tmp_path / "run")
     ckpt = run / "checkpoints" / f"step_{STEPS:08d}"
     spoil, message = DAMAGE[damage]
     spoil(ckpt / "train_state.pt")
     before = sorted(p.name for p in ckpt.iterdir())
-    error = one_line_error(hrm("train", "--resume", str(run), "--steps", "40", cwd=project), "train")
+    argv = ["train", "--resume", str(run), "--steps", "40"]
+    if damage == next(iter(DAMAGE)):
+        result = hrm(*argv, cwd=project)
+    else:
+        monkeypatch.chdir(project)  # where the run's relative data paths resolve
+        code = main(argv)
+        result = subprocess.CompletedProcess(argv, code, "", capsys.readouterr().err)
+    error = one_line_error(result, "train")
     assert message in error and str(ckpt) in error
     assert sorted(p.name for p in ckpt.iterdir()) == before  # nothing written, nothing lost
     assert (run / "checkpoints/latest").read_text().strip() == ckpt.name

@@ -59,6 +59,7 @@ from tqdm import tqdm
 from hrm import profiling
 from hrm.checkpoint import (
     LATEST_FILE,
+    SHARDED_DIR,
     TOKENIZER_FILE,
     check_state_dict,
     is_sharded,
@@ -406,6 +407,8 @@ def _restore(
     single-process one is loaded whole on every rank and, under FSDP, sharded. A damaged or
     missing training state is a :class:`CheckpointError`."""
     saved_model_cfg, meta = read_config(path)
+    if meta.get("sharded") and not is_sharded(path):
+        raise CheckpointError(f"{path}: written sharded, but its {SHARDED_DIR}/ is missing; {_OTHER_CHECKPOINT}")
     if saved_model_cfg != model.config:
         field = next(k for k, v in model.config.to_dict().items() if saved_model_cfg.to_dict()[k] != v)
         raise ConfigError(
