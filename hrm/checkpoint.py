@@ -332,7 +332,7 @@ def load_sharded(path: str | os.PathLike, state: dict[str, Any]) -> None:
 def consolidate(path: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Write sharded checkpoint ``path`` (or a run directory's latest) as a single-file
     checkpoint ``out`` (model and EMA weights, ``config.json`` with the same meta) in one
-    process; the optimizer state stays behind (resume from the sharded one)."""
+    process, with its tokenizer copy; the optimizer state stays behind (resume from the sharded one)."""
     path = resolve_checkpoint(path)
     config, meta = read_config(path)
     if not is_sharded(path):
@@ -344,11 +344,13 @@ def consolidate(path: str | os.PathLike, out: str | os.PathLike, *, overwrite: b
     }
     load_sharded(path, state)
     meta = {k: v for k, v in meta.items() if k != "sharded"}
+    tokenizer = path / TOKENIZER_FILE
     return save_checkpoint(
         out,
         config,
         state["model"],
         ema_state_dict=state["ema"],
         meta={**meta, "consolidated_from": str(path)},
+        extra=(lambda tmp: shutil.copyfile(tokenizer, tmp / TOKENIZER_FILE)) if tokenizer.is_file() else None,
         overwrite=overwrite,
     )
