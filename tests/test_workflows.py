@@ -52,6 +52,15 @@ PROMPTS = ["12+34", "907+88", "5+7"]
 pytest.importorskip("tokenizers")
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """In-process models use one thread, as the subprocesses do (see ENV)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def hrm(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "hrm", *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=300
