@@ -58,6 +58,14 @@ class SourceStats:
 # -- JSONL ------------------------------------------------------------------------------
 
 
+def _json_column(e: json.JSONDecodeError) -> str:
+    """Where on its line a JSON error is, as an editor counts (1-based characters)."""
+    end = e.doc.find("\n", e.pos)
+    if e.pos >= (len(e.doc) if end < 0 else end):
+        return "at the end of the line"
+    return f"at column {e.colno}"
+
+
 def read_jsonl(path: str | Path, tokenizer: Tokenizer) -> tuple[list[Sample], SourceStats]:
     """Read ``{"instruction": ..., "response": ...}`` lines; see the module docstring.
 
@@ -82,10 +90,11 @@ def read_jsonl(path: str | Path, tokenizer: Tokenizer) -> tuple[list[Sample], So
                 raise DataError(f"{where} invalid UTF-8 at byte {e.start} of the line") from None
             if not line.strip():
                 continue
+            line = line.rstrip("\r\n")  # so that an error at the end of the line is not "line 2, column 1"
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f"{where} malformed JSON: {e.msg} at column {e.colno}") from None
+                raise DataError(f"{where} malformed JSON: {e.msg} {_json_column(e)}") from None
             except RecursionError:
                 raise DataError(f"{where} malformed JSON: nested too deeply") from None
             if not isinstance(record, dict):
@@ -126,7 +135,7 @@ def _load_json_object(path: Path) -> dict:
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{e.lineno}: malformed JSON: {e.msg}") from None
+        raise DataError(f"{path}:{e.lineno}: malformed JSON: {e.msg} {_json_column(e)}") from None
     if not isinstance(obj, dict):
         raise DataError(f"{path}: expected a JSON object, got {type(obj).__name__}")
     return obj

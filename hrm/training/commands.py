@@ -3,7 +3,8 @@
 Every option maps to a :class:`~hrm.training.config.TrainConfig` field. Options are
 ``None`` unless given, so that ``--resume DIR`` can start from the run's saved config and
 apply only what the command line states (a changed setting that a resumed run may not
-change is an error naming it).
+change is an error naming it). ``--config FILE`` (TOML, or YAML with PyYAML installed) gives
+the same fields as a file; flags override it.
 """
 
 from __future__ import annotations
@@ -12,11 +13,14 @@ import argparse
 import dataclasses
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from hrm.config import ARCHS, PRESETS
 from hrm.data import TASKS
-from hrm.training.config import DEFAULT_TASK, TrainConfig, parse_override
+from hrm.errors import ConfigError
+from hrm.ops.dispatch import BACKENDS
+from hrm.training.config import DEFAULT_TASK, LOGGERS, TrainConfig, parse_override
 
 _DEFAULTS = TrainConfig()
 _SOURCES = ("task", "data", "pretokenized")
@@ -25,7 +29,8 @@ _SOURCES = ("task", "data", "pretokenized")
 def _option(parser: argparse._ActionGroup, field: str, help: str, **kwargs: Any) -> None:
     """``--field-name`` for TrainConfig ``field``; the help shows the dataclass default."""
     default = getattr(_DEFAULTS, field)
-    shown = " ".join(map(str, default)) if isinstance(default, tuple) else "none" if default is None else default
+    shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
+    shown = "none" if shown is None or shown == "" else shown
     parser.add_argument(
         "--" + field.replace("_", "-"), dest=field, default=None, help=f"{help} (default: {shown})", **kwargs
     )
@@ -38,6 +43,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Train an HRM-Text model. Writes metrics.jsonl, metrics.png and checkpoints to --out; "
         "the last line printed is the held-out exact match. Under torchrun the ranks share each step's "
         "--global-rows rows (DDP or FSDP2, see --parallel).",
+    )
+    p.add_argument(
+        "--config",
+        dest="config_file",
+        metavar="FILE",
+        help="read the run's settings from a TOML (or, with PyYAML installed, YAML) file whose keys are these "
+        "options' names (preset = 'tiny', batch_tokens = 256, override = ['hidden_size=128']); flags given too "
+        "override it",
     )
     model = p.add_argument_group("model")
     _option(model, "preset", f"model size: {', '.join(PRESETS)}")
@@ -56,7 +69,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "its stacks); same as --override arch=NAME (default: the preset's, hrm)",
     )
     _option(model, "tokenizer", "'byte' or a path to a tokenizer.json")
-    _option(model, "backend", "kernel backend (torch, compile, triton, cuda, auto)")
+    _option(model, "backend", f"kernel backend: auto, {', '.join(BACKENDS)} (auto: the first that runs here)")
     _option(
         model,
         "init_from",
@@ -91,7 +104,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     _option(opt, "lr", "peak learning rate", type=float)
     _option(opt, "min_lr_ratio", "final learning rate as a fraction of --lr (cosine decay)", type=float)
-    _option(opt, "warmup_steps", "linear learning-rate warmup steps", type=int)
+    _option(
+        opt,
+        "warmup_steps",
+        "linear learning-rate warm-up steps; one that would take the whole run is cut to 10%% of it, with a warning",
+        type=int,
+    )
+    _option(
+        opt,
+        "warmup_fraction",
+        "warm-up as a fraction of --steps instead, e.g. 0.05",
+        type=float,
+        metavar="F",
+    )
     _option(opt, "weight_decay", "decoupled weight decay on matrices", type=float)
     _option(opt, "betas", "Adam-atan2 betas", type=float, nargs=2, metavar=("B1", "B2"))
     _option(opt, "ema_decay", "parameter EMA decay (evaluation and export use the EMA)", type=float)
@@ -109,6 +134,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _option(run, "eval_every", "evaluate on held-out data every N steps (0: only at the end)", type=int, metavar="N")
     _option(run, "eval_samples", "held-out samples per evaluation", type=int, metavar="N")
     _option(run, "save_every", "checkpoint every N steps (0: only at the end)", type=int, metavar="N")
+    _option(run, "keep_checkpoints", "keep the newest N checkpoints, delete older ones", type=int, metavar="N")
+    _option(
+        run,
+        "log_to",
+        "also log metrics to these backends (each optional, installed separately: pip install tensorboard / "
+        "wandb); metrics.jsonl is always written",
+        nargs="+",
+        choices=LOGGERS,
+    )
+    _option(
+        run,
+        "progress_every",
+        "when stderr is not a terminal (nohup, SLURM, CI): seconds between plain progress lines, printed at "
+        "logged steps (0: every logged step)",
+        type=float,
+        metavar="S",
+    )
     run.add_argument(
         "--resume",
         metavar="DIR",
@@ -116,6 +158,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="continue the run in DIR from its latest checkpoint (default: start a new run)",
     )
     p.set_defaults(func=run_train)
+
+    presets = subparsers.add_parser(
+        "presets",
+        help="list the model presets with their sizes",
+        description="The named model sizes hrm train --preset takes, with their shapes and parameter counts "
+        "(at the preset's vocabulary; the byte tokenizer's is 260).",
+    )
+    presets.set_defaults(func=run_presets)
 
     c = subparsers.add_parser(
         "consolidate",
@@ -152,19 +202,80 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     b.set_defaults(func=run_pack_balance)
 
 
+def read_config_file(path: str) -> dict[str, Any]:
+    """The TrainConfig fields a ``--config`` file sets (keys as the flags' names, ``-`` or ``_``;
+    ``override`` a list of ``FIELD=VALUE`` or a table)."""
+    file = Path(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read: {e}") from None
+    if file.suffix in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise ConfigError(f"{path}: a YAML config needs PyYAML (pip install pyyaml), or write it as TOML") from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: malformed YAML: {' '.join(str(e).split())}") from None
+    elif file.suffix == ".toml":
+        try:
+            import tomllib
+        except ImportError:  # Python 3.10
+            try:
+                import tomli as tomllib
+            except ImportError:
+                raise ConfigError(f"{path}: reading TOML on Python 3.10 needs tomli (pip install tomli)") from None
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: malformed TOML: {e}") from None
+    else:
+        raise ConfigError(f"{path}: a config file is .toml (or .yaml / .yml with PyYAML installed)")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a table of settings, got {type(data).__name__}")
+    data = {str(k).replace("-", "_"): v for k, v in data.items()}
+    if "override" in data:
+        data["model_overrides"] = data.pop("override")
+    if isinstance(data.get("model_overrides"), list):
+        data["model_overrides"] = dict(parse_override(str(text)) for text in data["model_overrides"])
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(data) - fields)
+    if unknown:
+        raise ConfigError(f"{path}: unknown setting(s) {', '.join(unknown)}; see hrm train --help")
+    return data
+
+
 def build_config(args: argparse.Namespace) -> TrainConfig:
-    """The TrainConfig the arguments describe (on ``--resume``: the saved one, updated)."""
+    """The TrainConfig the arguments describe: the ``--config`` file's settings, the flags over
+    them (on ``--resume``: the saved config, updated with both)."""
     from hrm.training.loop import resume_config
 
-    given = {
+    flags = {
         f.name: getattr(args, f.name)
         for f in dataclasses.fields(TrainConfig)
         if getattr(args, f.name, None) is not None
     }
-    if "model_overrides" in given:
-        given["model_overrides"] = dict(parse_override(text) for text in given["model_overrides"])
+    if "model_overrides" in flags:
+        flags["model_overrides"] = dict(parse_override(text) for text in flags["model_overrides"])
     if getattr(args, "arch", None) is not None:
-        given["model_overrides"] = {**given.get("model_overrides", {}), "arch": args.arch}
+        flags["model_overrides"] = {**flags.get("model_overrides", {}), "arch": args.arch}
+    config_file = getattr(args, "config_file", None)
+    given = read_config_file(config_file) if config_file else {}
+    if any(k in flags for k in _SOURCES):  # a source flag replaces the file's source
+        given = {k: v for k, v in given.items() if k not in _SOURCES}
+    if "warmup_steps" in flags or "warmup_fraction" in flags:  # so does a warm-up flag
+        given = {k: v for k, v in given.items() if k not in ("warmup_steps", "warmup_fraction")}
+    if "model_overrides" in flags:  # model overrides add up, the flags' last
+        flags["model_overrides"] = {**given.get("model_overrides", {}), **flags["model_overrides"]}
+    given.update(flags)
+    if given.get("warmup_fraction") is not None and given.get("warmup_steps") is not None:
+        raise ConfigError("give the warm-up as --warmup-steps or --warmup-fraction, not both")
+    if "warmup_steps" in given:
+        given["warmup_fraction"] = None
     if any(k in given for k in _SOURCES):
         given.update({k: None for k in _SOURCES if k not in given})
     if args.resume is None:
@@ -197,6 +308,25 @@ def run_train(args: argparse.Namespace) -> int:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
+    return 0
+
+
+def run_presets(args: argparse.Namespace) -> int:
+    import torch
+
+    from hrm.model import HRMText
+
+    print("preset  layers (H+L)  hidden  heads x dim  FFN    vocab   max seq  parameters")
+    for name, cfg in PRESETS.items():
+        with torch.device("meta"):
+            params = HRMText(cfg).num_parameters()
+        half = cfg.n_layers // 2 if cfg.arch == "hrm" else cfg.n_layers
+        layers = f"{cfg.n_layers} ({half}+{cfg.n_layers - half})" if cfg.arch == "hrm" else str(cfg.n_layers)
+        size = f"{params / 1e9:.2f}B" if params >= 1e9 else f"{params / 1e6:.2f}M"
+        print(
+            f"{name:6s}  {layers:12s}  {cfg.hidden_size:6d}  {cfg.num_heads:>3d} x {cfg.head_dim:<4d}  "
+            f"{cfg.intermediate_size:<5d}  {cfg.vocab_size:<6d}  {cfg.max_seq_len:<7d}  {size}"
+        )
     return 0
 
 

@@ -18,6 +18,7 @@ from hrm.errors import ConfigError
 Precision = Literal["fp32", "bf16"]
 TooLong = Literal["skip", "truncate"]
 Parallel = Literal["ddp", "fsdp"]
+LOGGERS = ("tensorboard", "wandb")
 
 DEFAULT_TASK = "add"
 
@@ -34,8 +35,13 @@ RESUMABLE_CHANGES = frozenset(
         "parallel",
         "dist_timeout",
         "steps",  # more steps extend the run; the schedules follow the new length (README, "Fine-tuning")
+        "keep_checkpoints",
+        "log_to",
+        "progress_every",
     }
 )
+#: A warm-up capped because it would take the whole run becomes this fraction of the run.
+CAPPED_WARMUP_FRACTION = 0.1
 
 
 @dataclass(frozen=True)
@@ -62,6 +68,7 @@ class TrainConfig:
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 100
+    warmup_fraction: float | None = None  # warm-up as a fraction of ``steps``; replaces warmup_steps when set
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
     ema_decay: float = 0.9999  # a ceiling: the EMA's warmup keeps it below 0.999 for the first 9000 steps
@@ -77,9 +84,13 @@ class TrainConfig:
     eval_every: int = 500  # 0: only the final evaluation
     eval_samples: int = 500
     save_every: int = 500  # 0: only the final checkpoint
+    keep_checkpoints: int = 2  # the newest N checkpoints are kept, older ones deleted
+    log_to: tuple[str, ...] = ()  # logging backends beside metrics.jsonl: "tensorboard", "wandb"
+    progress_every: float = 30.0  # seconds between plain progress lines when stderr is not a terminal
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "betas", tuple(self.betas))
+        object.__setattr__(self, "log_to", tuple(dict.fromkeys(self.log_to)))
         object.__setattr__(self, "model_overrides", dict(self.model_overrides))
         if self.task is None and self.data is None and self.pretokenized is None:
             object.__setattr__(self, "task", DEFAULT_TASK)
@@ -101,7 +112,15 @@ class TrainConfig:
         sources = [k for k in ("task", "data", "pretokenized") if getattr(self, k) is not None]
         if len(sources) > 1:
             fail(f"give one data source, not {' and '.join('--' + k for k in sources)}")
-        for name in ("steps", "batch_tokens", "train_samples", "log_every", "eval_samples", "dist_timeout"):
+        for name in (
+            "steps",
+            "batch_tokens",
+            "train_samples",
+            "log_every",
+            "eval_samples",
+            "dist_timeout",
+            "keep_checkpoints",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 fail(f"{name} must be a positive integer, got {value!r}")
@@ -129,6 +148,38 @@ class TrainConfig:
             fail(f"parallel must be 'ddp' or 'fsdp', got {self.parallel!r}")
         if self.too_long not in ("skip", "truncate"):
             fail(f"too_long must be 'skip' or 'truncate', got {self.too_long!r}")
+        if self.warmup_fraction is not None and not 0 <= self.warmup_fraction < 1:
+            fail(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
+        unknown = [name for name in self.log_to if name not in LOGGERS]
+        if unknown:
+            fail(f"unknown logging backend {unknown[0]!r}; known: {', '.join(LOGGERS)}")
+        if not self.progress_every >= 0:
+            fail(f"progress_every must be >= 0 seconds, got {self.progress_every}")
+
+    def warmup(self) -> tuple[int, str | None]:
+        """``(warm-up steps, warning or None)``: ``warmup_fraction * steps`` when the fraction is
+        set, else ``warmup_steps``. A warm-up that would take the whole run (the learning rate
+        never decays, or never reaches its peak) is capped to ``CAPPED_WARMUP_FRACTION`` of the
+        run; one longer than half the run is kept, with a warning."""
+        asked = round(self.warmup_fraction * self.steps) if self.warmup_fraction is not None else self.warmup_steps
+        what = (
+            f"--warmup-fraction {self.warmup_fraction:g} ({asked} steps)"
+            if self.warmup_fraction is not None
+            else f"--warmup-steps {asked}"
+        )
+        if asked >= self.steps:
+            capped = round(CAPPED_WARMUP_FRACTION * self.steps)
+            return capped, (
+                f"warm-up {what} would take the whole {self.steps}-step run (the learning rate would never "
+                f"{'reach its peak' if asked > self.steps else 'decay'}); using {capped} steps "
+                f"({CAPPED_WARMUP_FRACTION:.0%} of the run) instead"
+            )
+        if asked > self.steps / 2:
+            return asked, (
+                f"warm-up {what} is more than half the {self.steps}-step run; the learning rate decays only "
+                f"over the last {self.steps - asked} steps"
+            )
+        return asked, None
 
     def model_config(self, vocab_size: int) -> ModelConfig:
         """The preset with the tokenizer's ``vocab_size`` and then ``model_overrides`` applied."""
@@ -140,6 +191,7 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["betas"] = list(self.betas)
+        data["log_to"] = list(self.log_to)
         return data
 
     @classmethod
@@ -161,4 +213,4 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
-__all__ = ["TrainConfig", "RESUMABLE_CHANGES", "DEFAULT_TASK", "parse_override"]
+__all__ = ["TrainConfig", "RESUMABLE_CHANGES", "DEFAULT_TASK", "LOGGERS", "parse_override"]

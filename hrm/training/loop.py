@@ -18,7 +18,7 @@ Under ``torchrun`` the checkpoints are sharded (hrm.checkpoint): ``dcp/`` holds 
 optimizer and EMA, and ``train_state.pt`` the rest (rank 0's RNG).
 
 A checkpoint is written to a temporary directory and renamed into place, then ``latest``
-is replaced atomically, then all but the newest ``KEEP_CHECKPOINTS`` are deleted: a kill at
+is replaced atomically, then all but the newest ``keep_checkpoints`` are deleted: a kill at
 any moment leaves a complete checkpoint. Resuming restores everything the next step
 depends on, so on the CPU a resumed run's losses equal an uninterrupted run's bit for bit.
 
@@ -82,12 +82,12 @@ from hrm.data import (
     read_pretokenized,
     task_samples,
 )
-from hrm.errors import CheckpointError, ConfigError, HrmError
+from hrm.errors import CheckpointError, ConfigError, DataError, HrmError
 from hrm.flops import RowWork, train_step_flops
 from hrm.inference import exact_match
 from hrm.model import Block, HRMText
 from hrm.training.config import RESUMABLE_CHANGES, TrainConfig
-from hrm.training.metrics import MetricsLog, plot_metrics
+from hrm.training.metrics import Backends, MetricsLog, ProgressLines, plot_metrics
 from hrm.training.optim import EMA, AdamAtan2, local, lr_at, param_groups
 
 CHECKPOINTS = "checkpoints"
@@ -95,7 +95,6 @@ CHECKPOINTS = "checkpoints"
 # gloo raise plain RuntimeErrors, not DistError)
 _COMM_FAILURE = re.compile(r"timeout|timed out|closure|connection (closed|reset)|peer|nccl|gloo", re.IGNORECASE)
 TRAIN_STATE = "train_state.pt"
-KEEP_CHECKPOINTS = 2
 
 
 # -- processes -----------------------------------------------------------------------------
@@ -226,6 +225,10 @@ def load_samples(cfg: TrainConfig, tokenizer, vocab_size: int) -> tuple[list[Sam
         train, stats = read_jsonl(value, tokenizer)
     else:
         train, stats = read_pretokenized(value, 0, vocab_size)
+    if not stats.read:
+        raise DataError(f"{value}: empty (no samples in it)")
+    if not train:
+        raise DataError(f"{value}: every one of its {stats.read} records has an empty response; nothing to train on")
     skipped = f", {stats.skipped_empty_response} with an empty response skipped" if stats.skipped_empty_response else ""
     heldout: list[Sample] = []
     if cfg.eval_data is not None:
@@ -500,6 +503,12 @@ def _train(cfg: TrainConfig, out: Path, ckpt_path: Path | None, env: Dist) -> di
     tokenizer_file = None if tokenizer.spec == "byte" else Path(tokenizer.spec).read_bytes()
     model_cfg = cfg.model_config(tokenizer.vocab_size)
     train_samples, heldout, described = load_samples(cfg, tokenizer, model_cfg.vocab_size)
+    if train_samples and cfg.too_long == "skip" and all(s.packed_len > cfg.batch_tokens for s in train_samples):
+        longest = max(s.packed_len for s in train_samples)
+        raise DataError(
+            f"{described}: every sample is longer than a row of --batch-tokens {cfg.batch_tokens} (the longest has "
+            f"{longest} tokens); pass --too-long truncate, or --batch-tokens {longest} or more"
+        )
     loader = PackedLoader(
         train_samples,
         cfg.batch_tokens,
@@ -508,6 +517,7 @@ def _train(cfg: TrainConfig, out: Path, ckpt_path: Path | None, env: Dist) -> di
         num_rows=cfg.global_rows,
         too_long=cfg.too_long,
     )
+    warmup, warmup_warning = cfg.warmup()
     model = HRMText(model_cfg, backend=cfg.backend).to(env.device)
     initialised = ""
     if cfg.init_from is not None and ckpt_path is None:
@@ -533,12 +543,13 @@ def _train(cfg: TrainConfig, out: Path, ckpt_path: Path | None, env: Dist) -> di
     flops = 0 if ckpt_path is None else read_config(ckpt_path)[1].get("train_flops")
     num_params = model.num_parameters()
 
-    log = progress = None
+    log = progress = lines = backends = None
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
         (out / "model_config.json").write_text(json.dumps(model_cfg.to_dict(), indent=2) + "\n")
         log = MetricsLog(out / "metrics.jsonl", keep_through=start)
+        backends = Backends(cfg.log_to, out, cfg.to_dict(), resumed=start > 0)
         parallel = f" ({cfg.parallel}, {cfg.global_rows // env.world_size} rows per rank)" if env.world_size > 1 else ""
         print(
             f"hrm train: {cfg.preset} ({model.num_parameters() / 1e6:.2f}M parameters), {described}: "
@@ -549,7 +560,11 @@ def _train(cfg: TrainConfig, out: Path, ckpt_path: Path | None, env: Dist) -> di
             + (f"; resuming after step {start}" if start else ""),
             file=sys.stderr,
         )
+        if warmup_warning:
+            print(f"hrm train: warning: {warmup_warning}", file=sys.stderr)
         progress = tqdm(total=cfg.steps, initial=start, file=sys.stderr, unit="step", dynamic_ncols=True, disable=None)
+        if progress.disable:  # not a terminal: plain lines instead of a bar
+            lines = ProgressLines(cfg.steps, start, cfg.progress_every)
 
     checkpoints = out / CHECKPOINTS
 
@@ -607,7 +622,7 @@ def _train(cfg: TrainConfig, out: Path, ckpt_path: Path | None, env: Dist) -> di
             )
         if env.is_main:
             write_latest(checkpoints, name)
-            prune_checkpoints(checkpoints, KEEP_CHECKPOINTS)
+            prune_checkpoints(checkpoints, cfg.keep_checkpoints)
         if env.world_size > 1:
             dist.barrier()
 
@@ -643,7 +658,7 @@ def _train(cfg: TrainConfig, out: Path, ckpt_path: Path | None, env: Dist) -> di
         done = step + 1
         mine = loader.next_step(env.rank, env.world_size)
         bp = bp_steps_at(model_cfg, step, cfg.steps)
-        lr = lr_at(step, cfg.steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
+        lr = lr_at(step, cfg.steps, cfg.lr, warmup, cfg.min_lr_ratio)
         for group in optimizer.param_groups:
             group["lr"] = lr
         # DDP and FSDP average the ranks' gradients: each rank's loss sums count world_size times
@@ -692,6 +707,9 @@ def _train(cfg: TrainConfig, out: Path, ckpt_path: Path | None, env: Dist) -> di
                     "params": num_params,
                 }
                 log.write(record)
+                backends.write(record)
+                if lines is not None:
+                    lines.update(record)
                 progress.set_postfix(
                     loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}", bp=bp, refresh=False
                 )
@@ -701,6 +719,7 @@ def _train(cfg: TrainConfig, out: Path, ckpt_path: Path | None, env: Dist) -> di
             last_eval = run_evaluation()
             if env.is_main:
                 log.write({"step": done, **last_eval, "flops": flops})
+                backends.write({"step": done, **last_eval})
                 progress.write(
                     f"step {done}: held-out loss {last_eval['eval_loss']:.4f}, exact-match "
                     f"{last_eval['eval_exact_match']:.4f} (EMA)",
@@ -713,6 +732,7 @@ def _train(cfg: TrainConfig, out: Path, ckpt_path: Path | None, env: Dist) -> di
         return {"rank": env.rank, "world_size": env.world_size}
     progress.close()
     log.close()
+    backends.close()
     plot_metrics(out / "metrics.jsonl", out / "metrics.png")
     return {
         **record,

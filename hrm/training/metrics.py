@@ -13,8 +13,12 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
+
+from hrm.errors import ConfigError
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
@@ -55,6 +59,87 @@ class MetricsLog:
         self._file.close()
 
 
+class Backends:
+    """The optional logging backends beside ``metrics.jsonl`` (``--log-to``): TensorBoard
+    (``torch.utils.tensorboard``, event files in ``OUT/tensorboard``) and Weights & Biases
+    (project ``hrm``, the run named after ``OUT``; ``WANDB_*`` environment variables apply).
+    Each is imported only when asked for; one that is not installed is a ConfigError saying what
+    to install. Every numeric field of a metrics line is logged at its ``step``."""
+
+    def __init__(self, names: tuple[str, ...], out: Path, config: dict[str, Any], resumed: bool = False) -> None:
+        self._tb = self._wandb = None
+        if "tensorboard" in names:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ConfigError(
+                    "--log-to tensorboard needs the tensorboard package: pip install tensorboard"
+                ) from None
+            self._tb = SummaryWriter(log_dir=str(out / "tensorboard"))
+        if "wandb" in names:
+            try:
+                import wandb
+            except ImportError:
+                raise ConfigError("--log-to wandb needs the wandb package: pip install wandb") from None
+            self._wandb = wandb.init(
+                project=os.environ.get("WANDB_PROJECT", "hrm"),
+                name=out.name,
+                dir=str(out),
+                config=config,
+                resume="allow" if resumed else None,
+            )
+
+    def write(self, record: dict[str, Any]) -> None:
+        step = record["step"]
+        values = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
+        if self._tb is not None:
+            for key, value in values.items():
+                self._tb.add_scalar(key, value, step)
+        if self._wandb is not None:
+            self._wandb.log(values, step=step)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+class ProgressLines:
+    """Plain progress lines for a log file (stderr not a terminal: nohup, SLURM, CI), where a
+    progress bar prints nothing useful: at a logged step, one line when ``every`` seconds have
+    passed since the last (0: at every logged step), and at the last step::
+
+        step 120/1500 (8%) | loss 1.2345 | lr 3.00e-03 | 2450 tok/s | elapsed 0:00:25 | ETA 0:04:48
+    """
+
+    def __init__(self, total: int, start: int, every: float, stream: TextIO | None = None) -> None:
+        self.total, self.start, self.every = total, start, every
+        self.stream = stream or sys.stderr
+        self.begin = self.last = time.perf_counter()
+        self.printed = False
+
+    def update(self, record: dict[str, Any]) -> None:
+        now = time.perf_counter()
+        step = record["step"]
+        if step != self.total and self.printed and now - self.last < self.every:
+            return
+        self.last, self.printed = now, True
+        elapsed = now - self.begin
+        eta = elapsed / (step - self.start) * (self.total - step) if step > self.start else 0.0
+        print(
+            f"step {step}/{self.total} ({step / self.total:.0%}) | loss {record['loss']:.4f} | lr {record['lr']:.2e} "
+            f"| {record['tokens_per_s']:.0f} tok/s | elapsed {_clock(elapsed)} | ETA {_clock(eta)}",
+            file=self.stream,
+            flush=True,
+        )
+
+
+def _clock(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
 def plot_metrics(metrics_path: str | os.PathLike, out_path: str | os.PathLike) -> None:
     """Loss and accuracy against step, with the evaluation points, as a PNG."""
     import matplotlib
@@ -87,4 +172,4 @@ def plot_metrics(metrics_path: str | os.PathLike, out_path: str | os.PathLike) -
     plt.close(fig)
 
 
-__all__ = ["MetricsLog", "read_metrics", "plot_metrics"]
+__all__ = ["Backends", "MetricsLog", "ProgressLines", "read_metrics", "plot_metrics"]
