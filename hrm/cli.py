@@ -28,12 +28,40 @@ _COMMAND_MODULES = (
 )
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Appends ``(default: X)`` to an option's help unless the help already names its default
+    or there is none to show (``None``, a flag that is off)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help = action.help or ""
+        default = action.default
+        if (
+            "default" in help
+            or not action.option_strings
+            or default is None
+            or default is False
+            or default is argparse.SUPPRESS
+            or isinstance(action, argparse._HelpAction)
+        ):
+            return help
+        shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else "%(default)s"
+        return f"{help} (default: {shown})"
+
+
+class _Parser(argparse.ArgumentParser):
+    """Every subcommand's parser shows option defaults (:class:`DefaultsHelpFormatter`)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     import importlib
 
-    parser = argparse.ArgumentParser(prog="hrm", description="Train, run and convert HRM-Text models.")
+    parser = _Parser(prog="hrm", description="Train, run and convert HRM-Text models.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log which backends and settings are used")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     for name in _COMMAND_MODULES:
         importlib.import_module(name).register(sub)
     return parser

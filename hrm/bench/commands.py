@@ -17,7 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "available backend next to the torch reference, with parity errors and roofline "
         "context; writes OUT/<device>.json, .md and .png.",
     )
-    p.add_argument("--suite", choices=["ops", "train", "all"], default="all")
+    p.add_argument("--suite", choices=["ops", "train", "all"], default="all", help="what to time")
     p.add_argument(
         "--quick",
         action="store_true",

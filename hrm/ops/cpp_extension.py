@@ -16,6 +16,7 @@ import hashlib
 import os
 import platform
 import shutil
+import sys
 import sysconfig
 from pathlib import Path
 from typing import Iterator
@@ -115,6 +116,8 @@ def load(name: str, *sources: str) -> None:
 
     build = _build_dir(name, paths)
     build.mkdir(parents=True, exist_ok=True)
+    if not (build / f"{name}.so").is_file():  # a wait of ~20 s: say why
+        print(f"hrm: building the C++ extension {name} (once per machine, ~20 s) in {build}", file=sys.stderr)
     try:
         with _build_environment():
             # -fopenmp: at::parallel_for is inline OpenMP in the headers; the library resolves
