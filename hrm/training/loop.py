@@ -138,8 +138,12 @@ def setup_distributed(timeout_s: int = 1800) -> Dist:
 def parallelize(model: HRMText, env: Dist, parallel: str = "ddp", precision: str = "fp32") -> torch.nn.Module:
     """The module the loop runs forward and backward through; one process: ``model`` itself.
 
-    ``ddp``: ``model`` wrapped in DDP (truncated backprop leaves the embedding without a
-    gradient while ``bp_steps`` is 2, hence ``find_unused_parameters``). ``fsdp``: FSDP2
+    ``ddp``: ``model`` wrapped in DDP. Truncated backprop leaves the embedding without a
+    gradient while ``bp_steps`` is 2 (every block too at 1), on every rank alike, since the
+    bp schedule depends only on the step. DDP is not asked to find unused parameters (a
+    traversal of the graph every step, and a warning from every rank once none are unused):
+    the embedding is left out of DDP, its gradient averaged by :func:`reduce_unsynced_grads`
+    when it has one; only ``bp_min`` 1 falls back to ``find_unused_parameters``. ``fsdp``: FSDP2
     applied in place, ``fully_shard`` on every block and then on the root (embedding, LM head),
     returns ``model``; with ``precision="bf16"`` blocks compute in bf16 from fp32 master
     weights and gradients are reduced in fp32. Every block's parameters are gathered for each
@@ -157,9 +161,31 @@ def parallelize(model: HRMText, env: Dist, parallel: str = "ddp", precision: str
             fully_shard(block, mp_policy=policy)
         fully_shard(model, mp_policy=policy)
         return model
-    return torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[env.device.index] if env.device.type == "cuda" else None, find_unused_parameters=True
+    DDP = torch.nn.parallel.DistributedDataParallel
+    all_blocks_used = model.config.arch != "hrm" or model.config.bp_min >= 2
+    if all_blocks_used:
+        DDP._set_params_and_buffers_to_ignore_for_model(model, [_UNSYNCED])
+        dist.broadcast(model.get_parameter(_UNSYNCED).detach(), 0)  # what DDP does for the others
+    return DDP(
+        model,
+        device_ids=[env.device.index] if env.device.type == "cuda" else None,
+        find_unused_parameters=not all_blocks_used,
     )
+
+
+_UNSYNCED = "embed_tokens.weight"  # left out of DDP: see parallelize
+
+
+def reduce_unsynced_grads(net: torch.nn.Module, world_size: int) -> None:
+    """Average over the ranks the gradients that DDP leaves to the loop (see :func:`parallelize`),
+    as DDP does (divide, then sum); a parameter without a gradient has none on every rank."""
+    if not isinstance(net, torch.nn.parallel.DistributedDataParallel):
+        return
+    for name in sorted(net.parameters_to_ignore):
+        param = net.module.get_parameter(name)
+        if param.grad is not None:
+            param.grad.div_(world_size)
+            dist.all_reduce(param.grad)
 
 
 def sync_context(net: torch.nn.Module, sync: bool):
@@ -674,6 +700,7 @@ def _train(cfg: TrainConfig, out: Path, ckpt_path: Path | None, env: Dist) -> di
                 [m[k].to(torch.float64) for k in _Window.KEYS] + [loss.detach().to(torch.float64)]
             )
         stats[-1] = sum(train_step_flops(model_cfg, RowWork.of(row), bp).total for row in mine.rows)  # this rank's
+        reduce_unsynced_grads(net, env.world_size)
         grad_norm = clip_grad_norm(params, cfg.grad_clip or math.inf)
         if env.world_size > 1:
             dist.all_reduce(stats)
