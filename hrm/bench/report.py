@@ -19,7 +19,7 @@ class Row:
     mode: str  # "forward" | "backward" | "full" | "step"
     shape: str
     dtype: str
-    seconds: float
+    seconds: float  # the median of the timed calls
     flops: float | None = None  # useful floating-point work of one call
     bytes: float | None = None  # unavoidable memory traffic of one call
     parity: float | None = None  # max error vs the fp64 oracle, relative to its max magnitude
@@ -27,6 +27,8 @@ class Row:
     peak_mem_mb: float | None = None
     tokens: int | None = None  # tokens processed by one call (train step)
     extra: dict = field(default_factory=dict)
+    seconds_min: float | None = None  # the fastest and slowest timed calls
+    seconds_max: float | None = None
     # filled in by `derive` from the device's measured peaks and the reference row
     gflops: float | None = None
     gbps: float | None = None
@@ -44,7 +46,10 @@ def derive(rows: list[Row], peaks: dict[str, float], reference: str = "torch") -
 
     ``peaks`` holds ``matmul_gflops_<dtype>`` and ``copy_gbps``; compute-bound rows (with
     ``flops``) are compared to the matmul peak of their dtype, memory-bound rows to the copy
-    bandwidth.
+    bandwidth measured at their own working-set size (``extra["copy_gbps"]``, set by
+    :func:`hrm.bench.run.measure_copy_peaks`) when there is one, else to ``copy_gbps``. A
+    memory-bound row above that copy bandwidth is marked ``extra["cache_resident"]``: its data
+    stayed in caches between calls, which a copy of the same size does not reach.
     """
     ref = {r.key: r.seconds for r in rows if r.backend == reference}
     for r in rows:
@@ -54,8 +59,11 @@ def derive(rows: list[Row], peaks: dict[str, float], reference: str = "torch") -
             r.frac_peak = r.gflops / peak if peak else None
         if r.bytes:
             r.gbps = r.bytes / r.seconds / 1e9
-            if not r.flops and peaks.get("copy_gbps"):
-                r.frac_peak = r.gbps / peaks["copy_gbps"]
+            copy = r.extra.get("copy_gbps") or peaks.get("copy_gbps")
+            if not r.flops and copy:
+                r.frac_peak = r.gbps / copy
+                if r.frac_peak > 1:
+                    r.extra["cache_resident"] = True
         if r.tokens:
             r.tokens_per_s = r.tokens / r.seconds
         if r.key in ref:
@@ -84,22 +92,47 @@ def _fmt(value: float | None, spec: str) -> str:
     return "" if value is None else format(value, spec)
 
 
+def plural(n: int, word: str) -> str:
+    """``"1 thread"``, ``"2 threads"``."""
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def _ms(r: Row) -> str:
+    """Median ms with the spread of the timed calls: ``1.23 (1.20-1.31)``."""
+    if r.seconds_min is None or r.seconds_max is None:
+        return f"{r.seconds * 1e3:.2f}"
+    return f"{r.seconds * 1e3:.2f} ({r.seconds_min * 1e3:.2f}-{r.seconds_max * 1e3:.2f})"
+
+
+def _peaks_line(peaks: dict[str, float]) -> str:
+    parts = []
+    for key, value in sorted(peaks.items()):
+        if key.startswith("matmul_gflops_"):
+            parts.append(f"{key.removeprefix('matmul_gflops_')} matmul {value:.1f} GFLOP/s")
+        elif key == "copy_gbps":
+            parts.append(f"copy {value:.1f} GB/s (256 MiB)")
+        else:
+            parts.append(f"{key} {value:.1f}")
+    return "Measured peaks: " + ", ".join(parts)
+
+
 def markdown_table(device: dict, peaks: dict[str, float], rows: list[Row]) -> str:
-    """The report: device line, measured peaks, then one table per suite."""
+    """The report: device line, measured peaks, then one table per suite (times: median, and
+    the fastest-slowest of the timed calls), with notes under the op table."""
+    units = "cores" if device.get("device_type") == "cpu" else "SMs"
     lines = [
-        f"Device: {device.get('name')} ({device.get('cores') or device.get('sm_count')} "
-        f"{'cores' if device.get('device_type') == 'cpu' else 'SMs'}), torch {device.get('torch')}, "
-        f"triton {device.get('triton')}, commit {device.get('git_commit')}",
+        f"Device: {device.get('name')} ({plural(device.get('cores') or device.get('sm_count') or 0, units[:-1])}), "
+        f"torch {device.get('torch')}, triton {device.get('triton')}, commit {device.get('git_commit')}",
         "",
-        "Measured peaks: " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(peaks.items())),
+        _peaks_line(peaks),
         "",
     ]
     for suite in dict.fromkeys(r.suite for r in rows):
         sel = [r for r in rows if r.suite == suite]
         if suite == "train":
             lines += [
-                "| config | shape | backend | precision | ms/step | tokens/s | speedup | model GFLOP/s | MFU | "
-                "peak MiB (tensors) | peak MiB (resident) | loss diff vs torch (tol) |",
+                "| config | shape | backend | precision | ms/step (min-max) | tokens/s | speedup | model GFLOP/s | "
+                "MFU | peak MiB (tensors) | peak MiB (resident) | loss diff vs torch (tol) |",
                 "|---|---|---|---|---|---|---|---|---|---|---|---|",
             ]
             for r in sel:
@@ -110,49 +143,104 @@ def markdown_table(device: dict, peaks: dict[str, float], rows: list[Row]) -> st
                     continue
                 parity = "" if r.parity is None else f"{r.parity:.1e} ({_fmt(r.tolerance, '.0e')})"
                 lines.append(
-                    f"| {r.name} | {r.shape} | {r.backend} | {r.dtype} | {r.seconds * 1e3:.0f} | "
+                    f"| {r.name} | {r.shape} | {r.backend} | {r.dtype} | {_ms(r)} | "
                     f"{_fmt(r.tokens_per_s, '.0f')} | {_fmt(r.speedup, '.2f')}x | {_fmt(r.gflops, '.1f')} | "
                     f"{_fmt(r.frac_peak, '.1%')} | {_fmt(r.peak_mem_mb, '.0f')} | "
                     f"{_fmt(r.extra.get('rss_peak_mb'), '.0f')} | {parity} |"
                 )
         else:
             lines += [
-                "| op | mode | shape | dtype | backend | ms | speedup | GFLOP/s | GB/s | of peak | parity err (tol) |",
+                "| op | mode | shape | dtype | backend | ms (min-max) | speedup | GFLOP/s | GB/s | of peak | "
+                "parity err (tol) |",
                 "|---|---|---|---|---|---|---|---|---|---|---|",
             ]
+            notes: dict[str, tuple[str, str]] = {}  # note -> (its mark, the op it is about)
             for r in sel:
                 parity = "" if r.parity is None else f"{r.parity:.1e} ({_fmt(r.tolerance, '.0e')})"
+                mark = ""
+                if r.extra.get("note"):
+                    notes.setdefault(r.extra["note"], (f"[{len(notes) + 1}]", r.name))
+                    mark = " " + notes[r.extra["note"]][0] if r.mode == "backward" else ""
+                of_peak = _fmt(r.frac_peak, ".1%")
+                if r.flops:
+                    of_peak += " matmul"
+                elif r.frac_peak is not None:
+                    of_peak += " copy" + (" (cache-resident)" if r.extra.get("cache_resident") else "")
                 lines.append(
-                    f"| {r.name} | {r.mode} | {r.shape} | {r.dtype} | {r.backend} | {r.seconds * 1e3:.2f} | "
+                    f"| {r.name} | {r.mode}{mark} | {r.shape} | {r.dtype} | {r.backend} | {_ms(r)} | "
                     f"{_fmt(r.speedup, '.2f')}x | {_fmt(r.gflops, '.1f')} | {_fmt(r.gbps, '.1f')} | "
-                    f"{_fmt(r.frac_peak, '.1%')} | {parity} |"
+                    f"{of_peak} | {parity} |"
                 )
+            lines += [
+                "",
+                "Of peak: GFLOP/s over this device's measured matmul peak of the row's dtype, or GB/s over a "
+                "copy of the row's own working set (its bytes) measured in the same run; a row above that copy "
+                "is marked cache-resident (its data stayed in caches between calls).",
+            ]
+            lines += [f"{mark} {name}: {note}" for note, (mark, name) in notes.items()]
         lines.append("")
     return "\n".join(lines)
 
 
 def plot(rows: list[Row], path: str | os.PathLike) -> Path:
-    """Speedup over the reference per op and backend; train-step tokens/s and peak memory."""
+    """One chart per suite in ``rows``: the ops' speedup over the reference (forward + backward)
+    per op and backend; the train step's tokens/s per variant, its peak tensor memory in the
+    bar's label. Horizontal bars, so that every label reads in full."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    charts = []
     ops = [r for r in rows if r.suite == "ops" and r.speedup is not None and r.mode == "full"]
-    train = [r for r in rows if r.suite == "train"]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
-    labels = [f"{r.name}\n{r.backend}" for r in ops]
-    axes[0].bar(range(len(ops)), [r.speedup for r in ops], color="tab:blue")
-    axes[0].axhline(1.0, color="gray", lw=0.8)
-    axes[0].set_xticks(range(len(ops)), labels, rotation=60, fontsize=7)
-    axes[0].set_ylabel("speedup over torch reference (fwd+bwd)")
-    names = [f"{r.backend}" for r in train]
-    axes[1].bar(names, [r.tokens_per_s or 0 for r in train], color="tab:green")
-    axes[1].set_ylabel("train step tokens/s")
-    axes[2].bar(names, [r.peak_mem_mb or 0 for r in train], color="tab:orange")
-    axes[2].set_ylabel("train step peak tensor memory (MiB)")
-    for ax in axes[1:]:
-        ax.tick_params(axis="x", rotation=30)
+    if ops:
+        charts.append(
+            (
+                "ops: speedup over the torch reference, forward + backward (median; bars: fastest-slowest)",
+                [f"{r.name} ({r.backend})" for r in ops],
+                ops,
+                "speedup (x)",
+                lambda r: r.speedup,
+                lambda r: (
+                    (r.speedup * r.seconds / r.seconds_max, r.speedup * r.seconds / r.seconds_min)
+                    if r.seconds_min and r.seconds_max
+                    else None
+                ),
+            )
+        )
+    train = [r for r in rows if r.suite == "train" and r.tokens_per_s]
+    if train:
+        charts.append(
+            (
+                "train step: tokens/s (median; bars: fastest-slowest)",
+                [f"{r.backend}  ({_fmt(r.peak_mem_mb, '.0f')} MiB peak)" for r in train],
+                train,
+                "tokens/s",
+                lambda r: r.tokens_per_s,
+                lambda r: (
+                    (r.tokens / r.seconds_max, r.tokens / r.seconds_min) if r.seconds_min and r.seconds_max else None
+                ),
+            )
+        )
+    heights = [max(2.0, 0.32 * len(chart[1]) + 1.2) for chart in charts] or [2.0]
+    fig, axes = plt.subplots(len(heights), 1, figsize=(10, sum(heights)), height_ratios=heights, squeeze=False)
+    for ax, (title, labels, sel, xlabel, value, span) in zip(axes[:, 0], charts):
+        y = list(range(len(sel)))[::-1]
+        values = [value(r) for r in sel]
+        ax.barh(y, values, color="tab:blue" if xlabel.startswith("speedup") else "tab:green")
+        for yi, r in zip(y, sel):
+            lo_hi = span(r)
+            if lo_hi:
+                ax.plot(lo_hi, (yi, yi), color="black", lw=1)
+        ax.set_yticks(y, labels, fontsize=9)
+        ax.set_xlabel(xlabel)
+        ax.set_title(title, fontsize=10)
+        if xlabel.startswith("speedup"):
+            ax.axvline(1.0, color="gray", lw=0.8)
+        ax.grid(axis="x", alpha=0.3)
+    if not charts:
+        axes[0, 0].set_axis_off()
+        axes[0, 0].text(0.5, 0.5, "no rows to plot", ha="center", va="center")
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)

@@ -27,7 +27,6 @@ import dataclasses
 import itertools
 import json
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -40,7 +39,7 @@ import torch
 
 from hrm import HRMText, ops, profiling
 from hrm.bench.report import Row
-from hrm.bench.timing import measure
+from hrm.bench.timing import measure_all, spread
 from hrm.bench.workloads import train_batch
 from hrm.config import BenchConfig, ModelConfig
 from hrm.data import PackedBatch
@@ -87,6 +86,13 @@ class OpCase:
     full_flops: float = 0.0  # forward + backward
     bwd_flops: float = 0.0  # the backward alone (0 where backends split the work differently)
     tolerance: float = OP_TOLERANCE
+    note: str = ""  # shown under the report's table (where an op's costs sit in another mode)
+
+
+LINEAR_CE_NOTE = (
+    "the fused backends compute the gradients in the forward that needs them, so their backward "
+    "row is only the scaling (the reference's backward does the work): compare the full rows"
+)
 
 
 def op_cases(bench: BenchConfig, device: torch.device | str = "cpu") -> list[OpCase]:
@@ -175,6 +181,7 @@ def op_cases(bench: BenchConfig, device: torch.device | str = "cpu") -> list[OpC
             lambda z, w, backend: ops.linear_cross_entropy(z, w, labels, rows=batch.supervised_rows, backend=backend),
             fwd_flops=2 * S * d * V,
             full_flops=6 * S * d * V,
+            note=LINEAR_CE_NOTE,
         ),
     ]
 
@@ -200,10 +207,10 @@ def op_parity(case: OpCase, inputs: list, backend: str, dtype: torch.dtype = tor
     )
 
 
-def _backward_seconds(
+def _backward_times(
     forward: Callable[[], list], leaves: list, reps: int, device: torch.device, min_time: float = 0.0
-) -> float:
-    """Median seconds of the backward alone (each rep runs an untimed forward first)."""
+) -> list[float]:
+    """Seconds of each backward alone (each rep runs an untimed forward first)."""
     times: list[float] = []
     i = 0
     while len(times) < reps or sum(times) < min_time:
@@ -216,7 +223,7 @@ def _backward_seconds(
         if i:  # the first is a warm-up
             times.append(time.perf_counter() - t0)
         i += 1
-    return statistics.median(times)
+    return times
 
 
 @dataclass
@@ -257,9 +264,9 @@ def bench_op(
     so its backward alone is only the scaling; compare its full rows.)"""
     device = torch.device(device)
     run = op_run(case, backend)
-    t_fwd = measure(run.forward, device=device, warmup=1, reps=reps, min_time=min_time)
-    t_bwd = _backward_seconds(run.forward_with_grad, run.leaves, reps, device, min_time)
-    t_full = measure(run.full, device=device, warmup=1, reps=reps, min_time=min_time)
+    t_fwd = spread(measure_all(run.forward, device=device, warmup=1, reps=reps, min_time=min_time))
+    t_bwd = spread(_backward_times(run.forward_with_grad, run.leaves, reps, device, min_time))
+    t_full = spread(measure_all(run.full, device=device, warmup=1, reps=reps, min_time=min_time))
     common = dict(
         suite="ops",
         name=case.name,
@@ -269,12 +276,22 @@ def bench_op(
         parity=op_parity(case, run.inputs, backend),
         tolerance=case.tolerance,
     )
+
+    def times(t: tuple[float, float, float]) -> dict:
+        """The row's timings, and its own ``extra`` (derive marks rows in it)."""
+        return {
+            "seconds_min": t[0],
+            "seconds": t[1],
+            "seconds_max": t[2],
+            "extra": {"note": case.note} if case.note else {},
+        }
+
     return [
-        Row(mode="forward", seconds=t_fwd, bytes=case.fwd_bytes or None, flops=case.fwd_flops or None, **common),
-        Row(mode="backward", seconds=t_bwd, bytes=case.bwd_bytes or None, flops=case.bwd_flops or None, **common),
+        Row(mode="forward", **times(t_fwd), bytes=case.fwd_bytes or None, flops=case.fwd_flops or None, **common),
+        Row(mode="backward", **times(t_bwd), bytes=case.bwd_bytes or None, flops=case.bwd_flops or None, **common),
         Row(
             mode="full",
-            seconds=t_full,
+            **times(t_full),
             bytes=(case.fwd_bytes + case.bwd_bytes) or None,
             flops=case.full_flops or None,
             **common,
@@ -324,16 +341,18 @@ def bench_adam_atan2(
     """The row of :func:`adam_atan2_run` (mode ``full``: the whole op). Traffic: read p, g, m,
     v; write p, m, v."""
     step, parity, tensors, n = adam_atan2_run(bench, backend, device)
-    seconds = measure(step, device=device, warmup=1, reps=reps, min_time=min_time)
+    fastest, seconds, slowest = spread(measure_all(step, device=device, warmup=1, reps=reps, min_time=min_time))
     return [
         Row(
             suite="ops",
             name="adam_atan2",
             backend=backend,
             mode="full",
-            shape=f"{tensors} tensors, {n}",
+            shape=f"{tensors} tensors, {n} values",
             dtype="float32",
             seconds=seconds,
+            seconds_min=fastest,
+            seconds_max=slowest,
             bytes=7 * 4 * n,
             parity=parity,
             tolerance=OP_TOLERANCE,
@@ -450,8 +469,10 @@ def train_child(spec: dict) -> dict:
     t0 = time.perf_counter()
     first_loss = float(step())  # warm-up: compiles, allocates the optimizer state
     first_seconds = time.perf_counter() - t0
-    seconds = measure(step, device=device, warmup=spec["warmup"], reps=spec["reps"])
+    fastest, seconds, slowest = spread(measure_all(step, device=device, warmup=spec["warmup"], reps=spec["reps"]))
     out = {
+        "seconds_min": fastest,
+        "seconds_max": slowest,
         "backend": model.backend,
         "first_loss": first_loss,
         "first_seconds": first_seconds,
@@ -565,6 +586,8 @@ def run_train(
                 shape=f"T={bench.tokens} ({r['tokens']} real) bp={bench.bp_steps}",
                 dtype="bfloat16",
                 seconds=r["seconds"],
+                seconds_min=r.get("seconds_min"),
+                seconds_max=r.get("seconds_max"),
                 flops=r["flops"],
                 parity=parity,
                 tolerance=LOSS_TOLERANCE,

@@ -26,6 +26,23 @@ def measure(
 
     At least ``reps`` timed calls, more until ``min_time`` seconds have been spent timing.
     """
+    return statistics.median(measure_all(fn, device=device, warmup=warmup, reps=reps, min_time=min_time))
+
+
+def spread(times: list[float]) -> tuple[float, float, float]:
+    """``(min, median, max)`` of timed calls."""
+    return min(times), statistics.median(times), max(times)
+
+
+def measure_all(
+    fn: Callable[[], object],
+    *,
+    device: torch.device | str = "cpu",
+    warmup: int = 2,
+    reps: int = 5,
+    min_time: float = 0.0,
+) -> list[float]:
+    """The seconds of every timed call of :func:`measure`."""
     device = torch.device(device)
     for _ in range(warmup):
         fn()
@@ -46,7 +63,7 @@ def measure(
             t = time.perf_counter() - t0
         times.append(t)
         spent += t
-    return statistics.median(times)
+    return times
 
 
 def matmul_peak_gflops(
@@ -58,9 +75,14 @@ def matmul_peak_gflops(
     return 2 * n**3 / measure(lambda: a @ b, device=device, reps=reps) / 1e9
 
 
-def copy_bandwidth_gbps(device: torch.device | str = "cpu", mib: int = 256, reps: int = 5) -> float:
-    """Achieved GB/s of a large tensor copy (bytes read + written)."""
-    src = torch.empty(mib * 2**20 // 4, device=device)
+def copy_bandwidth_gbps(
+    device: torch.device | str = "cpu", mib: float = 256, reps: int = 5, min_time: float = 0.0
+) -> float:
+    """Achieved GB/s of a tensor copy of ``mib`` MiB (bytes read + written): at 256 MiB the
+    device's memory bandwidth; at an op's working-set size (src + dst = its bytes) what a plain
+    copy of that much data reaches, caches included."""
+    src = torch.empty(max(1, int(mib * 2**20) // 4), device=device)
     src.normal_()
     dst = torch.empty_like(src)
-    return 2 * src.numel() * 4 / measure(lambda: dst.copy_(src), device=device, reps=reps) / 1e9
+    seconds = measure(lambda: dst.copy_(src), device=device, reps=reps, min_time=min_time)
+    return 2 * src.numel() * 4 / seconds / 1e9
