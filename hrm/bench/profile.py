@@ -12,11 +12,14 @@ around the profiled steps.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import re
 import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,12 +27,35 @@ from pathlib import Path
 import torch
 
 from hrm import HRMText, profiling
+from hrm.bench.report import plural
 from hrm.bench.suites import make_train_step
 from hrm.bench.workloads import train_batch
 from hrm.config import BENCH_CONFIGS, PRESETS, BenchConfig
 from hrm.errors import ConfigError, HrmError
 
 DEFAULT_TOKENS = 1024  # the packed row of a model preset (the bench configs name their own)
+# what the profiler's native library (kineto) writes to stderr at every start and stop
+PROFILER_CHATTER = re.compile(r"^(USDT|STAGE):")
+
+
+@contextlib.contextmanager
+def native_stderr_filtered(noise: re.Pattern = PROFILER_CHATTER):
+    """Run the block with file descriptor 2 in a temporary file, then copy to stderr the lines
+    that do not match ``noise``: native libraries write there directly, past ``sys.stderr``."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            kept = [ln for ln in tmp.read().decode(errors="replace").splitlines(True) if not noise.match(ln)]
+            sys.stderr.write("".join(kept))
+            sys.stderr.flush()
 
 
 def bench_config(preset: str, tokens: int | None = None, bp_steps: int | None = None) -> BenchConfig:
@@ -206,7 +232,7 @@ def main(args: argparse.Namespace) -> dict | None:
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=activities) as prof:
+    with native_stderr_filtered(), torch.profiler.profile(activities=activities) as prof:
         t0 = time.perf_counter()
         for _ in range(args.steps):
             step()
@@ -218,7 +244,7 @@ def main(args: argparse.Namespace) -> dict | None:
     table, top = ranges_table(stats, args.steps, seconds)
     header = (
         f"hrm profile: {args.preset} (T={bench.tokens}, bp={bench.bp_steps}), backend {model.backend}"
-        f"{' + torch.compile' if args.compile else ''}, {device.type}, {args.steps} steps after "
+        f"{' + torch.compile' if args.compile else ''}, {device.type}, {plural(args.steps, 'step')} after "
         f"{args.warmup} warm-up, bf16 autocast\n\n"
     )
     ranges = out / "ranges.md"
