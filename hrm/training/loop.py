@@ -267,6 +267,22 @@ def load_samples(cfg: TrainConfig, tokenizer, vocab_size: int) -> tuple[list[Sam
     return train, heldout, f"{value} ({stats.read} records{skipped})"
 
 
+def check_fits(samples: list[Sample], described: str, budget: int, too_long: str) -> None:
+    """A DataError saying what to change when no sample fits a row (a loader would only say
+    that none does)."""
+    truncatable = [s for s in samples if len(s.instruction) <= budget]
+    if any(s.packed_len <= budget for s in samples) or (too_long == "truncate" and truncatable):
+        return
+    longest = max(s.packed_len for s in samples)
+    way_out = f"--batch-tokens {longest} or more"
+    if truncatable:
+        way_out = f"--too-long truncate (responses cut to fit), or {way_out}"
+    raise DataError(
+        f"{described}: every sample is longer than a row of --batch-tokens {budget} (the longest has {longest} "
+        f"tokens); pass {way_out}"
+    )
+
+
 # -- checkpoints ---------------------------------------------------------------------------
 
 
@@ -405,6 +421,7 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> dict[str
     elif (out / CHECKPOINTS / LATEST_FILE).exists():
         raise ConfigError(f"{out} already holds a training run; continue it with --resume {out} or pick another --out")
 
+    Backends.check(cfg.log_to)  # before anything slow
     env = setup_distributed(cfg.dist_timeout)
     try:
         if cfg.global_rows is None:
@@ -529,12 +546,7 @@ def _train(cfg: TrainConfig, out: Path, ckpt_path: Path | None, env: Dist) -> di
     tokenizer_file = None if tokenizer.spec == "byte" else Path(tokenizer.spec).read_bytes()
     model_cfg = cfg.model_config(tokenizer.vocab_size)
     train_samples, heldout, described = load_samples(cfg, tokenizer, model_cfg.vocab_size)
-    if train_samples and cfg.too_long == "skip" and all(s.packed_len > cfg.batch_tokens for s in train_samples):
-        longest = max(s.packed_len for s in train_samples)
-        raise DataError(
-            f"{described}: every sample is longer than a row of --batch-tokens {cfg.batch_tokens} (the longest has "
-            f"{longest} tokens); pass --too-long truncate, or --batch-tokens {longest} or more"
-        )
+    check_fits(train_samples, described, cfg.batch_tokens, cfg.too_long)
     loader = PackedLoader(
         train_samples,
         cfg.batch_tokens,

@@ -66,22 +66,18 @@ class Backends:
     Each is imported only when asked for; one that is not installed is a ConfigError saying what
     to install. Every numeric field of a metrics line is logged at its ``step``."""
 
+    @staticmethod
+    def check(names: tuple[str, ...]) -> None:
+        """ConfigError naming the package to install for the first backend that is missing."""
+        for name in names:
+            _import(name)
+
     def __init__(self, names: tuple[str, ...], out: Path, config: dict[str, Any], resumed: bool = False) -> None:
         self._tb = self._wandb = None
         if "tensorboard" in names:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise ConfigError(
-                    "--log-to tensorboard needs the tensorboard package: pip install tensorboard"
-                ) from None
-            self._tb = SummaryWriter(log_dir=str(out / "tensorboard"))
+            self._tb = _import("tensorboard")(log_dir=str(out / "tensorboard"))
         if "wandb" in names:
-            try:
-                import wandb
-            except ImportError:
-                raise ConfigError("--log-to wandb needs the wandb package: pip install wandb") from None
-            self._wandb = wandb.init(
+            self._wandb = _import("wandb").init(
                 project=os.environ.get("WANDB_PROJECT", "hrm"),
                 name=out.name,
                 dir=str(out),
@@ -103,6 +99,20 @@ class Backends:
             self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def _import(backend: str) -> Any:
+    """TensorBoard's ``SummaryWriter`` or the ``wandb`` module."""
+    try:
+        if backend == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+
+            return SummaryWriter
+        import wandb
+
+        return wandb
+    except ImportError:
+        raise ConfigError(f"--log-to {backend} needs the {backend} package: pip install {backend}") from None
 
 
 class ProgressLines:
