@@ -4,12 +4,13 @@ reference, with parity inside tolerance (never speed: these machines are shared)
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
 from hrm import cli
 from hrm.bench import suites
-from hrm.bench.report import read_results
+from hrm.bench.report import charts, plural, read_results
 from hrm.bench.run import run_bench
 from hrm.config import BenchConfig, ModelConfig
 
@@ -149,3 +150,42 @@ def test_pytest_benchmark_suites_run(tmp_path):
     )
     assert ran.returncode == 0, ran.stdout[-2000:]
     assert " passed" in ran.stdout and "failed" not in ran.stdout
+
+
+def test_rows_carry_their_spread_and_their_own_copy_peak(results):
+    """Every row: median within its fastest-slowest; a memory-bound op is compared to a copy of
+    its own working set, and one faster than that copy is marked cache-resident."""
+    paths, (_, _, rows, _) = results
+    for r in rows:
+        assert r.seconds_min <= r.seconds <= r.seconds_max, (r.name, r.backend, r.mode)
+        if r.suite == "ops" and r.bytes and not r.flops:
+            assert r.extra["copy_gbps"] > 0
+            assert r.frac_peak == pytest.approx(r.gbps / r.extra["copy_gbps"])
+            assert r.extra.get("cache_resident", False) == (r.frac_peak > 1)
+    md = paths["md"].read_text()
+    assert re.search(r"\| rms_norm \| full \| .* \| \d+\.\d\d \(\d+\.\d\d-\d+\.\d\d\) \|", md)
+    assert re.search(r"\| adam_atan2 \| full \| \d+ tensors, \d+ values \|", md)
+    assert not re.search(r"\b1 (threads|reps|cores)\b", md)
+
+
+def test_linear_cross_entropy_backward_row_carries_the_note(results):
+    paths, (_, _, rows, _) = results
+    noted = {(r.name, r.mode) for r in rows if r.extra.get("note")}
+    assert ("linear_cross_entropy", "backward") in noted and {name for name, _ in noted} == {"linear_cross_entropy"}
+    md = paths["md"].read_text()
+    assert re.search(r"\| linear_cross_entropy \| backward \[1\] \|", md)
+    assert "[1] linear_cross_entropy: the fused backends compute the gradients in the forward" in md
+
+
+def test_one_chart_per_suite_with_a_label_per_bar(results):
+    _, (_, _, rows, _) = results
+    both = charts(rows)
+    assert [c.xlabel for c in both] == ["speedup (x)", "tokens/s"]
+    ops_only = charts([r for r in rows if r.suite == "ops"])
+    full = [r for r in rows if r.suite == "ops" and r.mode == "full"]
+    assert len(ops_only) == 1 and ops_only[0].labels == [f"{r.name} ({r.backend})" for r in full]
+    assert len(set(ops_only[0].labels)) == len(full) and all(v > 0 for v in ops_only[0].values)
+
+
+def test_plural():
+    assert [plural(n, "thread") for n in (0, 1, 2)] == ["0 threads", "1 thread", "2 threads"]

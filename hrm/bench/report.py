@@ -7,6 +7,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 
 @dataclass
@@ -182,63 +183,75 @@ def markdown_table(device: dict, peaks: dict[str, float], rows: list[Row]) -> st
     return "\n".join(lines)
 
 
+@dataclass
+class Chart:
+    """One horizontal bar chart of the report's PNG: a bar per row, with its spread."""
+
+    title: str
+    xlabel: str
+    labels: list[str]
+    values: list[float]
+    spans: list[tuple[float, float] | None]  # fastest-slowest, in the bar's unit
+
+
+def charts(rows: list[Row]) -> list[Chart]:
+    """One chart per suite with rows to show: the ops' speedup over the reference (forward +
+    backward) per op and backend; the train step's tokens/s per variant, with its peak tensor
+    memory in the label."""
+
+    def span(r: Row, at: Callable[[float], float]) -> tuple[float, float] | None:
+        return (at(r.seconds_max), at(r.seconds_min)) if r.seconds_min and r.seconds_max else None
+
+    out = []
+    ops = [r for r in rows if r.suite == "ops" and r.speedup is not None and r.mode == "full"]
+    if ops:
+        out.append(
+            Chart(
+                "ops: speedup over the torch reference, forward + backward (median; lines: fastest-slowest)",
+                "speedup (x)",
+                [f"{r.name} ({r.backend})" for r in ops],
+                [r.speedup for r in ops],
+                [span(r, lambda t, r=r: r.speedup * r.seconds / t) for r in ops],
+            )
+        )
+    train = [r for r in rows if r.suite == "train" and r.tokens_per_s]
+    if train:
+        out.append(
+            Chart(
+                "train step: tokens/s (median; lines: fastest-slowest)",
+                "tokens/s",
+                [f"{r.backend} ({_fmt(r.peak_mem_mb, '.0f')} MiB peak)" for r in train],
+                [r.tokens_per_s for r in train],
+                [span(r, lambda t, r=r: r.tokens / t) for r in train],
+            )
+        )
+    return out
+
+
 def plot(rows: list[Row], path: str | os.PathLike) -> Path:
-    """One chart per suite in ``rows``: the ops' speedup over the reference (forward + backward)
-    per op and backend; the train step's tokens/s per variant, its peak tensor memory in the
-    bar's label. Horizontal bars, so that every label reads in full."""
+    """The :func:`charts` of ``rows`` stacked in one PNG, horizontal bars so that every label
+    reads in full."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    charts = []
-    ops = [r for r in rows if r.suite == "ops" and r.speedup is not None and r.mode == "full"]
-    if ops:
-        charts.append(
-            (
-                "ops: speedup over the torch reference, forward + backward (median; bars: fastest-slowest)",
-                [f"{r.name} ({r.backend})" for r in ops],
-                ops,
-                "speedup (x)",
-                lambda r: r.speedup,
-                lambda r: (
-                    (r.speedup * r.seconds / r.seconds_max, r.speedup * r.seconds / r.seconds_min)
-                    if r.seconds_min and r.seconds_max
-                    else None
-                ),
-            )
-        )
-    train = [r for r in rows if r.suite == "train" and r.tokens_per_s]
-    if train:
-        charts.append(
-            (
-                "train step: tokens/s (median; bars: fastest-slowest)",
-                [f"{r.backend}  ({_fmt(r.peak_mem_mb, '.0f')} MiB peak)" for r in train],
-                train,
-                "tokens/s",
-                lambda r: r.tokens_per_s,
-                lambda r: (
-                    (r.tokens / r.seconds_max, r.tokens / r.seconds_min) if r.seconds_min and r.seconds_max else None
-                ),
-            )
-        )
-    heights = [max(2.0, 0.32 * len(chart[1]) + 1.2) for chart in charts] or [2.0]
+    shown = charts(rows)
+    heights = [max(2.0, 0.32 * len(c.labels) + 1.2) for c in shown] or [2.0]
     fig, axes = plt.subplots(len(heights), 1, figsize=(10, sum(heights)), height_ratios=heights, squeeze=False)
-    for ax, (title, labels, sel, xlabel, value, span) in zip(axes[:, 0], charts):
-        y = list(range(len(sel)))[::-1]
-        values = [value(r) for r in sel]
-        ax.barh(y, values, color="tab:blue" if xlabel.startswith("speedup") else "tab:green")
-        for yi, r in zip(y, sel):
-            lo_hi = span(r)
+    for ax, chart in zip(axes[:, 0], shown):
+        y = list(range(len(chart.labels)))[::-1]
+        ax.barh(y, chart.values, color="tab:blue" if chart.xlabel.startswith("speedup") else "tab:green")
+        for yi, lo_hi in zip(y, chart.spans):
             if lo_hi:
                 ax.plot(lo_hi, (yi, yi), color="black", lw=1)
-        ax.set_yticks(y, labels, fontsize=9)
-        ax.set_xlabel(xlabel)
-        ax.set_title(title, fontsize=10)
-        if xlabel.startswith("speedup"):
+        ax.set_yticks(y, chart.labels, fontsize=9)
+        ax.set_xlabel(chart.xlabel)
+        ax.set_title(chart.title, fontsize=10)
+        if chart.xlabel.startswith("speedup"):
             ax.axvline(1.0, color="gray", lw=0.8)
         ax.grid(axis="x", alpha=0.3)
-    if not charts:
+    if not shown:
         axes[0, 0].set_axis_off()
         axes[0, 0].text(0.5, 0.5, "no rows to plot", ha="center", va="center")
     fig.tight_layout()
