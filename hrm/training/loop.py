@@ -587,7 +587,7 @@ def _train(cfg: TrainConfig, out: Path, ckpt_path: Path | None, env: Dist) -> di
         (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
         (out / "model_config.json").write_text(json.dumps(model_cfg.to_dict(), indent=2) + "\n")
         log = MetricsLog(out / "metrics.jsonl", keep_through=start)
-        backends = Backends(cfg.log_to, out, cfg.to_dict(), resumed=start > 0)
+        backends = Backends(cfg.log_to, out, cfg.to_dict(), start=start)
         parallel = f" ({cfg.parallel}, {cfg.global_rows // env.world_size} rows per rank)" if env.world_size > 1 else ""
         print(
             f"hrm train: {cfg.preset} ({model.num_parameters() / 1e6:.2f}M parameters), {described}: "

@@ -62,7 +62,8 @@ class MetricsLog:
 class Backends:
     """The optional logging backends beside ``metrics.jsonl`` (``--log-to``): TensorBoard
     (``torch.utils.tensorboard``, event files in ``OUT/tensorboard``) and Weights & Biases
-    (project ``hrm``, the run named after ``OUT``; ``WANDB_*`` environment variables apply).
+    (project ``hrm``, the run named after ``OUT``, its id in ``OUT/wandb_run_id``; ``WANDB_*``
+    environment variables apply).
     Each is imported only when asked for; one that is not installed is a ConfigError saying what
     to install. Every numeric field of a metrics line is logged at its ``step``."""
 
@@ -72,18 +73,24 @@ class Backends:
         for name in names:
             _import(name)
 
-    def __init__(self, names: tuple[str, ...], out: Path, config: dict[str, Any], resumed: bool = False) -> None:
+    def __init__(self, names: tuple[str, ...], out: Path, config: dict[str, Any], start: int = 0) -> None:
         self._tb = self._wandb = None
         if "tensorboard" in names:
-            self._tb = _import("tensorboard")(log_dir=str(out / "tensorboard"))
+            # resuming after step ``start``: events a killed run wrote past it are dropped, as in metrics.jsonl
+            self._tb = _import("tensorboard")(log_dir=str(out / "tensorboard"), purge_step=start + 1 if start else None)
         if "wandb" in names:
+            # the W&B run's id is kept in OUT, so that a resumed run continues the same W&B run
+            id_file = out / "wandb_run_id"
+            run_id = id_file.read_text().strip() if start and id_file.is_file() else None
             self._wandb = _import("wandb").init(
                 project=os.environ.get("WANDB_PROJECT", "hrm"),
                 name=out.name,
                 dir=str(out),
                 config=config,
-                resume="allow" if resumed else None,
+                id=run_id,
+                resume="allow" if run_id else None,
             )
+            id_file.write_text(self._wandb.id + "\n")
 
     def write(self, record: dict[str, Any]) -> None:
         step = record["step"]
