@@ -160,10 +160,17 @@ def test_config_file_with_flags_over_it(tmp_path):
     assert "warning" not in result.stderr
     saved = json.loads((out / "train_config.json").read_text())
     assert saved["steps"] == 8 and saved["task"] == "reverse" and saved["batch_tokens"] == 128
-    assert saved["warmup_fraction"] == 0.25 and saved["model_overrides"] == {"hidden_size": 32}
+    # the warm-up is recorded resolved (0.25 of 8 steps), so an extended run keeps it
+    assert saved["warmup_fraction"] is None and saved["warmup_steps"] == 2
+    assert saved["model_overrides"] == {"hidden_size": 32}
     assert json.loads((out / "model_config.json").read_text())["hidden_size"] == 32
     lrs = [r["lr"] for r in read_metrics(out / "metrics.jsonl") if "lr" in r]
     assert lrs == pytest.approx([lr_at(s, 8, 3e-3, 2) for s in range(8)])  # 0.25 of 8 steps: 2
+    # extended to 16 steps, the run keeps its 2 warm-up steps (0.25 of 16 would be 4)
+    result = hrm("train", "--resume", str(out), "--out", str(out), "--steps", "16")
+    assert result.returncode == 0, result.stderr
+    lrs = [r["lr"] for r in read_metrics(out / "metrics.jsonl") if "lr" in r]
+    assert lrs[8:] == pytest.approx([lr_at(s, 16, 3e-3, 2) for s in range(8, 16)])
 
 
 def test_yaml_config_and_bad_config_files(tmp_path):

@@ -431,7 +431,11 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> dict[str
                 f"global_rows {cfg.global_rows} is not a multiple of the number of ranks ({env.world_size}); "
                 "every rank takes the same number of rows per step"
             )
-        return _train(cfg, out, ckpt_path, env)
+        warmup_warning = None
+        if ckpt_path is None:  # resolved once: a resumed run, extended or not, keeps its warm-up
+            warmup, warmup_warning = cfg.warmup()
+            cfg = cfg.replace(warmup_steps=warmup, warmup_fraction=None)
+        return _train(cfg, out, ckpt_path, env, warmup_warning)
     except (dist.DistError, RuntimeError) as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         if env.world_size == 1 or not (isinstance(e, dist.DistError) or _COMM_FAILURE.search(reason)):
@@ -538,7 +542,9 @@ def _apply_train_state(
         ema.load_state_dict({k: v.to(env.device) for k, v in load_state(path, ema=True).items()}, state["ema_updates"])
 
 
-def _train(cfg: TrainConfig, out: Path, ckpt_path: Path | None, env: Dist) -> dict[str, Any]:
+def _train(
+    cfg: TrainConfig, out: Path, ckpt_path: Path | None, env: Dist, warmup_warning: str | None
+) -> dict[str, Any]:
     seed_everything(cfg.seed)
     # a resumed run reads the copy of its tokenizer in the checkpoint: it works from any directory
     tokenizer = load_checkpoint_tokenizer(ckpt_path, read_config(ckpt_path)[1]) if ckpt_path else None
@@ -555,7 +561,6 @@ def _train(cfg: TrainConfig, out: Path, ckpt_path: Path | None, env: Dist) -> di
         num_rows=cfg.global_rows,
         too_long=cfg.too_long,
     )
-    warmup, warmup_warning = cfg.warmup()
     model = HRMText(model_cfg, backend=cfg.backend).to(env.device)
     initialised = ""
     if cfg.init_from is not None and ckpt_path is None:
@@ -696,7 +701,7 @@ def _train(cfg: TrainConfig, out: Path, ckpt_path: Path | None, env: Dist) -> di
         done = step + 1
         mine = loader.next_step(env.rank, env.world_size)
         bp = bp_steps_at(model_cfg, step, cfg.steps)
-        lr = lr_at(step, cfg.steps, cfg.lr, warmup, cfg.min_lr_ratio)
+        lr = lr_at(step, cfg.steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
         for group in optimizer.param_groups:
             group["lr"] = lr
         # DDP and FSDP average the ranks' gradients: each rank's loss sums count world_size times
