@@ -20,6 +20,7 @@ from hrm.config import ARCHS, PRESETS
 from hrm.data import TASKS
 from hrm.errors import ConfigError
 from hrm.ops.dispatch import BACKENDS
+from hrm.precision import PRECISIONS
 from hrm.training.config import DEFAULT_TASK, LOGGERS, TrainConfig, parse_override
 
 _DEFAULTS = TrainConfig()
@@ -121,7 +122,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _option(opt, "betas", "Adam-atan2 betas", type=float, nargs=2, metavar=("B1", "B2"))
     _option(opt, "ema_decay", "parameter EMA decay (evaluation and export use the EMA)", type=float)
     _option(opt, "grad_clip", "max gradient norm (0: no clipping)", type=float)
-    _option(opt, "precision", "fp32, or bf16 autocast with fp32 master weights", choices=["fp32", "bf16"])
+    _option(
+        opt,
+        "precision",
+        "fp32, bf16 autocast with fp32 master weights, or auto (bf16 where the device has fast bf16)",
+        choices=list(PRECISIONS),
+    )
     _option(opt, "seed", "seed for initialisation, task data and data order", type=int)
 
     par = p.add_argument_group("data parallel (under torchrun)")

@@ -14,8 +14,9 @@ from typing import Any, Literal
 from hrm.config import PRESETS, ModelConfig, dataclass_from_dict, get_preset
 from hrm.data import TASKS
 from hrm.errors import ConfigError
+from hrm.precision import PRECISIONS
 
-Precision = Literal["fp32", "bf16"]
+Precision = Literal["auto", "fp32", "bf16"]
 TooLong = Literal["skip", "truncate"]
 Parallel = Literal["ddp", "fsdp"]
 LOGGERS = ("tensorboard", "wandb")
@@ -52,7 +53,7 @@ class TrainConfig:
     preset: str = "tiny"
     model_overrides: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields over the preset
     tokenizer: str = "byte"  # "byte" or a path to a tokenizer.json
-    backend: str = "torch"
+    backend: str = "auto"  # the fastest available (hrm.ops.dispatch), logged
     init_from: str | None = None  # start from these weights (a checkpoint, run, transformers dir or reference file)
     # data: exactly one of task / data / pretokenized
     task: str | None = None  # a built-in task; DEFAULT_TASK when no other source is given
@@ -73,7 +74,7 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     ema_decay: float = 0.9999  # a ceiling: the EMA's warmup keeps it below 0.999 for the first 9000 steps
     grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
-    precision: Precision = "fp32"  # bf16: autocast with fp32 master weights
+    precision: Precision = "auto"  # bf16: autocast with fp32 master weights; auto: hrm.precision
     seed: int = 0
     # data parallel (under torchrun)
     parallel: Parallel = "ddp"  # ddp: replicate the model; fsdp: FSDP2, parameters sharded over the ranks
@@ -138,8 +139,8 @@ class TrainConfig:
             fail(f"betas must be two numbers in [0, 1), got {self.betas}")
         if not 0 <= self.ema_decay < 1:
             fail(f"ema_decay must be in [0, 1), got {self.ema_decay}")
-        if self.precision not in ("fp32", "bf16"):
-            fail(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
+        if self.precision not in PRECISIONS:
+            fail(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.global_rows is not None and (
             not isinstance(self.global_rows, int) or isinstance(self.global_rows, bool) or self.global_rows < 1
         ):

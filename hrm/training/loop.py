@@ -86,6 +86,8 @@ from hrm.errors import CheckpointError, ConfigError, DataError, HrmError
 from hrm.flops import RowWork, train_step_flops
 from hrm.inference import exact_match
 from hrm.model import Block, HRMText
+from hrm.precision import autocast as precision_autocast
+from hrm.precision import resolve_precision
 from hrm.training.config import RESUMABLE_CHANGES, TrainConfig
 from hrm.training.metrics import Backends, MetricsLog, ProgressLines, plot_metrics
 from hrm.training.optim import EMA, AdamAtan2, local, lr_at, param_groups
@@ -569,7 +571,8 @@ def _train(
         weights, described_init = init_weights(cfg.init_from, model_cfg)
         model.load_state_dict(weights)
         initialised = f"; weights from {described_init}"
-    net = parallelize(model, env, cfg.parallel, cfg.precision)
+    precision = resolve_precision(cfg.precision, env.device)
+    net = parallelize(model, env, cfg.parallel, precision)
     sharded_params = env.world_size > 1 and cfg.parallel == "fsdp"
     optimizer = AdamAtan2(
         param_groups(model, cfg.weight_decay),
@@ -599,6 +602,8 @@ def _train(
             f"{loader.num_samples} samples in rows of {cfg.batch_tokens} tokens "
             f"({loader.packing_efficiency:.1%} full, {loader.stats.skipped_too_long} too long), "
             f"{cfg.global_rows} rows per step, {env.world_size} x {env.device.type}{parallel}, backend {model.backend}"
+            f", precision {precision}"
+            + (" (chosen by auto)" if "auto" in (cfg.backend, cfg.precision) else "")
             + initialised
             + (f"; resuming after step {start}" if start else ""),
             file=sys.stderr,
@@ -691,7 +696,7 @@ def _train(
         last = latest_checkpoint(out)
         raise HrmError(f"non-finite {what} at step {step}; last good checkpoint: {last or 'none (none written yet)'}")
 
-    autocast = torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    autocast = precision_autocast(precision, env.device)
     params = list(model.parameters())
     begin = timer = time.perf_counter()
     timer_tokens = 0
