@@ -1,16 +1,36 @@
-"""Generation with a KV cache per (stack invocation, layer).
+"""Generation with a static-shape KV cache per (stack invocation, layer).
 
 The recurrence runs ``H_cycles * (L_cycles + 1)`` stack invocations per token and each
 invocation sees different hidden states, so every (invocation, layer) pair -- a *slot* --
-keeps its own keys and values. A prompt is the instruction: it is prefilled as one packed
-PrefixLM batch (bidirectional over the whole prompt); every generated token is then a
-causal query that sees its own sequence's cached keys and itself. Greedy decoding with
-the cache gives the same tokens as recomputing the full sequence each step.
+keeps its own keys and values. A prompt is the instruction: the prompts of a batch are
+prefilled as one packed PrefixLM batch (bidirectional over each prompt, on the model's
+attention backend); every generated token is then a causal query that sees its own
+sequence's cached keys and itself.
+
+Decoding is built so that a token costs no Python work beyond the loop:
+
+- the cache is preallocated ``[B, heads, S, head_dim]`` per slot with ``S`` rounded up to a
+  bucket, and each decode step attends over all ``S`` positions with a mask, so every step
+  has the same shapes (no ``lengths.max()`` read, no growing slices);
+- one step (embedding, the whole recurrence, LM head, greedy or sampled choice, the
+  finished-sequence mask) is one function of device tensors; :class:`Decoder` runs it
+  eagerly or compiled as one graph (``torch.compile``; on CUDA with
+  ``mode="reduce-overhead"``, which captures it as a CUDA graph);
+- sampling happens on the device (exponential race: ``argmax(p / E)`` with ``E ~ Exp(1)``
+  drawn from the caller's generator), finished sequences keep emitting the end token, and
+  the host reads the finished mask only every ``check_every`` tokens to stop early.
+
+Greedy decoding with the cache gives the same tokens as recomputing the full sequence
+each step (:func:`generate_uncached`, the oracle of the tests).
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
+import math
+import time
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -18,22 +38,37 @@ import torch.nn.functional as F
 from hrm import ops
 from hrm.model import HRMText
 
+log = logging.getLogger("hrm")
+
+CHECK_EVERY = 8  # decode steps between two host reads of the finished mask
+LENGTH_BUCKET = 64  # cache lengths round up to a multiple of this (compiled steps: one graph per bucket)
+COMPILE_MIN_STEPS = 256  # "auto" compiles the decode step when a call decodes at least this many tokens per row
+
 
 class KVCache:
-    """Padded per-slot cache ``[B, max_len, heads, head_dim]`` for a batch of prompts.
+    """Static cache, one ``[B, heads, S, head_dim]`` key and value tensor per slot.
 
-    The model calls :meth:`attend` in place of packed attention. Between forwards,
-    :meth:`prefill` / :meth:`decode` set the phase; :meth:`advance` commits the tokens just
-    processed (one length update per forward, shared by all slots).
+    The model calls :meth:`attend` in place of packed attention. :meth:`prefill` writes
+    the packed prompts (every prompt token a prefix token); in decode mode each sequence's
+    one new token is written at its position ``pos[b]`` and attends to positions
+    ``0..pos[b]`` through a ``[B, S]`` mask, so a decode step's shapes never change. The
+    layout is the one attention reads (no transposed copy); one tensor per slot, so that a
+    compiled step writes each in place.
     """
 
     def __init__(self, model: HRMText, batch: int, max_len: int, dtype: torch.dtype, device: torch.device) -> None:
         cfg = model.config
         slots = cfg.num_stack_calls * cfg.layers_per_stack
-        shape = (slots, batch, max_len, cfg.num_heads, cfg.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
+        shape = (batch, cfg.num_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(slots)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(slots)]
+        self.pos = torch.zeros(batch, dtype=torch.long, device=device)  # where each sequence's next token goes
+        self.rows = torch.arange(batch, device=device)[:, None]  # [B, 1]
+        self.heads = torch.arange(cfg.num_heads, device=device)[None, :]  # [1, H]
+        self.one_each = torch.arange(batch + 1, device=device, dtype=torch.int32)  # cu_seqlens of one token each
+        self.ones = torch.ones(batch, dtype=torch.int32, device=device)
+        self.span = torch.arange(max_len, device=device)
+        self.visible = self.span[None, :] <= self.pos[:, None]  # [B, S], set by each decode step
         self.backend = model.backend
         self._prompts: ops.AttentionPacking | None = None  # set while prefilling
 
@@ -44,42 +79,163 @@ class KVCache:
     def decode(self) -> None:
         self._prompts = None
 
-    def advance(self, num_new: torch.Tensor | int) -> None:
-        self.lengths += num_new
-
     def attend(self, slot: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         if self._prompts is not None:  # prefill: q/k/v packed [T, H, D]; every token is prefix
             cu = self._prompts.cu_seqlens
             lens = cu[1:] - cu[:-1]
             seq = torch.repeat_interleave(torch.arange(lens.numel(), device=q.device), lens, output_size=q.shape[0])
             pos = torch.arange(q.shape[0], device=q.device) - cu[:-1].long()[seq]
-            self.k[slot, seq, pos] = k
-            self.v[slot, seq, pos] = v
+            self.k[slot][seq, :, pos] = k.to(self.k[slot].dtype)
+            self.v[slot][seq, :, pos] = v.to(self.v[slot].dtype)
             return ops.prefixlm_attention(q, k, v, self._prompts, gate=gate, backend=self.backend)
-        # decode: one new token per sequence, q/k/v [B, H, D], written at position lengths[b]
-        b = torch.arange(q.shape[0], device=q.device)
-        self.k[slot, b, self.lengths] = k
-        self.v[slot, b, self.lengths] = v
-        span = int(self.lengths.max()) + 1
-        keys = self.k[slot, :, :span].transpose(1, 2)  # [B, H, S, D]
-        values = self.v[slot, :, :span].transpose(1, 2)
-        visible = torch.arange(span, device=q.device)[None, :] <= self.lengths[:, None]  # [B, S]
-        o = F.scaled_dot_product_attention(q[:, :, None, :], keys, values, attn_mask=visible[:, None, None, :])
-        return torch.sigmoid(gate) * o[:, :, 0, :]
+        # decode: one new token per sequence, q/k/v [B, H, D], written at position pos[b]
+        where = (self.rows, self.heads, self.pos[:, None])
+        keys = self.k[slot].index_put_(where, k.to(self.k[slot].dtype)).to(q.dtype)  # [B, H, S, D]
+        values = self.v[slot].index_put_(where, v.to(self.v[slot].dtype)).to(q.dtype)
+        if torch.compiler.is_compiling():  # one query: a fusable reduction beats an attention kernel call
+            scores = (keys * q[:, :, None, :]).sum(-1) * q.shape[-1] ** -0.5  # [B, H, S]
+            p = torch.softmax(scores.float().masked_fill(~self.visible[:, None, :], float("-inf")), dim=-1)
+            o = (p.to(values.dtype)[..., None] * values).sum(2)  # [B, H, D]
+        else:
+            mask = self.visible[:, None, None, :]
+            o = F.scaled_dot_product_attention(q[:, :, None, :], keys, values, attn_mask=mask)[:, :, 0, :]
+        return torch.sigmoid(gate) * o
 
 
-def _next_tokens(
-    logits: torch.Tensor, vocab_size: int, temperature: float, generator: torch.Generator | None
-) -> torch.Tensor:
+def _pick(logits: torch.Tensor, vocab_size: int, temperature: float, noise: torch.Tensor | None) -> torch.Tensor:
+    """Greedy (``temperature == 0``) or sampled next tokens ``[B]``, never a padding row.
+
+    Sampling is the exponential race: ``argmax_i p_i / E_i`` with ``E_i ~ Exp(1)`` (``noise``)
+    draws ``i`` with probability ``p_i = softmax(logits / temperature)_i``."""
     logits = logits.float()
     logits[:, vocab_size:] = float("-inf")  # never emit vocabulary padding rows
     if temperature <= 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits / temperature, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    return (probs / noise).argmax(-1)
 
 
-@torch.inference_mode()
+def _decode_step(
+    model: HRMText,
+    cache: KVCache,
+    token: torch.Tensor,
+    done: torch.Tensor,
+    noise: torch.Tensor | None,
+    eos_id: int,
+    temperature: float,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token for every sequence: feed ``token`` ``[B]`` at ``cache.pos``, return the next
+    tokens and the updated finished mask. Finished sequences keep emitting ``eos_id``."""
+    cache.visible = cache.span[None, :] <= cache.pos[:, None]
+    z = model.hidden_states(token, cache.pos, cache.one_each, cache.ones, cache=cache, backend=backend)
+    cache.pos.add_(1)
+    nxt = _pick(model.lm_head(z), model.config.vocab_size, temperature, noise)
+    nxt = torch.where(done, eos_id, nxt)
+    return nxt, done | (nxt == eos_id)
+
+
+_compiled_step: Callable | None = None
+
+
+def compiled_step() -> Callable:
+    """:func:`_decode_step` as one graph (made once; each new shape bucket compiles once)."""
+    global _compiled_step
+    if _compiled_step is None:
+        mode = "reduce-overhead" if torch.cuda.is_available() else None  # CUDA graphs on a GPU
+        _compiled_step = torch.compile(_decode_step, fullgraph=True, dynamic=False, mode=mode)
+    return _compiled_step
+
+
+def _bucket(n: int) -> int:
+    return LENGTH_BUCKET * math.ceil(n / LENGTH_BUCKET)
+
+
+class Decoder:
+    """Batched decoding of one model: prefill, then the same-shape step per token.
+
+    ``compile``: ``True`` runs the step compiled (fp32 or bf16 references fused by
+    inductor; a CUDA graph on a GPU), ``False`` eagerly on the model's backend, ``None``
+    compiles when a call decodes at least :data:`COMPILE_MIN_STEPS` tokens per row (below
+    that the compilation costs more than it saves). ``batch``: pad every call to this many
+    rows so that the compiled step keeps one shape across calls (evaluation batches).
+    """
+
+    def __init__(self, model: HRMText, *, compile: bool | None = None, batch: int | None = None) -> None:
+        self.model = model
+        self.compile = compile
+        self.batch = batch
+
+    def uses_compiled(self, max_new_tokens: int) -> bool:
+        return self.compile if self.compile is not None else max_new_tokens >= COMPILE_MIN_STEPS
+
+    @torch.inference_mode()
+    def stream(
+        self,
+        prompts: list[list[int]],
+        *,
+        max_new_tokens: int,
+        eos_id: int,
+        temperature: float = 0.0,
+        generator: torch.Generator | None = None,
+        check_every: int = CHECK_EVERY,
+    ) -> Iterator[torch.Tensor]:
+        """Yield the next token of every prompt ``[len(prompts)]`` (on the device), step by
+        step, until every sequence has emitted ``eos_id`` (checked every ``check_every``
+        steps; finished sequences emit ``eos_id``) or after ``max_new_tokens`` tokens."""
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("generate needs at least one prompt and no empty prompt")
+        if max_new_tokens < 1:
+            return
+        model = self.model
+        device = next(model.parameters()).device
+        n = len(prompts)
+        compiled = self.uses_compiled(max_new_tokens)
+        batch = max(n, self.batch or 0) if compiled else n  # one compiled shape across calls
+        rows = [*prompts, *[prompts[0]] * (batch - n)]  # padding rows repeat the first prompt
+        lengths = [len(p) for p in rows]
+        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+        dtype = dtype or next(model.parameters()).dtype
+        max_len = max(lengths) + max_new_tokens
+        cache = KVCache(model, batch, _bucket(max_len) if compiled else max_len, dtype, device)
+
+        packing = ops.AttentionPacking.build([0, *itertools.accumulate(lengths)], lengths, sum(lengths), device)
+        cu = packing.cu_seqlens
+        ids = torch.tensor([t for p in rows for t in p], device=device)
+        positions = torch.cat([torch.arange(m, device=device) for m in lengths])
+        cache.prefill(packing)
+        z = model.hidden_states(ids, positions, cu, packing.prefix_lens, cache=cache, packing=packing)
+        cache.decode()
+        cache.pos.copy_(torch.tensor(lengths, device=device))
+
+        def noise() -> torch.Tensor | None:
+            if temperature <= 0:
+                return None
+            shape = (batch, model.config.padded_vocab_size)
+            return torch.empty(shape, device=device).exponential_(generator=generator)
+
+        # the last prompt token predicts the first answer token
+        token = _pick(model.lm_head(z[cu[1:].long() - 1]), model.config.vocab_size, temperature, noise())
+        done = token == eos_id
+        step = compiled_step() if compiled else _decode_step
+        backend = "torch" if compiled else model.backend  # compiled: inductor fuses the references
+        on_cuda_graph = compiled and device.type == "cuda"
+        yield token[:n]
+        for i in range(1, max_new_tokens):
+            if i % check_every == 0 and bool(done.all()):
+                return
+            if on_cuda_graph:
+                torch.compiler.cudagraph_mark_step_begin()
+            token, done = step(model, cache, token, done, noise(), eos_id, temperature, backend)
+            if on_cuda_graph:  # the graph's output buffers are reused by the next replay
+                token, done = token.clone(), done.clone()
+            yield token[:n]
+
+
+def _cut(row: list[int], eos_id: int) -> list[int]:
+    return row[: row.index(eos_id)] if eos_id in row else row
+
+
 def generate(
     model: HRMText,
     prompts: list[list[int]],
@@ -88,50 +244,22 @@ def generate(
     eos_id: int,
     temperature: float = 0.0,
     generator: torch.Generator | None = None,
+    compile: bool | None = None,
 ) -> list[list[int]]:
     """Continue each prompt (an encoded instruction) until ``eos_id`` or ``max_new_tokens``.
 
     Returns the generated ids per prompt, without the end token. ``temperature == 0`` is
-    greedy; otherwise tokens are sampled from ``softmax(logits / temperature)``.
+    greedy; otherwise tokens are sampled from ``softmax(logits / temperature)``. The host
+    reads the tokens once, at the end.
     """
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("generate needs at least one prompt and no empty prompt")
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
-    batch = len(prompts)
-    lengths = [len(p) for p in prompts]
-    lens = torch.tensor(lengths, device=device)
-    packing = ops.AttentionPacking.build([0, *itertools.accumulate(lengths)], lengths, sum(lengths), device)
-    cu = packing.cu_seqlens
-    cache = KVCache(model, batch, max(lengths) + max_new_tokens, dtype, device)
-
-    ids = torch.tensor([t for p in prompts for t in p], device=device)
-    positions = torch.cat([torch.arange(n, device=device) for n in lengths])
-    cache.prefill(packing)
-    z = model.hidden_states(ids, positions, cu, packing.prefix_lens, cache=cache, packing=packing)
-    cache.advance(lens)
-    logits = model.lm_head(z[cu[1:].long() - 1])  # [B, V]: the last prompt token predicts the answer
-
-    out: list[list[int]] = [[] for _ in range(batch)]
-    done = torch.zeros(batch, dtype=torch.bool, device=device)
-    one_each = torch.arange(batch + 1, device=device, dtype=torch.int32)
-    cache.decode()
-    for step in range(max_new_tokens):
-        token = _next_tokens(logits, model.config.vocab_size, temperature, generator)
-        for b, t in enumerate(token.tolist()):
-            if not done[b]:
-                if t == eos_id:
-                    done[b] = True
-                else:
-                    out[b].append(t)
-        if bool(done.all()) or step == max_new_tokens - 1:
-            break
-        z = model.hidden_states(
-            token, cache.lengths.clone(), one_each, torch.ones(batch, dtype=torch.int32, device=device), cache=cache
+    steps = list(
+        Decoder(model, compile=compile).stream(
+            prompts, max_new_tokens=max_new_tokens, eos_id=eos_id, temperature=temperature, generator=generator
         )
-        cache.advance(1)
-        logits = model.lm_head(z)
-    return out
+    )
+    if not steps:
+        return [[] for _ in prompts]
+    return [_cut(row, eos_id) for row in torch.stack(steps, 1).tolist()]
 
 
 @torch.inference_mode()
@@ -148,7 +276,7 @@ def generate_uncached(model: HRMText, prompt: list[int], *, max_new_tokens: int,
             torch.tensor([0, n], dtype=torch.int32, device=device),
             torch.tensor([len(prompt)], dtype=torch.int32, device=device),
         )
-        token = int(_next_tokens(logits[-1:], model.config.vocab_size, 0.0, None))
+        token = int(_pick(logits[-1:], model.config.vocab_size, 0.0, None))
         if token == eos_id:
             break
         out.append(token)
@@ -156,22 +284,44 @@ def generate_uncached(model: HRMText, prompt: list[int], *, max_new_tokens: int,
     return out
 
 
-def exact_match(model: HRMText, samples: list, *, eos_id: int, batch_size: int = 64) -> float:
+def exact_match(
+    model: HRMText,
+    samples: list,
+    *,
+    eos_id: int,
+    batch_size: int = 64,
+    compile: bool | None = None,
+    progress: bool = False,
+) -> float:
     """Fraction of samples whose greedy answer equals the reference response exactly.
 
     ``samples`` are :class:`hrm.data.Sample` (``response`` ends with ``eos_id``); an answer
-    matches when the model emits the response tokens and then stops.
+    matches when the model emits the response tokens and then stops. Batches of
+    ``batch_size`` prompts of any lengths are prefilled packed and decoded together; with
+    ``progress`` a progress bar shows the running exact-match and generated tokens/s.
     """
     if not samples:
         raise ValueError("exact_match needs at least one sample")
-    hits = 0
+    from tqdm import tqdm
+
+    decoder = Decoder(model, compile=compile, batch=min(batch_size, len(samples)))
+    bar = tqdm(total=len(samples), unit="sample", dynamic_ncols=True, disable=not progress or None)
+    hits = tokens = 0
+    start = time.perf_counter()
     for i in range(0, len(samples), batch_size):
         chunk = samples[i : i + batch_size]
         targets = [
             list(s.response[:-1]) if s.response and s.response[-1] == eos_id else list(s.response) for s in chunk
         ]
-        answers = generate(
-            model, [list(s.instruction) for s in chunk], max_new_tokens=max(len(t) for t in targets) + 1, eos_id=eos_id
+        steps = list(
+            decoder.stream(
+                [list(s.instruction) for s in chunk], max_new_tokens=max(len(t) for t in targets) + 1, eos_id=eos_id
+            )
         )
+        answers = [_cut(row, eos_id) for row in torch.stack(steps, 1).tolist()]
         hits += sum(a == t for a, t in zip(answers, targets))
+        tokens += len(steps) * len(chunk)
+        bar.update(len(chunk))
+        bar.set_postfix(exact=f"{hits / (i + len(chunk)):.4f}", tok_s=f"{tokens / (time.perf_counter() - start):.0f}")
+    bar.close()
     return hits / len(samples)

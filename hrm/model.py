@@ -226,12 +226,15 @@ class HRMText(nn.Module):
         prefix_lens: torch.Tensor,
         cache: AttentionCache | None = None,
         attention: ops.AttentionPacking | None = None,
+        backend: str | None = None,
     ) -> Packing:
         """The per-forward context. ``attention`` is the batch's prebuilt packing; without it one
         is built here from ``cu_seqlens`` / ``prefix_lens`` (a host read of both), unless a
         cache does the attending. What the backend's attention derives from the packing for
-        this forward's dtype (the Triton tile ranges) is computed here, once."""
+        this forward's dtype (the Triton tile ranges) is computed here, once. ``backend``
+        overrides the model's for this forward (a compiled decode step runs the references)."""
         T = position_ids.shape[0]
+        backend = backend or self.backend
         if attention is None and cache is None:
             attention = ops.AttentionPacking.build(cu_seqlens, prefix_lens, T)
         if attention is not None:
@@ -239,9 +242,9 @@ class HRMText(nn.Module):
                 raise ConfigError(f"the packing describes {attention.num_tokens} tokens, the batch has {T}")
             device = position_ids.device.type
             dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self.lm_head.weight.dtype
-            attention = ops.prepare_packing(attention, self.config.head_dim, dtype, self.backend)
+            attention = ops.prepare_packing(attention, self.config.head_dim, dtype, backend)
         cos, sin = ops.rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta)
-        return Packing(attention, cos, sin, self.backend, cache)
+        return Packing(attention, cos, sin, backend, cache)
 
     def hidden_states(
         self,
@@ -253,10 +256,11 @@ class HRMText(nn.Module):
         bp_steps: int | None = None,
         cache: AttentionCache | None = None,
         packing: ops.AttentionPacking | None = None,
+        backend: str | None = None,
     ) -> torch.Tensor:
-        """The final state ``z_H`` ``[T, d]`` (the LM head's input)."""
+        """The final state ``z_H`` ``[T, d]`` (the LM head's input); ``backend`` as in :meth:`packing`."""
         with profiling.range("embed"):
-            ctx = self.packing(position_ids, cu_seqlens, prefix_lens, cache, packing)
+            ctx = self.packing(position_ids, cu_seqlens, prefix_lens, cache, packing, backend)
             x = ops.embedding(
                 input_ids, self.embed_tokens.weight, 1.0 / self.config.embed_std, backend=ctx.backend
             )  # [T, d]

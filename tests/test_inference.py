@@ -1,11 +1,14 @@
-"""KV-cache generation equals full recomputation; sampling; exact-match."""
+"""KV-cache generation equals full recomputation (every backend here, eager and compiled);
+the finished-sequence mask; sampling; exact-match; the precision choice."""
 
 import pytest
 import torch
 
 from hrm import HRMText, ModelConfig
 from hrm.data import Sample
-from hrm.inference import exact_match, generate, generate_uncached
+from hrm.inference import Decoder, exact_match, generate, generate_uncached
+from hrm.ops import available_backends
+from hrm.precision import resolve_precision
 
 CONFIGS = [
     ModelConfig(vocab_size=40, vocab_multiple=8, hidden_size=32, num_heads=2, n_layers=4),
@@ -70,3 +73,70 @@ def test_exact_match_counts_whole_answers():
     with boost_logits(model, 39):  # always stop at once: the empty answer is right
         assert exact_match(model, [Sample(p, [39]) for p in prompts], eos_id=39) == 1.0
         assert exact_match(model, [Sample(prompts[0], [5, 39]), Sample(prompts[1], [39])], eos_id=39) == 0.5
+
+
+def endings(model, prompts, steps):
+    """An end token that the free-running greedy answers (no end token) reach at different
+    steps, or never: ``(eos, first step of eos per prompt or None)``."""
+    free = generate(model, prompts, max_new_tokens=steps, eos_id=-1)
+    for eos in sorted({t for row in free for t in row}):
+        first = [row.index(eos) if eos in row else None for row in free]
+        if len(set(first)) == len(first):  # all different (None at most once)
+            return eos, first
+    raise AssertionError("no token ends the answers at different steps; change the seed")
+
+
+MIXED = [[1, 5, 7, 9], [2], [3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13], [6, 6, 6, 6, 6, 6, 6]]
+
+
+@pytest.mark.parametrize("backend", available_backends())
+def test_cached_decode_equals_recomputation_on_every_backend(backend):
+    """Prompts of different lengths in one packed batch, answers that end at different steps."""
+    torch.manual_seed(3)
+    cfg = CONFIGS[0]
+    model = HRMText(cfg, backend=backend).eval()
+    oracle = HRMText(cfg).eval()
+    oracle.load_state_dict(model.state_dict())
+    eos, first = endings(oracle, MIXED, 12)
+    cached = generate(model, MIXED, max_new_tokens=12, eos_id=eos, compile=False)
+    assert [len(a) for a in cached] == [12 if f is None else f for f in first]
+    for prompt, tokens in zip(MIXED, cached):
+        assert tokens == generate_uncached(oracle, prompt, max_new_tokens=12, eos_id=eos)
+
+
+def test_compiled_decode_equals_recomputation():
+    """The decode step compiled as one graph (once here: compiling takes tens of seconds)."""
+    torch.manual_seed(3)
+    model = HRMText(CONFIGS[1]).eval()
+    eos, first = endings(model, MIXED, 12)
+    compiled = generate(model, MIXED, max_new_tokens=12, eos_id=eos, compile=True)
+    assert [len(a) for a in compiled] == [12 if f is None else f for f in first]
+    for prompt, tokens in zip(MIXED, compiled):
+        assert tokens == generate_uncached(model, prompt, max_new_tokens=12, eos_id=eos)
+
+
+def test_finished_mask_is_read_every_check_every_steps():
+    """Finished rows emit the end token; the host looks at the mask only every N steps."""
+    model = HRMText(CONFIGS[0]).eval()
+    with boost_logits(model, 39):  # every row ends at once
+        for check_every, expected in ((1, 1), (4, 4), (100, 10)):
+            steps = list(
+                Decoder(model, compile=False).stream(PROMPTS, max_new_tokens=10, eos_id=39, check_every=check_every)
+            )
+            assert len(steps) == expected
+            assert all(s.tolist() == [39] * len(PROMPTS) for s in steps)
+
+
+def test_compile_auto_only_for_long_generations():
+    model = HRMText(CONFIGS[0]).eval()
+    assert not Decoder(model).uses_compiled(8)
+    assert Decoder(model).uses_compiled(4096)
+    assert Decoder(model, compile=True).uses_compiled(1) and not Decoder(model, compile=False).uses_compiled(4096)
+
+
+def test_precision_auto_is_fp32_on_cpu():
+    assert resolve_precision("auto", "cpu") == "fp32"
+    assert resolve_precision(None, "cpu") == "fp32"
+    assert resolve_precision("bf16", "cpu") == "bf16"
+    with pytest.raises(Exception, match="unknown precision"):
+        resolve_precision("fp16", "cpu")
