@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
@@ -10,7 +11,8 @@ import torch
 from hrm.checkpoint import load_checkpoint_tokenizer, load_model, read_config, resolve_checkpoint
 from hrm.data import read_jsonl, read_pretokenized, task_samples
 from hrm.errors import HrmError
-from hrm.inference import exact_match, generate
+from hrm.inference import Decoder, exact_match, generate
+from hrm.precision import PRECISIONS, autocast, resolve_precision
 
 _FORMATTER = argparse.ArgumentDefaultsHelpFormatter
 
@@ -40,18 +42,36 @@ def _generate(args: argparse.Namespace) -> int:
     if not prompts or any(not p for p in prompts):
         raise HrmError("give at least one non-empty --prompt (or --prompts-file)")
     model, tok, _ = _load(args.checkpoint, args.ema, args.backend, args.tokenizer)
-    generator = torch.Generator().manual_seed(args.seed)
-    answers = generate(
-        model,
-        [tok.encode_instruction(p) for p in prompts],
-        max_new_tokens=args.max_new_tokens,
-        eos_id=tok.eoa_id,
-        temperature=args.temperature,
-        generator=generator,
-    )
+    device = next(model.parameters()).device
+    precision = _announce("generate", model, args.precision, device)
+    generator = torch.Generator(device).manual_seed(args.seed)
+    encoded = [tok.encode_instruction(p) for p in prompts]
+    options = dict(max_new_tokens=args.max_new_tokens, eos_id=tok.eoa_id, temperature=args.temperature)
+    with autocast(precision, device):
+        if len(prompts) == 1:  # stream the answer as it comes
+            print(f"{prompts[0]} -> ", end="", flush=True)
+            answer: list[int] = []
+            decoder = Decoder(model, compile=args.compile)
+            for token in decoder.stream(encoded, **options, generator=generator, check_every=1):
+                t = int(token[0])
+                if t == tok.eoa_id:
+                    break
+                shown = tok.decode(answer)
+                answer.append(t)
+                print(tok.decode(answer)[len(shown) :], end="", flush=True)
+            print()
+            return 0
+        answers = generate(model, encoded, **options, generator=generator, compile=args.compile)
     for prompt, answer in zip(prompts, answers):
         print(f"{prompt} -> {tok.decode(answer)}")
     return 0
+
+
+def _announce(command: str, model, precision: str, device: torch.device) -> str:
+    """Resolve ``precision`` and say which backend and precision the command runs."""
+    chosen = resolve_precision(precision, device)
+    print(f"hrm {command}: {device.type}, backend {model.backend}, precision {chosen}", file=sys.stderr)
+    return chosen
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -73,7 +93,17 @@ def _eval(args: argparse.Namespace) -> int:
         source = f"task {task} (held-out)"
     if not samples:
         raise HrmError(f"no samples to evaluate in {source}")
-    score = exact_match(model, samples, eos_id=tok.eoa_id, batch_size=args.batch_size)
+    device = next(model.parameters()).device
+    precision = _announce("eval", model, args.precision, device)
+    with autocast(precision, device):
+        score = exact_match(
+            model,
+            samples,
+            eos_id=tok.eoa_id,
+            batch_size=args.batch_size,
+            compile=args.compile,
+            progress=True,
+        )
     print(f"exact-match on {len(samples)} samples of {source}: {score:.4f}")
     return 0
 
@@ -86,6 +116,17 @@ def _common(p: argparse.ArgumentParser) -> None:
         "--tokenizer",
         metavar="PATH",
         help="'byte' or a tokenizer.json (default: the checkpoint's own copy, or what it recorded)",
+    )
+    p.add_argument(
+        "--precision",
+        default="auto",
+        choices=PRECISIONS,
+        help="fp32, bf16 autocast, or auto (bf16 where the device has fast bf16)",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="run the decode step compiled as one graph (a CUDA graph on a GPU); compiling takes minutes on a CPU",
     )
 
 
