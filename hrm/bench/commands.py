@@ -17,7 +17,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "available backend next to the torch reference, with parity errors and roofline "
         "context; writes OUT/<device>.json, .md and .png.",
     )
-    p.add_argument("--suite", choices=["ops", "train", "all"], default="all", help="what to time")
+    p.add_argument(
+        "--suite",
+        choices=["ops", "train", "all", "generate"],
+        default="all",
+        help="all = ops + train; generate: greedy generation at preset small vs transformers (not in all)",
+    )
     p.add_argument(
         "--quick",
         action="store_true",

@@ -10,6 +10,7 @@ import torch
 
 from hrm.bench import suites
 from hrm.bench.device import device_info, device_slug
+from hrm.bench.generation import generate_lines, run_generate
 from hrm.bench.report import Row, derive, markdown_table, plot, plural, write_results
 from hrm.bench.timing import copy_bandwidth_gbps, matmul_peak_gflops
 from hrm.config import BENCH_CONFIGS, BenchConfig
@@ -60,7 +61,12 @@ def run_bench(
     op_min_time: float = suites.OP_MIN_TIME,
     plots: bool = True,
 ) -> dict[str, Path]:
-    """Run ``suite`` (``ops``, ``train`` or ``all``) and write ``OUT/<device-slug>.{json,md,png}``.
+    """Run ``suite`` (``ops``, ``train``, ``all`` = both, or ``generate``) and write
+    ``OUT/<device-slug>.{json,md,png}``.
+
+    ``generate`` (:mod:`hrm.bench.generation`) times greedy generation at preset ``small``
+    against ``transformers``; it is not part of ``all`` (its compiled variant compiles for
+    minutes on a CPU).
 
     ``config`` names a :data:`~hrm.config.BENCH_CONFIGS` entry (or is one); ``ops_config``
     overrides the op shapes (``quick`` shrinks them otherwise). Each train step is timed
@@ -84,10 +90,12 @@ def run_bench(
         rows += suites.run_ops(op_bench, reps=reps, device=device, backends=backends, min_time=op_min_time)
     if suite in ("train", "all"):
         rows += suites.run_train(name, bench, reps=reps, warmup=train_warmup, device=device, backends=backends)
+    if suite == "generate":
+        rows += run_generate(reps=reps, device=device)
     measure_copy_peaks(rows, device)
     derive(rows, peaks)
     out = Path(out)
-    stem = out / device_slug(info)
+    stem = out / (device_slug(info) + ("-generate" if suite == "generate" else ""))
     settings = {
         "suite": suite,
         "config": name,
@@ -102,9 +110,11 @@ def run_bench(
         "seconds": time.perf_counter() - started,
     }
     paths = {"json": write_results(stem.with_suffix(".json"), info, peaks, rows, settings)}
-    report = markdown_table(info, peaks, rows)
+    report = markdown_table(info, peaks, [r for r in rows if r.suite != "generate"])
     if any(r.suite == "train" for r in rows):
         report += "\n".join(suites.target_lines(rows)) + "\n"
+    if any(r.suite == "generate" for r in rows):
+        report += "\n".join(generate_lines(rows)) + "\n"
     report += (
         f"\n{'quick' if quick else 'full'} run, {plural(reps, 'rep')} at least, "
         f"{plural(torch.get_num_threads(), 'thread')}, "
