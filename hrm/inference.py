@@ -165,6 +165,16 @@ class Decoder:
         self.model = model
         self.compile = compile
         self.batch = batch
+        self._cache: KVCache | None = None
+
+    def _cache_for(self, batch: int, max_len: int, dtype: torch.dtype, device: torch.device) -> KVCache:
+        """The previous call's cache when the shape matches (stale entries are never visible:
+        a position is written before any query sees it), else a new one. Keeping it keeps
+        the addresses a CUDA graph was captured with."""
+        c = self._cache
+        if c is None or c.k[0].shape[0] != batch or c.span.numel() != max_len or c.k[0].dtype != dtype:
+            c = self._cache = KVCache(self.model, batch, max_len, dtype, device)
+        return c
 
     def uses_compiled(self, max_new_tokens: int) -> bool:
         return self.compile if self.compile is not None else max_new_tokens >= COMPILE_MIN_STEPS
@@ -197,7 +207,7 @@ class Decoder:
         dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
         dtype = dtype or next(model.parameters()).dtype
         max_len = max(lengths) + max_new_tokens
-        cache = KVCache(model, batch, _bucket(max_len) if compiled else max_len, dtype, device)
+        cache = self._cache_for(batch, _bucket(max_len) if compiled else max_len, dtype, device)
 
         packing = ops.AttentionPacking.build([0, *itertools.accumulate(lengths)], lengths, sum(lengths), device)
         cu = packing.cu_seqlens
@@ -220,6 +230,9 @@ class Decoder:
         step = compiled_step() if compiled else _decode_step
         backend = "torch" if compiled else model.backend  # compiled: inductor fuses the references
         on_cuda_graph = compiled and device.type == "cuda"
+        if on_cuda_graph:  # mutated in place by the graph: their addresses must not change
+            for t in (*cache.k, *cache.v, cache.pos, cache.rows, cache.heads, cache.span):
+                torch._dynamo.mark_static_address(t)
         yield token[:n]
         for i in range(1, max_new_tokens):
             if i % check_every == 0 and bool(done.all()):

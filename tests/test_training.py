@@ -25,8 +25,13 @@ ROOT = Path(__file__).resolve().parents[1]
 # something else (another test worker) takes a core
 ENV = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
 STEPS = 60
-# small and fast: 60 steps of 256-token rows, a checkpoint every 2 steps, an evaluation every 20
+# small and fast: 60 steps of 256-token rows, a checkpoint every 2 steps, an evaluation every 20;
+# the reference backend in fp32 (these runs check the bookkeeping; `auto` would compile kernels first)
 RUN_ARGS = [
+    "--backend",
+    "torch",
+    "--precision",
+    "fp32",
     "--task",
     "add",
     "--steps",
@@ -102,6 +107,7 @@ def test_config_round_trip_and_default_source():
     again = TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
     assert again == cfg
     assert TrainConfig(data="x.jsonl").source == ("data", "x.jsonl")
+    assert (cfg.backend, cfg.precision) == ("auto", "auto")  # the fastest correct path by default
     assert cfg.model_config(vocab_size=300).vocab_size == 300 and cfg.model_config(300).hidden_size == 32
 
 
