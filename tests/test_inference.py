@@ -141,3 +141,24 @@ def test_precision_auto_is_fp32_on_cpu():
     assert resolve_precision("bf16", "cpu") == "bf16"
     with pytest.raises(Exception, match="unknown precision"):
         resolve_precision("fp16", "cpu")
+
+
+def test_generate_command_streams_one_prompt_and_batches_several(tmp_path, capsys):
+    from hrm.checkpoint import save_checkpoint
+    from hrm.cli import main
+    from hrm.data import load_tokenizer
+
+    tok = load_tokenizer("byte")
+    cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, num_heads=2, n_layers=2, H_cycles=1, L_cycles=2)
+    torch.manual_seed(0)
+    model = HRMText(cfg).eval()
+    save_checkpoint(tmp_path / "ckpt", cfg, model.state_dict(), meta={"tokenizer": "byte"})
+    prompts = ["12+345", "7+8"]
+    expected = generate(model, [tok.encode_instruction(p) for p in prompts], max_new_tokens=6, eos_id=tok.eoa_id)
+    base = ["generate", str(tmp_path / "ckpt"), "--max-new-tokens", "6", "--backend", "torch"]
+    assert main([*base, "--prompt", prompts[0]]) == 0
+    streamed = capsys.readouterr()
+    assert streamed.out == f"{prompts[0]} -> {tok.decode(expected[0])}\n"
+    assert "backend torch, precision fp32" in streamed.err
+    assert main([*base, "--prompt", prompts[0], "--prompt", prompts[1]]) == 0
+    assert capsys.readouterr().out == "".join(f"{p} -> {tok.decode(e)}\n" for p, e in zip(prompts, expected))
