@@ -162,3 +162,33 @@ def test_generate_command_streams_one_prompt_and_batches_several(tmp_path, capsy
     assert "backend torch, precision fp32" in streamed.err
     assert main([*base, "--prompt", prompts[0], "--prompt", prompts[1]]) == 0
     assert capsys.readouterr().out == "".join(f"{p} -> {tok.decode(e)}\n" for p, e in zip(prompts, expected))
+
+
+def test_eval_command_scores_a_jsonl_file(tmp_path, capsys, monkeypatch):
+    import json
+
+    import hrm.inference_commands
+    from hrm.checkpoint import save_checkpoint
+    from hrm.cli import main
+    from hrm.data import load_tokenizer
+
+    tok = load_tokenizer("byte")
+    cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, num_heads=2, n_layers=2, H_cycles=1, L_cycles=2)
+    model = HRMText(cfg).eval()
+    save_checkpoint(tmp_path / "ckpt", cfg, model.state_dict(), meta={"tokenizer": "byte"})
+    monkeypatch.setattr(hrm.inference_commands, "load_model", lambda *a, **k: model)
+    data = tmp_path / "dev.jsonl"
+    lines = [("1+2", "42"), ("33+4", "42"), ("5+666", "43")]
+    data.write_text("".join(json.dumps({"instruction": i, "response": r}) + "\n" for i, r in lines))
+    script, calls = [ord("4"), ord("2"), tok.eoa_id], [0]
+
+    def answer_42(module, inputs, output):  # one batch: the prefill, then one call per step
+        output[..., script[min(calls[0], 2)]] += 1e4
+        calls[0] += 1
+        return output
+
+    with model.lm_head.register_forward_hook(answer_42):
+        assert main(["eval", str(tmp_path / "ckpt"), "--data", str(data), "--backend", "torch"]) == 0
+    out = capsys.readouterr()
+    assert out.out.strip() == f"exact-match on 3 samples of {data}: 0.6667"
+    assert "backend torch, precision fp32" in out.err
