@@ -123,6 +123,6 @@ def run_bench(
     )
     paths["md"] = stem.with_suffix(".md")
     paths["md"].write_text(report)
-    if plots:
+    if plots and suite != "generate":  # the generate suite is one table
         paths["png"] = plot(rows, stem.with_suffix(".png"))
     return paths
