@@ -189,3 +189,18 @@ def test_one_chart_per_suite_with_a_label_per_bar(results):
 
 def test_plural():
     assert [plural(n, "thread") for n in (0, 1, 2)] == ["0 threads", "1 thread", "2 threads"]
+
+
+def test_generate_case_checks_parity_against_transformers_full_forward():
+    """The generate suite's machinery on a tiny preset (the compiled variant, which compiles for a
+    while, is covered by tests/test_inference.py)."""
+    pytest.importorskip("transformers")
+    from hrm.bench.generation import generate_lines, run_generate
+
+    variants = ("transformers", "eager")
+    rows = run_generate("tiny", batch=3, prompt_len=5, new_tokens=4, reps=1, backend="torch", variants=variants)
+    assert [r.backend for r in rows] == ["transformers", "eager"]
+    assert all(r.suite == "generate" and r.tokens == 12 and r.seconds > 0 for r in rows)
+    assert rows[1].parity == 0  # our tokens equal transformers' full-forward argmax
+    table = generate_lines(rows)
+    assert table[2].startswith("| tiny | 3x5+4 | transformers |") and "0 of 12" in table[3]
