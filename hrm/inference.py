@@ -42,7 +42,6 @@ log = logging.getLogger("hrm")
 
 CHECK_EVERY = 8  # decode steps between two host reads of the finished mask
 LENGTH_BUCKET = 64  # cache lengths round up to a multiple of this (compiled steps: one graph per bucket)
-COMPILE_MIN_STEPS = 256  # "auto" compiles the decode step when a call decodes at least this many tokens per row
 
 
 class KVCache:
@@ -154,14 +153,15 @@ def _bucket(n: int) -> int:
 class Decoder:
     """Batched decoding of one model: prefill, then the same-shape step per token.
 
-    ``compile``: ``True`` runs the step compiled (fp32 or bf16 references fused by
-    inductor; a CUDA graph on a GPU), ``False`` eagerly on the model's backend, ``None``
-    compiles when a call decodes at least :data:`COMPILE_MIN_STEPS` tokens per row (below
-    that the compilation costs more than it saves). ``batch``: pad every call to this many
-    rows so that the compiled step keeps one shape across calls (evaluation batches).
+    ``compile``: ``True`` runs the step compiled (the references fused by inductor; a CUDA
+    graph on a GPU), ``False`` (the default) eagerly on the model's backend. Compiling is
+    opt-in: on this project's CPU it takes minutes at preset ``small`` and the compiled step
+    has not measured reliably faster there (README, "Generation and evaluation"); the CUDA
+    graph path has not run on a GPU yet. ``batch``: pad every call to this many rows so that
+    the compiled step keeps one shape across calls (evaluation batches).
     """
 
-    def __init__(self, model: HRMText, *, compile: bool | None = None, batch: int | None = None) -> None:
+    def __init__(self, model: HRMText, *, compile: bool = False, batch: int | None = None) -> None:
         self.model = model
         self.compile = compile
         self.batch = batch
@@ -175,9 +175,6 @@ class Decoder:
         if c is None or c.k[0].shape[0] != batch or c.span.numel() != max_len or c.k[0].dtype != dtype:
             c = self._cache = KVCache(self.model, batch, max_len, dtype, device)
         return c
-
-    def uses_compiled(self, max_new_tokens: int) -> bool:
-        return self.compile if self.compile is not None else max_new_tokens >= COMPILE_MIN_STEPS
 
     @torch.inference_mode()
     def stream(
@@ -200,7 +197,7 @@ class Decoder:
         model = self.model
         device = next(model.parameters()).device
         n = len(prompts)
-        compiled = self.uses_compiled(max_new_tokens)
+        compiled = self.compile
         batch = max(n, self.batch or 0) if compiled else n  # one compiled shape across calls
         rows = [*prompts, *[prompts[0]] * (batch - n)]  # padding rows repeat the first prompt
         lengths = [len(p) for p in rows]
@@ -257,7 +254,7 @@ def generate(
     eos_id: int,
     temperature: float = 0.0,
     generator: torch.Generator | None = None,
-    compile: bool | None = None,
+    compile: bool = False,
 ) -> list[list[int]]:
     """Continue each prompt (an encoded instruction) until ``eos_id`` or ``max_new_tokens``.
 
@@ -303,7 +300,7 @@ def exact_match(
     *,
     eos_id: int,
     batch_size: int = 64,
-    compile: bool | None = None,
+    compile: bool = False,
     progress: bool = False,
 ) -> float:
     """Fraction of samples whose greedy answer equals the reference response exactly.

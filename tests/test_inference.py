@@ -128,13 +128,6 @@ def test_finished_mask_is_read_every_check_every_steps():
             assert all(s.tolist() == [39] * len(PROMPTS) for s in steps)
 
 
-def test_compile_auto_only_for_long_generations():
-    model = HRMText(CONFIGS[0]).eval()
-    assert not Decoder(model).uses_compiled(8)
-    assert Decoder(model).uses_compiled(4096)
-    assert Decoder(model, compile=True).uses_compiled(1) and not Decoder(model, compile=False).uses_compiled(4096)
-
-
 def test_precision_auto_is_fp32_on_cpu():
     assert resolve_precision("auto", "cpu") == "fp32"
     assert resolve_precision(None, "cpu") == "fp32"
