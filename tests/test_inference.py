@@ -14,11 +14,12 @@ CONFIGS = [
     ModelConfig(vocab_size=40, vocab_multiple=8, hidden_size=32, num_heads=2, n_layers=4),
     ModelConfig(vocab_size=40, vocab_multiple=8, hidden_size=24, num_heads=3, n_layers=2, H_cycles=1, L_cycles=2),
     ModelConfig(vocab_size=40, vocab_multiple=8, hidden_size=32, num_heads=4, n_layers=3, arch="transformer"),
+    ModelConfig(vocab_size=40, vocab_multiple=8, hidden_size=32, num_heads=2, n_layers=2, H_cycles=1, arch="ut"),
 ]
 PROMPTS = [[1, 5, 7, 9], [2], [3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13]]
 
 
-@pytest.mark.parametrize("cfg", CONFIGS, ids=["hrm", "hrm-1x2", "transformer"])
+@pytest.mark.parametrize("cfg", CONFIGS, ids=["hrm", "hrm-1x2", "transformer", "ut"])
 def test_kv_cache_generation_equals_recomputation(cfg):
     torch.manual_seed(1)
     model = HRMText(cfg).double().eval()
