@@ -155,8 +155,8 @@ class Decoder:
 
     ``compile``: ``True`` runs the step compiled (the references fused by inductor; a CUDA
     graph on a GPU), ``False`` (the default) eagerly on the model's backend. Compiling is
-    opt-in: on this project's CPU it takes minutes at preset ``small`` and the compiled step
-    has not measured reliably faster there (README, "Generation and evaluation"); the CUDA
+    opt-in: on this project's CPU it takes 15 s to minutes at preset ``small`` for a step
+    1.25x faster than eager there (README, "Generation and evaluation"); the CUDA
     graph path has not run on a GPU yet. ``batch``: pad every call to this many rows so that
     the compiled step keeps one shape across calls (evaluation batches).
     """
