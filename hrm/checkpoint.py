@@ -53,6 +53,18 @@ def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in state.items()}
 
 
+def _move_into_place(tmp: Path, path: Path) -> None:
+    """Rename the complete directory ``tmp`` to ``path``, replacing what was there: the old
+    directory is renamed aside first and deleted only once the new one is in place."""
+    old = None
+    if path.exists():
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        os.replace(path, old)
+    os.replace(tmp, path)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def write_dir_atomically(path: str | os.PathLike, fill: Callable[[Path], None], *, overwrite: bool = False) -> Path:
     """Create directory ``path`` by calling ``fill(tmp_dir)`` and renaming ``tmp_dir`` into place.
 
@@ -66,13 +78,7 @@ def write_dir_atomically(path: str | os.PathLike, fill: Callable[[Path], None], 
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         fill(tmp)
-        old = None
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        _move_into_place(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -286,13 +292,7 @@ def save_sharded(
         (tmp / CONFIG_FILE).write_text(json.dumps(doc, indent=2) + "\n")
         if extra is not None:
             extra(tmp)
-        old = None
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        _move_into_place(tmp, path)
     _barrier()
     return path
 
