@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_env import ENV, ROOT
 
 from hrm.checkpoint import consolidate, is_sharded, load_state, read_config
 from hrm.cli import main
@@ -21,8 +22,6 @@ from hrm.data import ByteTokenizer, PackedLoader, multipack, split_balance, spli
 from hrm.errors import DataError
 from hrm.training.metrics import read_metrics
 
-ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
 STEPS = 5
 # four rows of 128 tokens per step whatever the world size (one process accumulates gradients
 # over 4 rows, each of two ranks over 2 and synchronises on the last); checkpoints after steps 3 and 5

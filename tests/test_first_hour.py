@@ -5,7 +5,6 @@ files, help text, presets, data errors, profiler output."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -13,13 +12,12 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from cli_env import ENV, ROOT
 
 from hrm.cli import build_parser
 from hrm.training.metrics import read_metrics
 from hrm.training.optim import lr_at
 
-ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
 # a run of seconds: 128-token rows of the add task, 4 held-out samples
 TINY = ["--batch-tokens", "128", "--train-samples", "200", "--eval-samples", "4"]
 PROGRESS_LINE = re.compile(

@@ -10,7 +10,6 @@ when its commands need nothing but the marked blocks before it.
 
 from __future__ import annotations
 
-import os
 import re
 import shlex
 import subprocess
@@ -18,11 +17,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_env import ENV, ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 MARKER = "<!-- readme-test -->"
-ENV = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
 # subcommand -> flags appended to keep it to seconds
 SHRINK = {
     "train": ["--steps", "4", "--batch-tokens", "128", "--train-samples", "64", "--eval-samples", "4"],

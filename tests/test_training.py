@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_env import ENV, ROOT
 
 from hrm.checkpoint import load_model, read_config
 from hrm.cli import main
@@ -20,10 +21,6 @@ from hrm.model import HRMText
 from hrm.training import TrainConfig
 from hrm.training.metrics import read_metrics
 
-ROOT = Path(__file__).resolve().parents[1]
-# one thread per training process: the runs are tiny, and two OpenMP threads slow down manyfold when
-# something else (another test worker) takes a core
-ENV = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
 STEPS = 60
 # small and fast: 60 steps of 256-token rows, a checkpoint every 2 steps, an evaluation every 20;
 # the reference backend in fp32 (these runs check the bookkeeping; `auto` would compile kernels first)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_env import ENV, ROOT
 from safetensors.torch import save_file
 
 from hrm.checkpoint import load_model, load_state, read_config, save_checkpoint
@@ -28,8 +29,6 @@ from hrm.training.loop import evaluate
 from hrm.training.metrics import read_metrics
 from hrm.training.optim import lr_at
 
-ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
 STEPS = 30
 TRAIN = [
     "--batch-tokens",
