@@ -119,6 +119,26 @@ def test_tensorboard_logs_what_metrics_jsonl_holds(short_run):
         assert all(logged[s] == pytest.approx(v, rel=1e-6, abs=1e-9) for s, v in expected.items()), key
 
 
+def test_wandb_logs_offline_and_a_resumed_run_continues_it(tmp_path):
+    pytest.importorskip("wandb", reason="the wandb package is not installed (pip install wandb)")
+    env = {**ENV, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DIR": str(tmp_path)}
+    out = tmp_path / "run"
+    args = ["--backend", "torch", "--log-every", "1", "--save-every", "3"]
+    for steps in ("3", "5"):  # a run, then the same run resumed and extended
+        again = ["--resume", str(out)] if steps == "5" else [*TINY, "--log-to", "wandb", *args]
+        result = subprocess.run(
+            [sys.executable, "-m", "hrm", "train", *again, "--steps", steps, "--out", str(out)],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+    run_id = (out / "wandb_run_id").read_text().strip()
+    runs = sorted((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(r.name.endswith("-" + run_id) for r in runs)  # one W&B run, continued
+    for r in runs:
+        log = (r / f"run-{run_id}.wandb").read_bytes()
+        assert b"loss" in log and b"grad_norm" in log and b"_step" in log
+
+
 def test_a_logging_backend_that_is_not_installed_is_one_line(tmp_path):
     command = (
         "import sys; sys.modules['wandb'] = None; from hrm.cli import main; "
