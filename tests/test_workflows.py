@@ -18,6 +18,7 @@ import pytest
 import torch
 from cli_env import ENV, ROOT
 from safetensors.torch import save_file
+from test_interop import reference_state
 
 from hrm.checkpoint import load_model, load_state, read_config, save_checkpoint
 from hrm.cli import main
@@ -308,20 +309,6 @@ def test_init_from_a_transformers_export_takes_its_weights(tmp_path):
 # -- 4. fine-tuning and longer runs --------------------------------------------------------------
 
 
-def reference_naming(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Our state dict under the reference implementation's names (what import-reference reads)."""
-    out = {
-        "embed_tokens.embedding_weight": state["embed_tokens.weight"],
-        "lm_head.weight": state["lm_head.weight"],
-        "model.zL_init": state["z_L_init"].bfloat16(),
-    }
-    for key, tensor in state.items():
-        stack, _, rest = key.partition(".")
-        if stack in ("H_level", "L_level"):
-            out[f"model.{stack}.core.{rest}"] = tensor.contiguous()
-    return out
-
-
 def jsonl_loss(ckpt: Path, data: Path, tokenizer: HFTokenizer) -> float:
     samples, _ = read_jsonl(data, tokenizer)
     model = load_model(ckpt).eval()
@@ -331,7 +318,7 @@ def jsonl_loss(ckpt: Path, data: Path, tokenizer: HFTokenizer) -> float:
 @pytest.mark.slow
 def test_fine_tune_an_imported_reference_state_dict(project, tmp_path):
     trained = load_state(project / "runs/bpe/checkpoints" / f"step_{STEPS:08d}")
-    save_file(reference_naming(trained), str(tmp_path / "ref.safetensors"))
+    save_file(reference_state(trained), str(tmp_path / "ref.safetensors"))
     model_json = str(project / "runs/bpe/model_config.json")
     result = hrm(
         "import-reference", str(tmp_path / "ref.safetensors"), "imported", "--config", model_json, cwd=tmp_path
