@@ -75,9 +75,9 @@ __global__ void __launch_bounds__(kThreads)
 
   auto tiler = make_shape(Int<kBM>{}, Int<kBN>{}, Int<kBK>{});
   auto cta = make_coord(blockIdx.x, blockIdx.y, _);
-  Tensor mA = make_tensor(make_gmem_ptr(x), make_shape(M, K), make_stride(K, Int<1>{}));
-  Tensor mG = make_tensor(make_gmem_ptr(w), make_shape(N, K), make_stride(K, Int<1>{}));
-  Tensor mU = make_tensor(make_gmem_ptr(w + size_t(N) * K), make_shape(N, K), make_stride(K, Int<1>{}));
+  Tensor mA = make_tensor(make_gmem_ptr(x), make_shape(M, K), make_stride(int64_t(K), Int<1>{}));
+  Tensor mG = make_tensor(make_gmem_ptr(w), make_shape(N, K), make_stride(int64_t(K), Int<1>{}));
+  Tensor mU = make_tensor(make_gmem_ptr(w + size_t(N) * K), make_shape(N, K), make_stride(int64_t(K), Int<1>{}));
   Tensor gA = local_tile(mA, tiler, cta, Step<_1, X, _1>{});  // (BM, BK, k)
   Tensor gG = local_tile(mG, tiler, cta, Step<X, _1, _1>{});  // (BN, BK, k)
   Tensor gU = local_tile(mU, tiler, cta, Step<X, _1, _1>{});
@@ -99,7 +99,7 @@ __global__ void __launch_bounds__(kThreads)
 
   typename C::Mma mma;
   auto thr_mma = mma.get_slice(threadIdx.x);
-  Tensor mY = make_tensor(make_gmem_ptr(y), make_shape(M, N), make_stride(N, Int<1>{}));
+  Tensor mY = make_tensor(make_gmem_ptr(y), make_shape(M, N), make_stride(int64_t(N), Int<1>{}));
   Tensor gY = local_tile(mY, tiler, cta, Step<_1, _1, X>{});
   Tensor cY = local_tile(make_identity_tensor(make_shape(M, N)), tiler, cta, Step<_1, _1, X>{});
   Tensor tCgY = thr_mma.partition_C(gY);

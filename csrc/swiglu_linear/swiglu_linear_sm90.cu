@@ -105,7 +105,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     Tensor tCrG = thr.make_fragment_B(tCsG);
     Tensor tCrU = thr.make_fragment_B(tCsU);
 
-    Tensor mY = make_tensor(make_gmem_ptr(Y), make_shape(M, N), make_stride(N, Int<1>{}));
+    Tensor mY = make_tensor(make_gmem_ptr(Y), make_shape(M, N), make_stride(int64_t(N), Int<1>{}));
     Tensor gY = local_tile(mY, tiler, cta, Step<_1, _1, X>{});  // (BM, BN)
     Tensor cY = local_tile(make_identity_tensor(make_shape(M, N)), tiler, cta, Step<_1, _1, X>{});
     Tensor tCgY = thr.partition_C(gY);
