@@ -28,9 +28,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable
 
+import torch
+
 from hrm.config import ModelConfig
 from hrm.model import stack_calls
-from hrm.ops import allowed_pairs
 
 
 @dataclass(frozen=True)
@@ -44,8 +45,10 @@ class RowWork:
 
     @classmethod
     def of(cls, batch) -> RowWork:
-        """The work of a :class:`~hrm.data.PackedBatch` (reads its packing on the host)."""
-        pairs = allowed_pairs(batch.cu_seqlens, batch.prefix_lens, batch.input_ids.numel())
+        """The work of a :class:`~hrm.data.PackedBatch` (reads its packing on the host): the
+        allowed pairs are the widths of the key intervals its packing already holds."""
+        packing = batch.attention
+        pairs = int((packing.row_hi - packing.row_lo).sum(dtype=torch.int64))
         return cls(batch.num_tokens, pairs, batch.num_supervised)
 
 
