@@ -299,6 +299,61 @@ def test_ema_math_buffers_and_key_order():
     assert ema.num_updates == 4
 
 
+@pytest.mark.parametrize("backend", ["torch", "compile"])
+def test_ema_fused_into_the_step_equals_a_step_then_an_update(backend):
+    """``AdamAtan2.step(ema=ema)`` moves the averages of the stepped parameters in the
+    optimizer's pass and leaves the rest (a parameter without a gradient, the buffers) to
+    ``ema.update``: the same averages, optimizer state and weights as a step followed by an
+    update, over steps whose EMA decay changes (its warm-up)."""
+    torch.manual_seed(0)
+    fused_model = HRMText(get_preset("tiny"))
+    split_model = copy.deepcopy(fused_model)
+    runs = []
+    for model in (fused_model, split_model):
+        optimizer = AdamAtan2(param_groups(model, 0.1), lr=1e-2, betas=BETAS, backend=backend)
+        runs.append((model, optimizer, EMA(model, decay=0.9)))
+    for step in range(3):
+        g = torch.Generator().manual_seed(step)
+        grads = {n: torch.randn(p.shape, generator=g) for n, p in fused_model.named_parameters()}
+        for fused, (model, optimizer, ema) in zip((True, False), runs):
+            for n, p in model.named_parameters():
+                p.grad = None if n == "embed_tokens.weight" else grads[n].clone()  # one without a gradient
+            with torch.no_grad():
+                model.z_L_init.add_(1.0)  # a buffer: copied
+            if fused:
+                optimizer.step(ema=ema)
+            else:
+                optimizer.step()
+                ema.update()
+    (fused_model, fused_opt, fused_ema), (split_model, split_opt, split_ema) = runs
+    assert fused_ema.num_updates == split_ema.num_updates == 3
+    exact = backend == "torch"  # the same foreach ops; the compiled kernel rounds its own way
+    tol = {"rtol": 0, "atol": 0} if exact else {"rtol": 1e-6, "atol": 1e-7}
+    for k, v in split_ema.state_dict().items():
+        torch.testing.assert_close(fused_ema.state_dict()[k], v, **tol, msg=k)
+    for k, v in split_model.state_dict().items():
+        torch.testing.assert_close(fused_model.state_dict()[k], v, **tol, msg=k)
+    moved = fused_ema.state_dict()["embed_tokens.weight"] - fused_model.embed_tokens.weight
+    assert moved.abs().max() == 0  # never stepped: its average stays on it
+
+
+def test_adam_atan2_rejects_an_ema_list_of_another_length():
+    params = _params(0)
+    with pytest.raises(ValueError, match="one average per parameter"):
+        adam_atan2_(
+            params,
+            params,
+            params,
+            params,
+            [1] * len(params),
+            lr=1e-3,
+            betas=BETAS,
+            weight_decay=0.0,
+            ema_avgs=params[:1],
+            ema_weight=0.5,
+        )
+
+
 def test_ema_decay_reaches_its_ceiling():
     ema = EMA(nn.Linear(2, 2), decay=0.9)
     ema.num_updates = 1000

@@ -73,11 +73,16 @@ class AdamAtan2(torch.optim.Optimizer):
         super().__init__(params, {"lr": lr, "betas": tuple(betas), "weight_decay": weight_decay})
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure=None, *, ema: EMA | None = None):
+        """One update of every parameter with a gradient. With ``ema``, also its update
+        (:meth:`EMA.update`): the averages of the stepped parameters move in the optimizer's own
+        pass over them (one read of each new parameter fewer), the rest in ``ema.update``."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        weight = 0.0 if ema is None else 1.0 - ema.current_decay()
+        stepped: list[torch.Tensor] = []
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
@@ -97,7 +102,12 @@ class AdamAtan2(torch.optim.Optimizer):
                 betas=group["betas"],
                 weight_decay=group["weight_decay"],
                 backend=self.backend,
+                ema_avgs=None if ema is None else [local(ema.average_of(p)) for p in params],
+                ema_weight=weight,
             )
+            stepped += params
+        if ema is not None:
+            ema.update(skip=stepped)
         return loss
 
     def _state_of(self, p: torch.Tensor) -> dict:
@@ -137,19 +147,30 @@ class EMA:
         param_names = {name for name, _ in model.named_parameters()}
         self._param_keys = [k for k in self.shadow if k in param_names]
         self._buffer_keys = [k for k in self.shadow if k not in param_names]
+        self._names = {id(p): name for name, p in model.named_parameters()}
 
     def current_decay(self) -> float:
         """The decay the next :meth:`update` uses."""
         n = self.num_updates
         return min(self.decay, (1 + n) / (10 + n))
 
+    def average_of(self, param: torch.Tensor) -> torch.Tensor:
+        """The average of one of the model's parameters."""
+        if id(param) not in self._names:  # parameters replaced since (e.g. sharded)
+            self._names = {id(p): name for name, p in self.model.named_parameters()}
+        return self.shadow[self._names[id(param)]]
+
     @torch.no_grad()
-    def update(self) -> None:
+    def update(self, skip: Iterable[torch.Tensor] = ()) -> None:
+        """One update; the averages of the parameters in ``skip`` are taken as moved already
+        (:meth:`AdamAtan2.step` with ``ema`` moves those of the parameters it steps)."""
         weight = 1.0 - self.current_decay()
         state = self.model.state_dict()
-        torch._foreach_lerp_(
-            [local(self.shadow[k]) for k in self._param_keys], [local(state[k]) for k in self._param_keys], weight
-        )
+        done = {id(p) for p in skip}
+        moved = {name for name, p in self.model.named_parameters() if id(p) in done}
+        keys = [k for k in self._param_keys if k not in moved]
+        if keys:
+            torch._foreach_lerp_([local(self.shadow[k]) for k in keys], [local(state[k]) for k in keys], weight)
         for k in self._buffer_keys:
             local(self.shadow[k]).copy_(local(state[k]))
         self.num_updates += 1

@@ -10,13 +10,17 @@ For each parameter ``p`` with gradient ``g``, moments ``m``, ``v`` and its own s
     p = p - lr * atan2(m / (1 - b1**t), sqrt(v / (1 - b2**t)))
 
 The update is bounded by ``pi/2`` per element and invariant to the gradient's scale, so
-there is no epsilon.
+there is no epsilon. Given ``ema_avgs`` (a parameter EMA, :class:`hrm.training.optim.EMA`),
+the same pass also moves each average toward its new parameter::
+
+    e = lerp(e, p, ema_weight) = (1 - ema_weight) * e + ema_weight * p
 
 Backends:
 
 - ``torch``: the reference, multi-tensor ``torch._foreach_*`` (eight passes over memory
   and one ``atan2`` per tensor: torch has no foreach atan2).
-- ``compile``: one fused inductor kernel per tensor (read ``p, g, m, v``; write ``p, m, v``).
+- ``compile``: one fused inductor kernel per tensor (read ``p, g, m, v``; write ``p, m, v``;
+  with an EMA also read and write ``e``, while the new ``p`` is still in registers).
   It compiles ONE graph for every tensor and every step: each tensor goes in flattened to
   1-d with its length marked dynamic (and size-oblivious, so that 1-element tensors do not
   specialise), and the per-step scalars (``lr``, the bias corrections, ...) go in as a
@@ -69,8 +73,11 @@ def adam_atan2_foreach(
     lr: float,
     betas: tuple[float, float],
     weight_decay: float,
+    ema_avgs: list[Tensor] | None = None,
+    ema_weight: float = 0.0,
 ) -> None:
-    """:func:`adam_atan2_reference` on every tensor at once, with ``torch._foreach_*``."""
+    """:func:`adam_atan2_reference` on every tensor at once, with ``torch._foreach_*``; then
+    the EMA's ``lerp`` toward the new parameters."""
     beta1, beta2 = betas
     torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
     torch._foreach_mul_(exp_avg_sqs, beta2)
@@ -82,6 +89,8 @@ def adam_atan2_foreach(
     torch._foreach_sqrt_(denom)
     updates = [torch.atan2(m, d) for m, d in zip(m_hat, denom)]  # torch has no foreach atan2
     torch._foreach_add_(params, updates, alpha=-lr)
+    if ema_avgs is not None:
+        torch._foreach_lerp_(ema_avgs, params, ema_weight)
 
 
 # -- compile backend -----------------------------------------------------------------------
@@ -100,7 +109,22 @@ def _adam_atan2_math(p: Tensor, g: Tensor, m: Tensor, v: Tensor, scalars: Tensor
     v.copy_(v_new)
 
 
+def _adam_atan2_ema_math(p: Tensor, g: Tensor, m: Tensor, v: Tensor, e: Tensor, scalars: Tensor) -> None:
+    """:func:`_adam_atan2_math`, then the EMA ``e`` moved toward the new ``p`` by ``scalars[7]``."""
+    w1, b2, w2, decay, lr, bc1, bc2, w_ema = scalars.unbind(0)
+    dt = scalars.dtype
+    g = g.to(dt)
+    m_new = torch.lerp(m.to(dt), g, w1)
+    v_new = v.to(dt) * b2 + w2 * g * g
+    p_new = p.to(dt) * decay - lr * torch.atan2(m_new / bc1, torch.sqrt(v_new / bc2))
+    p.copy_(p_new)
+    m.copy_(m_new)
+    v.copy_(v_new)
+    e.copy_(torch.lerp(e.to(dt), p.to(dt), w_ema))  # toward p as stored, as the torch backend does
+
+
 _adam_atan2_compiled = compiled(_adam_atan2_math)
+_adam_atan2_ema_compiled = compiled(_adam_atan2_ema_math)
 
 
 def _to_device(t: Tensor, device: torch.device) -> Tensor:
@@ -129,22 +153,30 @@ def adam_atan2_compile(
     lr: float,
     betas: tuple[float, float],
     weight_decay: float,
+    ema_avgs: list[Tensor] | None = None,
+    ema_weight: float = 0.0,
 ) -> None:
     beta1, beta2 = betas
+    averages = ema_avgs if ema_avgs is not None else [None] * len(params)
     scalars: dict[tuple, Tensor] = {}  # one small tensor per (step, device, dtype): usually one per call
     # Size-oblivious: a dynamic length of 1 stays symbolic instead of compiling its own graph.
     with fx_config.patch(backed_size_oblivious=True):
-        for p, g, m, v, step in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
+        for p, g, m, v, e, step in zip(params, grads, exp_avgs, exp_avg_sqs, averages, steps):
             if p.numel() == 0:
                 continue
             dt = compute_dtype(p.dtype)
             key = (step, p.device, dt)
             if key not in scalars:
                 values = [1 - beta1, beta2, 1 - beta2, 1 - lr * weight_decay, lr, 1 - beta1**step, 1 - beta2**step]
+                values += [ema_weight] * (e is not None)
                 scalars[key] = _to_device(torch.tensor(values, dtype=dt), p.device)
-            flat = [_flat(t) for t in (p, g, m, v)]
-            _adam_atan2_compiled(*flat, scalars[key])
-            for t, f in zip((p, m, v), (flat[0], flat[2], flat[3])):
+            written = (p, m, v) if e is None else (p, m, v, e)
+            flat = [_flat(t) for t in (p, g, *written[1:])]
+            if e is None:
+                _adam_atan2_compiled(*flat, scalars[key])
+            else:
+                _adam_atan2_ema_compiled(*flat, scalars[key])
+            for t, f in zip(written, (flat[0], *flat[2:])):
                 if f.data_ptr() != t.data_ptr():  # a non-contiguous tensor went in as a copy
                     t.copy_(f.view_as(t))
 
@@ -160,12 +192,18 @@ def adam_atan2_(
     betas: tuple[float, float],
     weight_decay: float,
     backend: str | None = None,
+    ema_avgs: Sequence[Tensor] | None = None,
+    ema_weight: float = 0.0,
 ) -> None:
     """One Adam-atan2 step on each ``params[i]`` in place, updating ``exp_avgs[i]`` and
     ``exp_avg_sqs[i]``; ``steps[i]`` is that parameter's step count including this step (from
-    1), for its bias corrections. Gradients are read only. The formula is the module's."""
+    1), for its bias corrections. Gradients are read only. With ``ema_avgs``, each
+    ``ema_avgs[i]`` then moves toward the new ``params[i]`` by ``ema_weight`` in the same pass.
+    The formula is the module's."""
     if not (len(params) == len(grads) == len(exp_avgs) == len(exp_avg_sqs) == len(steps)):
         raise ValueError("adam_atan2_: params, grads, exp_avgs, exp_avg_sqs and steps must have the same length")
+    if ema_avgs is not None and len(ema_avgs) != len(params):
+        raise ValueError("adam_atan2_: ema_avgs must have one average per parameter")
     if not params:
         return
     with torch.no_grad():
@@ -178,6 +216,8 @@ def adam_atan2_(
             lr=float(lr),
             betas=(float(betas[0]), float(betas[1])),
             weight_decay=float(weight_decay),
+            ema_avgs=None if ema_avgs is None else list(ema_avgs),
+            ema_weight=float(ema_weight),
         )
 
 
