@@ -50,7 +50,7 @@ RUN_ARGS = [
     "--log-every",
     "1",
 ]
-TRAIN_KEYS = {"step", "loss", "lr", "bp_steps", "tokens_per_s", "accuracy", "grad_norm"}
+TRAIN_KEYS = {"step", "loss", "lr", "bp_steps", "tokens_per_s", "tokens", "accuracy", "grad_norm"}
 EVAL_KEYS = {"step", "eval_loss", "eval_accuracy", "eval_exact_match"}
 LAST_LINE = re.compile(r"^held-out exact-match: [01]\.\d{4}$")
 

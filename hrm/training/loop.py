@@ -2,7 +2,11 @@
 
 Each step: take this rank's packed rows of the global batch, ``bp = bp_steps_at(...)``, for
 each row forward with labels and backward (gradients accumulate), clip, Adam-atan2 step, EMA
-update; the learning rate follows :func:`lr_at`.
+update; the learning rate follows :func:`lr_at`. Metrics, FLOPs and the non-finite checks
+stay on the device and are read back only on steps that log, evaluate or save: a step
+between them reads nothing back (on a GPU, each read waits for all queued work). A
+non-finite loss or gradient norm stops the run at the next such step, naming the step it
+first appeared at, before anything is evaluated or saved.
 
 Output directory::
 
@@ -597,11 +601,13 @@ def _train(
         log = MetricsLog(out / "metrics.jsonl", keep_through=start)
         backends = Backends(cfg.log_to, out, cfg.to_dict(), start=start)
         parallel = f" ({cfg.parallel}, {cfg.global_rows // env.world_size} rows per rank)" if env.world_size > 1 else ""
+        threads = f" ({torch.get_num_threads()} threads)" if env.device.type == "cpu" else ""
         print(
             f"hrm train: {cfg.preset} ({model.num_parameters() / 1e6:.2f}M parameters), {described}: "
             f"{loader.num_samples} samples in rows of {cfg.batch_tokens} tokens "
             f"({loader.packing_efficiency:.1%} full, {loader.stats.skipped_too_long} too long), "
-            f"{cfg.global_rows} rows per step, {env.world_size} x {env.device.type}{parallel}, backend {model.backend}"
+            f"{cfg.global_rows} rows per step, {env.world_size} x {env.device.type}{threads}{parallel}, "
+            f"backend {model.backend}"
             f", precision {precision}"
             + (" (chosen by auto)" if "auto" in (cfg.backend, cfg.precision) else "")
             + initialised
@@ -702,6 +708,12 @@ def _train(
     timer_tokens = 0
     record: dict[str, Any] = {}
     last_eval: dict[str, float] = {}
+    # Kept on the device and read back only where a step logs, evaluates or saves (one host
+    # read there, none in between: on a GPU each read waits for the queued work): the metric
+    # sums and this rank's FLOPs since the last read, and the first step (from 1; 0: none yet)
+    # whose loss, or gradient norm, was not finite.
+    sums = torch.zeros(len(_Window.KEYS) + 1, dtype=torch.float64, device=env.device)  # + FLOPs
+    first_bad = torch.zeros(2, dtype=torch.int64, device=env.device)
     for step in range(start, cfg.steps):
         done = step + 1
         mine = loader.next_step(env.rank, env.world_size)
@@ -711,38 +723,49 @@ def _train(
             group["lr"] = lr
         # DDP and FSDP average the ranks' gradients: each rank's loss sums count world_size times
         divisor = max(mine.num_supervised, 1) / env.world_size
-        stats = torch.zeros(len(_Window.KEYS) + 2, dtype=torch.float64, device=env.device)  # + loss, + FLOPs
+        step_loss = torch.zeros((), dtype=torch.float64, device=env.device)
         for i, row in enumerate(mine.rows):
             batch = row.to(env.device, non_blocking=True)
             with sync_context(net, i == len(mine.rows) - 1):
                 with autocast:
                     loss, m = net(**batch.model_inputs(), bp_steps=bp, loss_divisor=divisor)
                 loss.backward()
-            stats[:-1] += torch.stack(
-                [m[k].to(torch.float64) for k in _Window.KEYS] + [loss.detach().to(torch.float64)]
-            )
-        stats[-1] = sum(train_step_flops(model_cfg, RowWork.of(row), bp).total for row in mine.rows)  # this rank's
+            sums[:-1] += torch.stack([m[k].to(torch.float64) for k in _Window.KEYS])
+            step_loss += loss.detach()
+        sums[-1] += sum(train_step_flops(model_cfg, RowWork.of(row), bp).total for row in mine.rows)
         reduce_unsynced_grads(net, env.world_size)
         grad_norm = clip_grad_norm(params, cfg.grad_clip or math.inf)
+        finite = torch.stack([step_loss.isfinite(), grad_norm.isfinite()])
+        first_bad.copy_(torch.where((first_bad == 0) & ~finite, done, first_bad))
+        with profiling.range("optimizer"):
+            optimizer.step(ema=ema)  # the EMA update too, fused into the optimizer's pass
+            optimizer.zero_grad(set_to_none=True)
+
+        logs = done % cfg.log_every == 0 or done == cfg.steps
+        evaluates = heldout and (done == cfg.steps or cfg.eval_every and done % cfg.eval_every == 0)
+        saves = done == cfg.steps or cfg.save_every and done % cfg.save_every == 0
+        if env.is_main:
+            timer_tokens += mine.num_tokens
+        if not (logs or evaluates or saves):
+            if env.is_main:
+                progress.update()
+            continue
         if env.world_size > 1:
-            dist.all_reduce(stats)
-        *values, loss_value, step_flops = stats.tolist()
+            dist.all_reduce(sums)
+            dist.all_reduce(first_bad, op=dist.ReduceOp.MAX)  # a step that failed on any rank
+        *values, step_flops = sums.tolist()
+        bad_loss, bad_grad = first_bad.tolist()
+        if bad_loss:
+            stop(bad_loss, "loss")
+        if bad_grad:
+            stop(bad_grad, "gradient norm")
+        sums.zero_()
         if flops is not None:
             flops += int(step_flops)
-        grad_norm_value = float(grad_norm)
-        if not math.isfinite(loss_value):
-            stop(done, "loss")
-        if not math.isfinite(grad_norm_value):
-            stop(done, "gradient norm")
-        with profiling.range("optimizer"):
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            ema.update()
 
         if env.is_main:
             window.add(values)
-            timer_tokens += mine.num_tokens
-            if done % cfg.log_every == 0 or done == cfg.steps:
+            if logs:
                 now = time.perf_counter()
                 record = {
                     "step": done,
@@ -750,7 +773,8 @@ def _train(
                     "lr": lr,
                     "bp_steps": bp,
                     "tokens_per_s": timer_tokens / (now - timer),
-                    "grad_norm": grad_norm_value,
+                    "tokens": timer_tokens,
+                    "grad_norm": float(grad_norm),
                     "epoch": loader.epoch,
                     "flops": flops,
                     "params": num_params,
@@ -764,7 +788,7 @@ def _train(
                 )
                 window, timer, timer_tokens = _Window(), now, 0
             progress.update()
-        if heldout and (done == cfg.steps or cfg.eval_every and done % cfg.eval_every == 0):
+        if evaluates:
             last_eval = run_evaluation()
             if env.is_main:
                 log.write({"step": done, **last_eval, "flops": flops})
@@ -774,7 +798,7 @@ def _train(
                     f"{last_eval['eval_exact_match']:.4f} (EMA)",
                     file=sys.stderr,
                 )
-        if done == cfg.steps or cfg.save_every and done % cfg.save_every == 0:
+        if saves:
             save(done)
 
     if not env.is_main:

@@ -1,7 +1,8 @@
 """The run's ``metrics.jsonl`` and the plot drawn from it.
 
 Every line is one JSON object with a ``step`` (optimizer steps done): training lines carry
-``loss``, ``lr``, ``bp_steps``, ``tokens_per_s``, ``accuracy`` (token accuracy),
+``loss``, ``lr``, ``bp_steps``, ``tokens_per_s`` and ``tokens`` (this rank's real tokens
+since the previous training line, the count that rate is of), ``accuracy`` (token accuracy),
 ``exact_accuracy`` (whole responses right under teacher forcing), ``grad_norm`` and
 ``params`` (the model's parameter count); evaluation lines carry ``eval_loss``,
 ``eval_accuracy`` and ``eval_exact_match``. Both carry ``flops``: the training FLOPs of
