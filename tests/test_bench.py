@@ -33,6 +33,7 @@ def results(tmp_path_factory):
         train_warmup=0,
         op_min_time=0.0,
         backends=suites.bench_backends(),
+        loop_steps=3,
     )
     return paths, read_results(paths["json"])
 
@@ -43,7 +44,9 @@ def test_writes_results_table_and_plot(results):
     doc = json.loads(paths["json"].read_text())
     assert {"device", "peaks", "settings", "rows"} <= set(doc)
     assert {"name", "torch", "git_commit"} <= set(device)
-    assert {"matmul_gflops_float32", "matmul_gflops_bfloat16", "copy_gbps"} <= set(peaks)
+    assert {"matmul_gflops_float32", "copy_gbps"} <= set(peaks)
+    # the bf16 peak only where a row runs bf16 (a CPU without bf16 instructions takes minutes)
+    assert ("matmul_gflops_bfloat16" in peaks) == (settings["precision"] == "bf16")
     table = paths["md"].read_text()
     assert "| op | mode |" in table and "Train-step targets" in table
 
@@ -63,14 +66,69 @@ def test_op_rows_for_every_backend_within_tolerance(results):
 
 
 def test_train_rows_for_every_variant(results):
-    _, (_, _, rows, _) = results
-    train = {r.backend: r for r in rows if r.suite == "train"}
+    _, (_, _, rows, settings) = results
+    train = {r.backend: r for r in rows if r.suite == "train" and r.mode == "step"}
     assert set(train) == {label for label, _, _ in suites.train_variants(suites.bench_backends())}
     for b, r in train.items():
         assert r.peak_mem_mb > 0 and r.extra["rss_peak_mb"] > 0, b
         assert "error" not in r.extra, (b, r.extra.get("error"))
         assert r.parity <= r.tolerance, (b, r.parity)
         assert r.tokens_per_s > 0 and r.flops > 0 and r.frac_peak is not None
+        assert r.dtype == ("bfloat16" if settings["precision"] == "bf16" else "float32")
+    fastest = min(
+        (r for b, r in train.items() if b not in ("torch", suites.COMPILED_REFERENCE)), key=lambda r: r.seconds
+    )
+    one_thread = {r.backend: r for r in rows if r.mode == suites.ONE_THREAD}
+    if settings["threads"] > 1:  # the reference and the fastest backend again on one core
+        assert set(one_thread) == {"torch", fastest.backend}
+        assert all(r.tokens_per_s > 0 and r.speedup is not None for r in one_thread.values())
+    else:
+        assert not one_thread
+
+
+def test_loop_rows_run_hrm_train_on_the_shipped_data(results):
+    """``hrm train`` itself, on the reference and the fastest backend, at the default thread
+    count; each row next to its own backend's bench step."""
+    _, (_, _, rows, _) = results
+    step = {r.backend: r for r in rows if r.suite == "train" and r.mode == "step"}
+    loops = {r.backend: r for r in rows if r.mode == "loop"}
+    assert "torch" in loops and len(loops) == 2, loops
+    for b, r in loops.items():
+        assert "error" not in r.extra, (b, r.extra.get("error"))
+        assert r.extra["resolved_backend"] == b and r.extra["threads"] >= 1
+        assert r.tokens_per_s > 0 and r.flops > 0 and r.speedup is not None
+        want = r.tokens_per_s / step[b].tokens_per_s
+        assert r.extra["loop_vs_step"] == pytest.approx(want), b
+
+
+def test_loop_throughput_counts_only_steps_after_warm_up():
+    records = [
+        {"step": 1, "tokens": 100, "tokens_per_s": 10.0, "flops": 1000},  # warm-up: 10 s
+        {"step": 2, "tokens": 100, "tokens_per_s": 100.0, "flops": 2000},
+        {"step": 3, "tokens": 300, "tokens_per_s": 100.0, "flops": 3500},
+        {"step": 3, "eval_loss": 1.0, "flops": 3500},  # an evaluation line is not a step
+    ]
+    seconds, tokens, flops = suites.loop_throughput(records, warmup=1)
+    assert (seconds, tokens, flops) == (2.0, 200.0, 1250.0)
+    with pytest.raises(ValueError, match="none after"):
+        suites.loop_throughput(records[:1], warmup=1)
+
+
+def test_shipped_sft_data_is_the_generators_and_sft_like():
+    """The loop case's JSONL is exactly what ``python -m hrm.bench.workloads`` writes, with
+    packed lengths log-normal around 270 tokens under the byte tokenizer."""
+    import statistics
+
+    from hrm.bench.workloads import SFT_JSONL, sft_records
+    from hrm.data import load_tokenizer, read_jsonl
+
+    assert SFT_JSONL.read_text() == "".join(json.dumps(r) + "\n" for r in sft_records())
+    samples, stats = read_jsonl(SFT_JSONL, load_tokenizer("byte"))
+    lengths = [s.packed_len for s in samples]
+    assert len(samples) == stats.read == 512
+    assert 250 <= statistics.median(lengths) <= 290 and min(lengths) >= 8 and max(lengths) < 4096
+    supervised = sum(len(s.response) - 1 for s in samples) / sum(lengths)
+    assert 0.45 <= supervised <= 0.55
 
 
 def test_child_peak_memory_is_its_own():

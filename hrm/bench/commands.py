@@ -37,6 +37,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="torch.set_num_threads for every suite (default: torch's choice; "
         "1 is steadier on cores shared with other processes)",
     )
+    p.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "fp32", "bf16"],
+        help="train-step precision (default auto: what hrm train picks here, bf16 autocast on GPUs with "
+        "bf16 tensor cores, fp32 elsewhere)",
+    )
     p.add_argument("--out", default="bench/results", help="results directory (default: bench/results)")
     p.set_defaults(func=run_bench)
 
@@ -74,7 +81,15 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     backends = [b for b in args.backends.split(",") if b] if args.backends else None
-    paths = run(args.suite, config=args.config, quick=args.quick, out=args.out, reps=args.reps, backends=backends)
+    paths = run(
+        args.suite,
+        config=args.config,
+        quick=args.quick,
+        out=args.out,
+        reps=args.reps,
+        backends=backends,
+        precision=args.precision,
+    )
     print(Path(paths["md"]).read_text())
     print(f"hrm bench: wrote {', '.join(str(p) for p in paths.values())}")
     return 0

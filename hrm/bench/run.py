@@ -15,16 +15,18 @@ from hrm.bench.report import Row, derive, markdown_table, plot, plural, write_re
 from hrm.bench.timing import copy_bandwidth_gbps, matmul_peak_gflops
 from hrm.config import BENCH_CONFIGS, BenchConfig
 from hrm.errors import ConfigError
+from hrm.precision import resolve_precision
 
 
-def measure_peaks(device: torch.device, quick: bool) -> dict[str, float]:
-    """This device's practical matmul peak per dtype and its copy bandwidth (best of a few)."""
+def measure_peaks(device: torch.device, quick: bool, bf16: bool = True) -> dict[str, float]:
+    """This device's practical matmul peak in fp32 (and, with ``bf16``, in bf16) and its copy
+    bandwidth (best of a few). The bf16 peak is measured only where a row runs bf16: a CPU
+    without bf16 instructions multiplies bf16 matrices around 100x slower than fp32 (minutes)."""
     reps = 3 if quick else 5
-    return {
-        "matmul_gflops_float32": matmul_peak_gflops(torch.float32, device, reps=reps),
-        "matmul_gflops_bfloat16": matmul_peak_gflops(torch.bfloat16, device, reps=reps),
-        "copy_gbps": copy_bandwidth_gbps(device, reps=reps),
-    }
+    peaks = {"matmul_gflops_float32": matmul_peak_gflops(torch.float32, device, reps=reps)}
+    if bf16:
+        peaks["matmul_gflops_bfloat16"] = matmul_peak_gflops(torch.bfloat16, device, reps=reps)
+    return {**peaks, "copy_gbps": copy_bandwidth_gbps(device, reps=reps)}
 
 
 def measure_copy_peaks(rows: list[Row], device: torch.device, min_time: float = 0.05) -> None:
@@ -60,6 +62,8 @@ def run_bench(
     train_warmup: int = 1,
     op_min_time: float = suites.OP_MIN_TIME,
     plots: bool = True,
+    precision: str = "auto",
+    loop_steps: int = suites.LOOP_STEPS,
 ) -> dict[str, Path]:
     """Run ``suite`` (``ops``, ``train``, ``all`` = both, or ``generate``) and write
     ``OUT/<device-slug>.{json,md,png}``.
@@ -70,7 +74,9 @@ def run_bench(
 
     ``config`` names a :data:`~hrm.config.BENCH_CONFIGS` entry (or is one); ``ops_config``
     overrides the op shapes (``quick`` shrinks them otherwise). Each train step is timed
-    after its first step (which compiles) and ``train_warmup`` more.
+    after its first step (which compiles) and ``train_warmup`` more, at ``precision``
+    (``auto``: what ``hrm train`` picks on this device); then ``hrm train`` itself runs
+    ``loop_steps`` steps on the reference and the fastest backend (0: not at all).
     """
     if isinstance(config, str):
         if config not in BENCH_CONFIGS:
@@ -83,13 +89,23 @@ def run_bench(
     load_before = os.getloadavg()[0]
     started = time.perf_counter()
     info = device_info(device)
-    peaks = measure_peaks(device, quick)
+    train_precision = resolve_precision(precision, device)
+    peaks = measure_peaks(device, quick, bf16=suite in ("train", "all") and train_precision == "bf16")
     rows: list[Row] = []
     if suite in ("ops", "all"):
         op_bench = ops_config or (quick_ops_config(bench) if quick else bench)
         rows += suites.run_ops(op_bench, reps=reps, device=device, backends=backends, min_time=op_min_time)
     if suite in ("train", "all"):
-        rows += suites.run_train(name, bench, reps=reps, warmup=train_warmup, device=device, backends=backends)
+        rows += suites.run_train(
+            name,
+            bench,
+            reps=reps,
+            warmup=train_warmup,
+            device=device,
+            backends=backends,
+            precision=train_precision,
+            loop_steps=loop_steps,
+        )
     if suite == "generate":
         rows += run_generate(reps=reps, device=device)
     measure_copy_peaks(rows, device)
@@ -103,6 +119,7 @@ def run_bench(
         "quick": quick,
         "reps": reps,
         "threads": torch.get_num_threads(),
+        "precision": train_precision,
         "load_average_before": load_before,
         "load_average_after": os.getloadavg()[0],
         "backends": suites.bench_backends(),

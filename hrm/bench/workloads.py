@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
+import random
+from pathlib import Path
 
 import torch
 
@@ -28,3 +31,46 @@ def train_batch(bench: BenchConfig, seed: int = 0) -> PackedBatch:
         samples.append(Sample(ids[: length + 1 - response], ids[length + 1 - response :]))
         used += length
     return pack_row(samples, bench.tokens, pad_id=0)
+
+
+# -- the shipped SFT-like JSONL of the loop case -----------------------------------------------------
+
+SFT_JSONL = Path(__file__).parent / "data" / "sft_lognormal.jsonl"
+SFT_RECORDS = 512
+_WORDS = (
+    "the a model layer step token state cycle loop kernel norm query key value head block stack row batch "
+    "packed prefix causal response question answer explain why how what when compute sum product number list "
+    "train learn recurrent hidden slow fast input output gradient loss memory cache thread core vector matrix"
+).split()
+
+
+def sft_records(count: int = SFT_RECORDS, median_tokens: int = 270, seed: int = 0) -> list[dict[str, str]]:
+    """``count`` instruction-response pairs of English-like word salad whose packed length under
+    the byte tokenizer (``Sample.packed_len``: text bytes + 2 framing tokens) is log-normal
+    around ``median_tokens`` (sigma 0.5, at least 8), half of it the response: the length mix of
+    an SFT set, for timing the training loop on real JSONL. Deterministic in ``seed``; this is
+    what :data:`SFT_JSONL` holds (``python -m hrm.bench.workloads`` rewrites it)."""
+    rng = random.Random(seed)
+
+    def text(n: int) -> str:
+        words: list[str] = []
+        while sum(len(w) + 1 for w in words) < n + 1:
+            words.append(rng.choice(_WORDS))
+        out = " ".join(words)[:n]
+        return out[:-1] + "." if out.endswith(" ") else out
+
+    records = []
+    for _ in range(count):
+        length = max(8, round(math.exp(math.log(median_tokens) + 0.5 * rng.gauss(0.0, 1.0))))
+        response = max(2, round(0.5 * length))
+        records.append({"instruction": text(length - response - 1), "response": text(response - 1)})
+    return records
+
+
+def write_sft_jsonl(path: Path = SFT_JSONL) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in sft_records()))
+
+
+if __name__ == "__main__":
+    write_sft_jsonl()
