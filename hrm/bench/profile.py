@@ -28,10 +28,11 @@ import torch
 
 from hrm import HRMText, profiling
 from hrm.bench.report import plural
-from hrm.bench.suites import make_train_step
+from hrm.bench.suites import PRECISION_NAMES, make_train_step
 from hrm.bench.workloads import train_batch
 from hrm.config import BENCH_CONFIGS, PRESETS, BenchConfig
 from hrm.errors import ConfigError, HrmError
+from hrm.precision import resolve_precision
 
 DEFAULT_TOKENS = 1024  # the packed row of a model preset (the bench configs name their own)
 # what the profiler's native library (kineto) writes to stderr at every start and stop
@@ -211,7 +212,8 @@ def main(args: argparse.Namespace) -> dict | None:
     torch.manual_seed(0)
     model = HRMText(bench.model, backend=args.backend).to(device)
     batch = train_batch(bench).to(device)
-    step, _ = make_train_step(model, batch, bench.bp_steps, compiled=args.compile)
+    precision = resolve_precision("auto", device)
+    step, _ = make_train_step(model, batch, bench.bp_steps, compiled=args.compile, precision=precision)
 
     def sync() -> None:
         if device.type == "cuda":
@@ -245,7 +247,7 @@ def main(args: argparse.Namespace) -> dict | None:
     header = (
         f"hrm profile: {args.preset} (T={bench.tokens}, bp={bench.bp_steps}), backend {model.backend}"
         f"{' + torch.compile' if args.compile else ''}, {device.type}, {plural(args.steps, 'step')} after "
-        f"{args.warmup} warm-up, bf16 autocast\n\n"
+        f"{args.warmup} warm-up, {PRECISION_NAMES[precision]}\n\n"
     )
     ranges = out / "ranges.md"
     ranges.write_text(header + table)

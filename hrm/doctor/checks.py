@@ -363,7 +363,7 @@ def train_config(device: torch.device, quick: bool) -> BenchConfig:
 
 
 def host_reads_section(device: torch.device, quick: bool, backends: list[str] | None = None) -> list[dict]:
-    """One train step (:func:`hrm.bench.suites.make_train_step`: bf16 autocast forward +
+    """One train step (:func:`hrm.bench.suites.make_train_step`: forward at the precision ``auto`` picks +
     loss, backward, Adam-atan2) on the fastest backend after one warm-up step: its host
     reads must be 0 (each is a device sync on a GPU and breaks CUDA-graph capture); on CUDA
     one more step under ``torch.cuda.set_sync_debug_mode("error")`` must not raise."""
