@@ -642,7 +642,8 @@ def run_train(
                 name=name,
                 backend=label,
                 mode=mode,
-                shape=f"T={bench.tokens} ({r['tokens']} real) bp={bench.bp_steps}",
+                shape=f"T={bench.tokens} ({r['tokens']} real) bp={bench.bp_steps}"
+                + (", 1 thread" if mode == ONE_THREAD else ""),
                 dtype=dtype,
                 seconds=r["seconds"],
                 seconds_min=r.get("seconds_min"),
