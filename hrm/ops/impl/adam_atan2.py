@@ -98,7 +98,7 @@ def _adam_atan2_math(p: Tensor, g: Tensor, m: Tensor, v: Tensor, scalars: Tensor
     """The step on 1-d ``p, g, m, v`` (same length), in place. ``scalars`` holds the per-step
     numbers ``[1-b1, b2, 1-b2, 1-lr*wd, lr, 1-b1**t, 1-b2**t]`` (in the math's dtype, on the
     parameter's device): they change between steps as data, which dynamo does not guard on."""
-    w1, b2, w2, decay, lr, bc1, bc2 = scalars.unbind(0)
+    w1, b2, w2, decay, lr, bc1, bc2 = scalars[:7].unbind(0)
     dt = scalars.dtype
     g = g.to(dt)
     m_new = torch.lerp(m.to(dt), g, w1)
@@ -110,17 +110,10 @@ def _adam_atan2_math(p: Tensor, g: Tensor, m: Tensor, v: Tensor, scalars: Tensor
 
 
 def _adam_atan2_ema_math(p: Tensor, g: Tensor, m: Tensor, v: Tensor, e: Tensor, scalars: Tensor) -> None:
-    """:func:`_adam_atan2_math`, then the EMA ``e`` moved toward the new ``p`` by ``scalars[7]``."""
-    w1, b2, w2, decay, lr, bc1, bc2, w_ema = scalars.unbind(0)
-    dt = scalars.dtype
-    g = g.to(dt)
-    m_new = torch.lerp(m.to(dt), g, w1)
-    v_new = v.to(dt) * b2 + w2 * g * g
-    p_new = p.to(dt) * decay - lr * torch.atan2(m_new / bc1, torch.sqrt(v_new / bc2))
-    p.copy_(p_new)
-    m.copy_(m_new)
-    v.copy_(v_new)
-    e.copy_(torch.lerp(e.to(dt), p.to(dt), w_ema))  # toward p as stored, as the torch backend does
+    """:func:`_adam_atan2_math`, then the EMA ``e`` moved toward the new ``p`` (as stored, as the
+    torch backend does) by ``scalars[7]``; traced as one graph, so one kernel."""
+    _adam_atan2_math(p, g, m, v, scalars)
+    e.copy_(torch.lerp(e.to(scalars.dtype), p.to(scalars.dtype), scalars[7]))
 
 
 _adam_atan2_compiled = compiled(_adam_atan2_math)
