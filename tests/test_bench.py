@@ -109,7 +109,7 @@ def test_loop_throughput_counts_only_steps_after_warm_up():
         {"step": 3, "eval_loss": 1.0, "flops": 3500},  # an evaluation line is not a step
     ]
     seconds, tokens, flops = suites.loop_throughput(records, warmup=1)
-    assert (seconds, tokens, flops) == (2.0, 200.0, 1250.0)
+    assert (seconds, tokens, flops) == ([1.0, 3.0], 200.0, 1250.0)
     with pytest.raises(ValueError, match="none after"):
         suites.loop_throughput(records[:1], warmup=1)
 
@@ -239,6 +239,8 @@ def test_one_chart_per_suite_with_a_label_per_bar(results):
     _, (_, _, rows, _) = results
     both = charts(rows)
     assert [c.xlabel for c in both] == ["speedup (x)", "tokens/s"]
+    train = [r for r in rows if r.suite == "train"]
+    assert len(set(both[1].labels)) == len(both[1].labels) == len(train)  # step, 1-thread and loop bars apart
     ops_only = charts([r for r in rows if r.suite == "ops"])
     full = [r for r in rows if r.suite == "ops" and r.mode == "full"]
     assert len(ops_only) == 1 and ops_only[0].labels == [f"{r.name} ({r.backend})" for r in full]

@@ -93,6 +93,14 @@ def _fmt(value: float | None, spec: str) -> str:
     return "" if value is None else format(value, spec)
 
 
+def _train_label(r: Row) -> str:
+    """A train-suite bar: the backend, what ran (a bench step, at one thread, or ``hrm train``)
+    and the peak tensor memory where measured."""
+    what = {"step": "", "loop": ", hrm train"}.get(r.mode, f", {r.mode.removeprefix('step, ')}")
+    memory = f" ({r.peak_mem_mb:.0f} MiB peak)" if r.peak_mem_mb else ""
+    return f"{r.backend}{what}{memory}"
+
+
 def plural(n: int, word: str) -> str:
     """``"1 thread"``, ``"2 threads"``."""
     return f"{n} {word}{'' if n == 1 else 's'}"
@@ -218,9 +226,9 @@ def charts(rows: list[Row]) -> list[Chart]:
     if train:
         out.append(
             Chart(
-                "train step: tokens/s (median; lines: fastest-slowest)",
+                "train: tokens/s (step: median, hrm train: over its timed steps; lines: fastest-slowest)",
                 "tokens/s",
-                [f"{r.backend} ({_fmt(r.peak_mem_mb, '.0f')} MiB peak)" for r in train],
+                [_train_label(r) for r in train],
                 [r.tokens_per_s for r in train],
                 [span(r, lambda t, r=r: r.tokens / t) for r in train],
             )

@@ -703,17 +703,17 @@ def loop_command(bench: BenchConfig, backend: str, precision: str, out: Path, st
     ]
 
 
-def loop_throughput(records: list[dict], warmup: int = LOOP_WARMUP) -> tuple[float, float, float]:
-    """``(seconds per step, tokens per step, FLOPs per step)`` over the logged steps after
+def loop_throughput(records: list[dict], warmup: int = LOOP_WARMUP) -> tuple[list[float], float, float]:
+    """``(seconds of each step, tokens per step, FLOPs per step)`` over the logged steps after
     ``warmup`` (each line logs one step: ``tokens`` and ``tokens_per_s``; ``flops`` is cumulative)."""
     steps = [r for r in records if "tokens_per_s" in r]
     timed = steps[warmup:]
     if not timed:
         raise ValueError(f"{len(steps)} logged steps, none after the {warmup} warm-up steps")
-    seconds = sum(r["tokens"] / r["tokens_per_s"] for r in timed)
+    seconds = [r["tokens"] / r["tokens_per_s"] for r in timed]
     tokens = sum(r["tokens"] for r in timed)
     flops = timed[-1]["flops"] - steps[warmup - 1]["flops"] if warmup else timed[-1]["flops"]
-    return seconds / len(timed), tokens / len(timed), flops / len(timed)
+    return seconds, tokens / len(timed), flops / len(timed)
 
 
 def run_loop(
@@ -750,7 +750,7 @@ def run_loop(
                     lines = [ln for ln in done.stderr.strip().splitlines() if ln.strip()]
                     raise RuntimeError(lines[-1] if lines else f"exit code {done.returncode}")
                 records = read_metrics(Path(tmp) / "run" / "metrics.jsonl")
-                seconds, tokens, flops = loop_throughput(records, min(LOOP_WARMUP, steps - 1))
+                each, tokens, flops = loop_throughput(records, min(LOOP_WARMUP, steps - 1))
             except (subprocess.TimeoutExpired, RuntimeError, ValueError, OSError) as e:
                 extra["error"] = str(e)
                 rows.append(Row("train", name, backend, "loop", shape, dtype, float("nan"), extra=extra))
@@ -759,7 +759,20 @@ def run_loop(
         if banner:
             extra.update(threads=int(banner[1]), resolved_backend=banner[2])
         rows.append(
-            Row("train", name, backend, "loop", shape, dtype, seconds, flops=flops, tokens=round(tokens), extra=extra)
+            Row(
+                "train",
+                name,
+                backend,
+                "loop",
+                shape,
+                dtype,
+                sum(each) / len(each),  # the mean: tokens/s over all timed steps
+                flops=flops,
+                tokens=round(tokens),
+                extra=extra,
+                seconds_min=min(each),
+                seconds_max=max(each),
+            )
         )
     return rows
 
