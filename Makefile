@@ -31,8 +31,11 @@ lint: $(VENV)/.test
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+# One worker per core (-n auto), every test file on one worker (--dist loadfile: a file's
+# module fixtures run once); most tests wait on a subprocess or a compiler, so one process
+# leaves a core idle.
 test: lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --dist loadfile
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis
