@@ -43,7 +43,7 @@ import torch
 from hrm import HRMText, ops, profiling
 from hrm.bench.report import Row
 from hrm.bench.timing import measure_all, spread
-from hrm.bench.workloads import train_batch
+from hrm.bench.workloads import SFT_JSONL, train_batch
 from hrm.config import BenchConfig, ModelConfig
 from hrm.data import PackedBatch
 from hrm.flops import RowWork, train_step_flops
@@ -58,6 +58,7 @@ ATTENTION_TOLERANCE = 1e-4  # a softmax over up to a few hundred keys
 # stack calls; fp32 differs only in summation order
 LOSS_TOLERANCE = {"bf16": 2e-2, "fp32": 1e-4}
 PRECISION_NAMES = {"bf16": "bf16 autocast, fp32 master weights", "fp32": "fp32"}
+DTYPE_NAMES = {"bf16": "bfloat16", "fp32": "float32"}  # a row's dtype: its matmuls
 QUICK_OP_TOKENS = 1024
 OP_MIN_TIME = 0.2  # seconds of timed calls per op, mode and backend at least: short ops get more reps
 COMPILED_REFERENCE = "torch+compile"
@@ -588,7 +589,7 @@ def run_train(
     over its own step row's."""
     device = torch.device(device)
     precision = resolve_precision(precision, device)
-    dtype = "bfloat16" if precision == "bf16" else "float32"
+    dtype = DTYPE_NAMES[precision]
     base = {
         "precision": precision,
         "device": str(device),
@@ -603,9 +604,10 @@ def run_train(
         (label, "step"): _run_child({**base, "variant": label, "backend": backend, "compiled": compiled}, timeout)
         for label, (backend, compiled) in variants.items()
     }
-    if device.type == "cpu" and base["threads"] > 1:  # the reference and the fastest backend on one core too
-        fastest = _fastest(results)
-        for label in dict.fromkeys(["torch", *fastest[:1]]) if "torch" in variants else []:
+    # the reference and the fastest fused backend: again on one core, and in the training loop
+    compared = list(dict.fromkeys(["torch", *_fastest(results)[:1]])) if "torch" in variants else []
+    if device.type == "cpu" and base["threads"] > 1:
+        for label in compared:
             backend, compiled = variants[label]
             spec = {**base, "threads": 1, "variant": label, "backend": backend, "compiled": compiled}
             results[label, ONE_THREAD] = _run_child(spec, timeout)
@@ -657,9 +659,8 @@ def run_train(
             )
         )
     if loop_steps:
-        fastest = _fastest(results)
-        names = list(dict.fromkeys(["torch", *fastest[:1]])) if "torch" in variants else fastest[:1]
-        for row in run_loop(name, bench, names, precision=precision, steps=loop_steps, timeout=timeout):
+        compared = compared or _fastest(results)[:1]
+        for row in run_loop(name, bench, compared, precision=precision, steps=loop_steps, timeout=timeout):
             step = results.get((row.backend, "step"), {})
             if row.seconds == row.seconds and "seconds" in step:
                 row.extra["loop_vs_step"] = (row.tokens / row.seconds) / (step["tokens"] / step["seconds"])
@@ -674,8 +675,6 @@ def loop_command(bench: BenchConfig, backend: str, precision: str, out: Path, st
     """``hrm train`` on the shipped SFT-like JSONL (:data:`hrm.bench.workloads.SFT_JSONL`,
     byte tokenizer) at ``bench``'s model, rows of ``bench.tokens`` and truncated backprop fixed
     at ``bench.bp_steps``, logging every step."""
-    from hrm.bench.workloads import SFT_JSONL
-
     model = dataclasses.replace(bench.model, bp_min=bench.bp_steps, bp_max=bench.bp_steps)
     overrides = [f"--override={k}={v}" for k, v in model.to_dict().items()]
     return [
@@ -736,7 +735,7 @@ def run_loop(
     for backend in backends:
         extra: dict = {"precision": PRECISION_NAMES[precision], "bp_steps": bench.bp_steps, "steps": steps}
         shape = f"hrm train, T={bench.tokens} bp={bench.bp_steps}"
-        dtype = "bfloat16" if precision == "bf16" else "float32"
+        dtype = DTYPE_NAMES[precision]
         with tempfile.TemporaryDirectory() as tmp:
             try:
                 done = subprocess.run(
