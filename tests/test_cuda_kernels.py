@@ -373,6 +373,10 @@ got = torch.autograd.grad(out.sum(), (q, k, v, gate))
 want = torch.autograd.grad(ref.sum(), (q, k, v, gate))
 for g, w in zip(got, want):
     torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+q, k, v, gate = (torch.randn(3, 2, 16) for _ in range(4))  # generation's decode attention
+pos = torch.tensor([0, 4, 7])
+outs = [ops.decode_attention(q, k, v, gate, *torch.zeros(2, 3, 2, 8, 16), pos, backend=b) for b in ("cpu", "torch")]
+torch.testing.assert_close(*outs, rtol=1e-4, atol=1e-5)
 print("cpu backend ok from", cpp_extension.CSRC)
 """
 
@@ -381,7 +385,8 @@ print("cpu backend ok from", cpp_extension.CSRC)
 @pytest.mark.skipif(shutil.which(CXX) is None, reason=f"no C++ compiler ({CXX!r}) on PATH")
 def test_wheel_carries_the_cpu_kernels(tmp_path):
     """``pip wheel .``, a fresh venv with torch and that wheel, and the ``cpu`` backend's attention
-    built at first use from the sources the wheel installed, against the torch reference."""
+    and decode attention built at first use from the sources the wheel installed, against the
+    torch reference."""
     # Build from a copy of the files git does not ignore: a build in the checkout leaves build/ and an
     # egg-info there, which a PYTHONPATH pointing at the checkout would show to pip as hrm.
     src = tmp_path / "src"

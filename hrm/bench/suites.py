@@ -219,7 +219,8 @@ def op_parity(case: OpCase, inputs: list, backend: str, dtype: torch.dtype = tor
         xs = [x.detach().to(dtype).requires_grad_() if torch.is_tensor(x) and x.requires_grad else x for x in inputs]
         outs = _float_outputs(case.call(*xs, backend="torch" if dtype == torch.float64 else backend))
         leaves = [x for x in xs if torch.is_tensor(x) and x.requires_grad]
-        grads = torch.autograd.grad(outs, leaves, [torch.ones_like(o) for o in outs])
+        differentiable = any(o.requires_grad for o in outs)  # decode attention is inference only
+        grads = torch.autograd.grad(outs, leaves, [torch.ones_like(o) for o in outs]) if differentiable else ()
         return [t.detach().double() for t in (*outs, *grads)]
 
     return max(

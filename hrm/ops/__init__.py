@@ -6,6 +6,7 @@ from hrm.ops import cpp_extension  # noqa: F401  (registers the cpu backend's pr
 from hrm.ops.dispatch import BACKENDS, available_backends, resolve_backend
 from hrm.ops.impl.adam_atan2 import adam_atan2_
 from hrm.ops.impl.cross_entropy import IGNORE_INDEX, cross_entropy
+from hrm.ops.impl.decode_attention import decode_attention
 from hrm.ops.impl.embedding import embedding
 from hrm.ops.impl.linear_cross_entropy import linear_cross_entropy, supervised_rows
 from hrm.ops.impl.magicnorm_transition import magicnorm_transition
@@ -23,6 +24,7 @@ __all__ = [
     "allowed_pairs",
     "available_backends",
     "cross_entropy",
+    "decode_attention",
     "embedding",
     "linear_cross_entropy",
     "magicnorm_transition",
