@@ -10,12 +10,14 @@ sequence's cached keys and itself.
 Decoding is built so that a token costs no Python work beyond the loop:
 
 - the cache is preallocated ``[B, heads, S, head_dim]`` per slot with ``S`` rounded up to a
-  bucket, and each decode step attends over all ``S`` positions with a mask, so every step
-  has the same shapes (no ``lengths.max()`` read, no growing slices);
+  bucket, and each decode step's attention (:func:`hrm.ops.decode_attention`) takes the whole
+  cache and the positions ``[B]`` as tensors, so every step has the same shapes (no
+  ``lengths.max()`` read, no growing slices); the ``cpu`` backend's kernel reads only the
+  visible positions;
 - one step (embedding, the whole recurrence, LM head, greedy or sampled choice, the
   finished-sequence mask) is one function of device tensors; :class:`Decoder` runs it
-  eagerly or compiled as one graph (``torch.compile``; on CUDA with
-  ``mode="reduce-overhead"``, which captures it as a CUDA graph);
+  eagerly or compiled as one graph (``torch.compile``; on a CPU with the weights frozen in,
+  on CUDA with ``mode="reduce-overhead"``, which captures it as a CUDA graph);
 - sampling happens on the device (exponential race: ``argmax(p / E)`` with ``E ~ Exp(1)``
   drawn from the caller's generator), finished sequences keep emitting the end token, and
   the host reads the finished mask only every ``check_every`` tokens to stop early.
@@ -30,10 +32,11 @@ import itertools
 import logging
 import math
 import time
-from typing import Callable, Iterator
+import weakref
+from typing import Any, Callable, Iterator
 
 import torch
-import torch.nn.functional as F
+from torch import nn
 
 from hrm import ops
 from hrm.model import HRMText
@@ -50,7 +53,7 @@ class KVCache:
     The model calls :meth:`attend` in place of packed attention. :meth:`prefill` writes
     the packed prompts (every prompt token a prefix token); in decode mode each sequence's
     one new token is written at its position ``pos[b]`` and attends to positions
-    ``0..pos[b]`` through a ``[B, S]`` mask, so a decode step's shapes never change. The
+    ``0..pos[b]`` (:func:`hrm.ops.decode_attention`), so a decode step's shapes never change. The
     layout is the one attention reads (no transposed copy); one tensor per slot, so that a
     compiled step writes each in place.
     """
@@ -62,12 +65,8 @@ class KVCache:
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(slots)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(slots)]
         self.pos = torch.zeros(batch, dtype=torch.long, device=device)  # where each sequence's next token goes
-        self.rows = torch.arange(batch, device=device)[:, None]  # [B, 1]
-        self.heads = torch.arange(cfg.num_heads, device=device)[None, :]  # [1, H]
         self.one_each = torch.arange(batch + 1, device=device, dtype=torch.int32)  # cu_seqlens of one token each
         self.ones = torch.ones(batch, dtype=torch.int32, device=device)
-        self.span = torch.arange(max_len, device=device)
-        self.visible = self.span[None, :] <= self.pos[:, None]  # [B, S], set by each decode step
         self.backend = model.backend
         self._prompts: ops.AttentionPacking | None = None  # set while prefilling
 
@@ -88,17 +87,7 @@ class KVCache:
             self.v[slot][seq, :, pos] = v.to(self.v[slot].dtype)
             return ops.prefixlm_attention(q, k, v, self._prompts, gate=gate, backend=self.backend)
         # decode: one new token per sequence, q/k/v [B, H, D], written at position pos[b]
-        where = (self.rows, self.heads, self.pos[:, None])
-        keys = self.k[slot].index_put_(where, k.to(self.k[slot].dtype)).to(q.dtype)  # [B, H, S, D]
-        values = self.v[slot].index_put_(where, v.to(self.v[slot].dtype)).to(q.dtype)
-        if torch.compiler.is_compiling():  # one query: a fusable reduction beats an attention kernel call
-            scores = (keys * q[:, :, None, :]).sum(-1) * q.shape[-1] ** -0.5  # [B, H, S]
-            p = torch.softmax(scores.float().masked_fill(~self.visible[:, None, :], float("-inf")), dim=-1)
-            o = (p.to(values.dtype)[..., None] * values).sum(2)  # [B, H, D]
-        else:
-            mask = self.visible[:, None, None, :]
-            o = F.scaled_dot_product_attention(q[:, :, None, :], keys, values, attn_mask=mask)[:, :, 0, :]
-        return torch.sigmoid(gate) * o
+        return ops.decode_attention(q, k, v, gate, self.k[slot], self.v[slot], self.pos, backend=self.backend)
 
 
 def _pick(logits: torch.Tensor, vocab_size: int, temperature: float, noise: torch.Tensor | None) -> torch.Tensor:
@@ -126,7 +115,6 @@ def _decode_step(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One token for every sequence: feed ``token`` ``[B]`` at ``cache.pos``, return the next
     tokens and the updated finished mask. Finished sequences keep emitting ``eos_id``."""
-    cache.visible = cache.span[None, :] <= cache.pos[:, None]
     z = model.hidden_states(token, cache.pos, cache.one_each, cache.ones, cache=cache, backend=backend)
     cache.pos.add_(1)
     nxt = _pick(model.lm_head(z), model.config.vocab_size, temperature, noise)
@@ -134,16 +122,58 @@ def _decode_step(
     return nxt, done | (nxt == eos_id)
 
 
-_compiled_step: Callable | None = None
+# A compiled step on a CPU: the weights frozen into the graph as constants, so that inductor's
+# C++ GEMM template runs the projections (a few rows each) on weights packed once, where a
+# BLAS call repacks them every time (README, "Generation and evaluation", gives the speed).
+CPU_COMPILE = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
 
 
-def compiled_step() -> Callable:
-    """:func:`_decode_step` as one graph (made once; each new shape bucket compiles once)."""
-    global _compiled_step
-    if _compiled_step is None:
-        mode = "reduce-overhead" if torch.cuda.is_available() else None  # CUDA graphs on a GPU
-        _compiled_step = torch.compile(_decode_step, fullgraph=True, dynamic=False, mode=mode)
-    return _compiled_step
+class _Step(nn.Module):
+    """:func:`_decode_step` of one model as a module: compiled, the model's weights are this
+    module's parameters, which freezing folds into the graph."""
+
+    def __init__(self, model: HRMText) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        return _decode_step(self.model, *args)
+
+
+def weights_key(model: nn.Module) -> tuple:
+    """What a frozen decode step depends on: every parameter's and buffer's storage and version
+    counter (an in-place update -- an optimizer step, ``load_state_dict`` -- bumps it; a write
+    through ``.data`` does not)."""
+    return tuple((t.data_ptr(), t._version) for t in itertools.chain(model.parameters(), model.buffers()))
+
+
+_FROZEN: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKeyDictionary()  # model -> weights_key
+
+
+def compile_step(model: HRMText, device: torch.device) -> Callable:
+    """The decode step of ``model`` as one graph (each new shape bucket compiles once).
+
+    CUDA: ``mode="reduce-overhead"`` (a CUDA graph, which reads the live weights). CPU: frozen
+    weights and the C++ GEMM template (:data:`CPU_COMPILE`), so a graph holds the weights of
+    its compile, and dynamo would hand it out again after they change (its guards do not look
+    at values). So every call compares the model's :func:`weights_key` with the one its graphs
+    were frozen with and, when they differ, drops every compiled graph
+    (``torch.compiler.reset()``) before running: the step then compiles afresh."""
+    step = _Step(model)
+    if device.type == "cuda":
+        return torch.compile(step, fullgraph=True, dynamic=False, mode="reduce-overhead")
+    compiled = torch.compile(step, fullgraph=True, dynamic=False)
+
+    def run(*args: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        key = weights_key(model)
+        if _FROZEN.get(model, key) != key:
+            log.info("the weights changed since the decode step was frozen: compiling it again")
+            torch.compiler.reset()
+        _FROZEN[model] = key
+        with torch._inductor.config.patch(CPU_COMPILE):  # read when a call compiles
+            return compiled(*args)
+
+    return run
 
 
 def _bucket(n: int) -> int:
@@ -153,11 +183,12 @@ def _bucket(n: int) -> int:
 class Decoder:
     """Batched decoding of one model: prefill, then the same-shape step per token.
 
-    ``compile``: ``True`` runs the step compiled (the references fused by inductor; a CUDA
-    graph on a GPU), ``False`` (the default) eagerly on the model's backend. Compiling is
-    opt-in: on this project's CPU it takes 15 s to minutes at preset ``small`` for a step
-    1.25x faster than eager there (README, "Generation and evaluation"); the CUDA
-    graph path has not run on a GPU yet. ``batch``: pad every call to this many rows so that
+    ``compile``: ``True`` runs the step compiled (:func:`compile_step`: the references fused
+    by inductor around the backend's decode attention, on a CPU with the weights frozen in; a
+    CUDA graph on a GPU), ``False`` (the default) eagerly on the model's backend. Compiling is
+    opt-in: on this project's CPU it takes about two minutes at preset ``small`` (README,
+    "Generation and evaluation", gives the speed it buys); the CUDA graph path has not run on
+    a GPU yet. ``batch``: pad every call to this many rows so that
     the compiled step keeps one shape across calls (evaluation batches).
     """
 
@@ -166,13 +197,21 @@ class Decoder:
         self.compile = compile
         self.batch = batch
         self._cache: KVCache | None = None
+        self._compiled: Callable | None = None
+
+    def _step(self, device: torch.device) -> Callable:
+        if not self.compile:
+            return lambda *args: _decode_step(self.model, *args)
+        if self._compiled is None:
+            self._compiled = compile_step(self.model, device)
+        return self._compiled
 
     def _cache_for(self, batch: int, max_len: int, dtype: torch.dtype, device: torch.device) -> KVCache:
         """The previous call's cache when the shape matches (stale entries are never visible:
         a position is written before any query sees it), else a new one. Keeping it keeps
         the addresses a CUDA graph was captured with."""
         c = self._cache
-        if c is None or c.k[0].shape[0] != batch or c.span.numel() != max_len or c.k[0].dtype != dtype:
+        if c is None or c.k[0].shape[0] != batch or c.k[0].shape[2] != max_len or c.k[0].dtype != dtype:
             c = self._cache = KVCache(self.model, batch, max_len, dtype, device)
         return c
 
@@ -224,11 +263,11 @@ class Decoder:
         # the last prompt token predicts the first answer token
         token = _pick(model.lm_head(z[cu[1:].long() - 1]), model.config.vocab_size, temperature, noise())
         done = token == eos_id
-        step = compiled_step() if compiled else _decode_step
+        step = self._step(device)
         backend = "torch" if compiled else model.backend  # compiled: inductor fuses the references
         on_cuda_graph = compiled and device.type == "cuda"
         if on_cuda_graph:  # mutated in place by the graph: their addresses must not change
-            for t in (*cache.k, *cache.v, cache.pos, cache.rows, cache.heads, cache.span):
+            for t in (*cache.k, *cache.v, cache.pos):
                 torch._dynamo.mark_static_address(t)
         yield token[:n]
         for i in range(1, max_new_tokens):
@@ -236,7 +275,7 @@ class Decoder:
                 return
             if on_cuda_graph:
                 torch.compiler.cudagraph_mark_step_begin()
-            token, done = step(model, cache, token, done, noise(), eos_id, temperature, backend)
+            token, done = step(cache, token, done, noise(), eos_id, temperature, backend)
             if on_cuda_graph:  # the graph's output buffers are reused by the next replay
                 token, done = token.clone(), done.clone()
             yield token[:n]

@@ -126,7 +126,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--compile",
         action="store_true",
-        help="run the decode step compiled as one graph (a CUDA graph on a GPU); compiling takes minutes on a CPU",
+        help="run the decode step compiled as one graph (on a CPU with the weights frozen in, a CUDA graph on a GPU); "
+        "compiling takes minutes on a CPU",
     )
 
 

@@ -106,15 +106,34 @@ def test_cached_decode_equals_recomputation_on_every_backend(backend):
         assert tokens == generate_uncached(oracle, prompt, max_new_tokens=10, eos_id=eos)
 
 
-def test_compiled_decode_equals_recomputation():
-    """The decode step compiled as one graph (once here: compiling takes tens of seconds)."""
+def test_compiled_decode_equals_recomputation_and_follows_new_weights():
+    """The decode step compiled as one graph, on the fastest CPU backend (its weights frozen in
+    on a CPU); after an in-place update of the weights the same decoder compiles again and
+    follows them. Twice here only: compiling takes tens of seconds."""
     torch.manual_seed(3)
-    model = HRMText(CONFIGS[1]).eval()
-    eos, first = endings(model, MIXED, 12)
-    compiled = generate(model, MIXED, max_new_tokens=12, eos_id=eos, compile=True)
+    backend = "cpu" if "cpu" in available_backends() else "torch"
+    model = HRMText(CONFIGS[1], backend=backend).eval()
+    oracle = HRMText(CONFIGS[1]).eval()
+    oracle.load_state_dict(model.state_dict())
+    eos, first = endings(oracle, MIXED, 12)
+    decoder = Decoder(model, compile=True)
+
+    def decode() -> list[list[int]]:
+        steps = torch.stack(list(decoder.stream(MIXED, max_new_tokens=12, eos_id=eos)), 1).tolist()
+        return [row[: row.index(eos)] if eos in row else row for row in steps]
+
+    compiled = decode()
     assert [len(a) for a in compiled] == [12 if f is None else f for f in first]
     for prompt, tokens in zip(MIXED, compiled):
-        assert tokens == generate_uncached(model, prompt, max_new_tokens=12, eos_id=eos)
+        assert tokens == generate_uncached(oracle, prompt, max_new_tokens=12, eos_id=eos)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(-1.5)  # an optimizer-like in-place update
+    oracle.load_state_dict(model.state_dict())
+    again = decode()
+    assert again != compiled
+    for prompt, tokens in zip(MIXED, again):
+        assert tokens == generate_uncached(oracle, prompt, max_new_tokens=12, eos_id=eos)
 
 
 def test_finished_mask_is_read_every_check_every_steps():

@@ -7,8 +7,9 @@ decodes every step). The same weights are exported to ``HrmTextForCausalLM`` and
 
 - ``transformers``: ``HrmTextForCausalLM.generate`` (its dynamic KV cache), the reference;
 - ``eager``: our decoder with the step run eagerly on the model's backend;
-- ``compiled``: the same step compiled as one graph (inductor; a CUDA graph on a GPU). Its
-  first call (which compiles) is timed apart, as ``compile_s``.
+- ``compiled``: the same step compiled as one graph (:func:`hrm.inference.compile_step`:
+  inductor with the weights frozen in on a CPU; a CUDA graph on a GPU). Its first call
+  (which compiles) is timed apart, as ``compile_s``.
 
 Parity: every variant's tokens are checked against ``transformers``' *full* forward over
 prompt + generated tokens (the greedy choice at every generated position, padding rows of
