@@ -143,8 +143,12 @@ class _Step(nn.Module):
 def weights_key(model: nn.Module) -> tuple:
     """What a frozen decode step depends on: every parameter's and buffer's storage and version
     counter (an in-place update -- an optimizer step, ``load_state_dict`` -- bumps it; a write
-    through ``.data`` does not)."""
-    return tuple((t.data_ptr(), t._version) for t in itertools.chain(model.parameters(), model.buffers()))
+    through ``.data`` does not, and tensors made under ``torch.inference_mode`` have no
+    counter, so only their storage counts)."""
+    return tuple(
+        (t.data_ptr(), 0 if t.is_inference() else t._version)
+        for t in itertools.chain(model.parameters(), model.buffers())
+    )
 
 
 _FROZEN: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKeyDictionary()  # model -> weights_key

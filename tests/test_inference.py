@@ -6,7 +6,7 @@ import torch
 
 from hrm import HRMText, ModelConfig
 from hrm.data import Sample
-from hrm.inference import Decoder, exact_match, generate, generate_uncached
+from hrm.inference import Decoder, exact_match, generate, generate_uncached, weights_key
 from hrm.ops import available_backends
 from hrm.precision import resolve_precision
 
@@ -134,6 +134,18 @@ def test_compiled_decode_equals_recomputation_and_follows_new_weights():
     assert again != compiled
     for prompt, tokens in zip(MIXED, again):
         assert tokens == generate_uncached(oracle, prompt, max_new_tokens=12, eos_id=eos)
+
+
+def test_weights_key_sees_in_place_updates_and_takes_inference_tensors():
+    model = HRMText(CONFIGS[0])
+    key = weights_key(model)
+    assert weights_key(model) == key
+    with torch.no_grad():
+        model.lm_head.weight.add_(1.0)
+    assert weights_key(model) != key
+    with torch.inference_mode():  # no version counters: the storage alone
+        frozen = HRMText(CONFIGS[0])
+    assert weights_key(frozen) == weights_key(frozen)
 
 
 def test_finished_mask_is_read_every_check_every_steps():
