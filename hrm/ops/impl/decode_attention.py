@@ -13,9 +13,9 @@ Backends: ``torch`` (the reference and oracle: ``index_put_`` into the cache, th
 cache length ``S`` under a ``[B, S]`` mask, so every step has the same shapes; eagerly through
 SDPA, under ``torch.compile`` as an elementwise product and reductions that inductor fuses)
 and ``cpu`` (``csrc/decode/decode_cpu.cpp``: one work item per (b, h) that reads only the
-``pos[b] + 1`` visible positions; fp32 caches, others use the reference). The op is
-inference only: generation runs under ``torch.inference_mode`` and nothing here has a
-backward. The ``cpu`` kernel is the ``torch.library`` custom op ``hrm::decode_attention``
+``pos[b] + 1`` visible positions; fp32 caches, others go to the backend's fallback, here
+the reference). The op is inference only: generation runs under ``torch.inference_mode``
+and nothing here has a backward. The ``cpu`` kernel is the ``torch.library`` custom op ``hrm::decode_attention``
 (mutating both caches), opaque to ``torch.compile``, so a compiled decode step calls it as
 one extern kernel.
 """
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from hrm.ops import cpp_extension
-from hrm.ops.dispatch import get_impl, register
+from hrm.ops.dispatch import fallback_impl, get_impl, register
 
 SOURCE = "decode/decode_cpu.cpp"
 
@@ -70,7 +70,7 @@ def decode_attention_cpu(
     q: Tensor, k: Tensor, v: Tensor, gate: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Tensor
 ) -> Tensor:
     if k_cache.dtype != torch.float32 or q.dtype != torch.float32 or q.device.type != "cpu":
-        return decode_attention_reference(q, k, v, gate, k_cache, v_cache, pos)
+        return fallback_impl("decode_attention", "cpu")(q, k, v, gate, k_cache, v_cache, pos)
     return _decode_attention_op(q, k, v, torch.sigmoid(gate), k_cache, v_cache, pos)
 
 
