@@ -69,7 +69,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _announce(command: str, model, precision: str, device: torch.device) -> str:
     """Resolve ``precision`` and say which backend and precision the command runs."""
-    chosen = resolve_precision(precision, device)
+    chosen = resolve_precision(precision, device, training=False)
     print(f"hrm {command}: {device.type}, backend {model.backend}, precision {chosen}", file=sys.stderr)
     return chosen
 
@@ -121,7 +121,7 @@ def _common(p: argparse.ArgumentParser) -> None:
         "--precision",
         default="auto",
         choices=PRECISIONS,
-        help="fp32, bf16 autocast, or auto (bf16 where the device has fast bf16)",
+        help="fp32, bf16 autocast, or auto (bf16 on GPUs with bf16 tensor cores, fp32 on CPUs)",
     )
     p.add_argument(
         "--compile",

@@ -4,7 +4,7 @@ the finished-sequence mask; sampling; exact-match; the precision choice."""
 import pytest
 import torch
 
-from hrm import HRMText, ModelConfig
+from hrm import HRMText, ModelConfig, precision
 from hrm.data import Sample
 from hrm.inference import Decoder, exact_match, generate, generate_uncached, weights_key
 from hrm.ops import available_backends
@@ -160,12 +160,23 @@ def test_finished_mask_is_read_every_check_every_steps():
             assert all(s.tolist() == [39] * len(PROMPTS) for s in steps)
 
 
-def test_precision_auto_is_fp32_on_cpu():
-    assert resolve_precision("auto", "cpu") == "fp32"
-    assert resolve_precision(None, "cpu") == "fp32"
-    assert resolve_precision("bf16", "cpu") == "bf16"
+@pytest.mark.parametrize("amx", [False, True])
+def test_precision_auto_on_cpu_trains_in_bf16_only_with_amx(monkeypatch, amx):
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"amx_bf16": amx})
+    assert precision.cpu_has_amx_bf16() is amx
+    assert resolve_precision("auto", "cpu") == ("bf16" if amx else "fp32")
+    assert resolve_precision(None, "cpu") == ("bf16" if amx else "fp32")
+    assert resolve_precision("auto", "cpu", training=False) == "fp32"  # decoding streams weights: fp32
+    assert resolve_precision("bf16", "cpu", training=False) == "bf16"
+    assert resolve_precision("fp32", "cpu") == "fp32"
     with pytest.raises(Exception, match="unknown precision"):
         resolve_precision("fp16", "cpu")
+
+
+def test_precision_auto_without_capability_query_is_fp32(monkeypatch):
+    monkeypatch.delattr(torch.cpu, "get_capabilities")
+    assert not precision.cpu_has_amx_bf16()
+    assert resolve_precision("auto", "cpu") == "fp32"
 
 
 def test_generate_command_streams_one_prompt_and_batches_several(tmp_path, capsys):

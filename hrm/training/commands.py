@@ -125,7 +125,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _option(
         opt,
         "precision",
-        "fp32, bf16 autocast with fp32 master weights, or auto (bf16 where the device has fast bf16)",
+        "fp32, bf16 autocast with fp32 master weights, or auto (bf16 on GPUs with bf16 tensor cores and on "
+        "CPUs with AMX-BF16, fp32 elsewhere)",
         choices=list(PRECISIONS),
     )
     _option(opt, "seed", "seed for initialisation, task data and data order", type=int)
