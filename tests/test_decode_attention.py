@@ -31,6 +31,8 @@ SHAPES = [  # (B, H, S, D, positions)
     (3, 2, 16, 8, [5, 0, 15]),  # one sequence at the cache's first slot, one at its last
     (1, 1, 1, 1, [0]),  # everything degenerate: one key of one lane
     (2, 3, 9, 5, [8, 3]),  # a head dim that is not a multiple of the vector width
+    (2, 2, 11, 20, [10, 6]),  # one vector and a tail (AVX512), keys not a multiple of the 4 per pass
+    (2, 1, 7, 80, [6, 2]),  # four vectors at a time and one more (AVX512)
     (8, 4, 128, 64, [47, 60, 95, 1, 127, 64, 63, 0]),  # the decode shape of preset `small`
 ]
 
@@ -82,6 +84,39 @@ def test_decode_attention_cpu_takes_other_dtypes_through_the_reference():
     out = decode_attention(q, k, v, gate, k_cache, v_cache, pos, backend="cpu")
     assert out.dtype == torch.float64
     torch.testing.assert_close(out, expected)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_decode_attention_takes_strided_views(backend):
+    """q, k, v as the model passes them (slices of one [B, 4 * H * D] projection, a row
+    stride of 4 * H * D) and a gate that is a transposed view: the same result as contiguous
+    copies."""
+    B, H, S, D = 3, 2, 12, 16
+    g = torch.Generator().manual_seed(11)
+    gqkv = torch.randn(B, 4 * H * D, generator=g)
+    gate, q, k, v = (t.view(B, H, D) for t in gqkv.split(H * D, dim=1))
+    gate = torch.randn(B, D, H, generator=g).transpose(1, 2)
+    assert not any(t.is_contiguous() for t in (q, k, v, gate))
+    cache = torch.randn(2, B, H, S, D, generator=g)
+    pos = torch.tensor([11, 0, 5])
+    expected, kc, vc = oracle(q, k, v, gate, cache[0], cache[1], pos)
+    k_cache, v_cache = cache[0].clone(), cache[1].clone()
+    out = decode_attention(q, k, v, gate, k_cache, v_cache, pos, backend=backend)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(k_cache.double(), kc) and torch.equal(v_cache.double(), vc)
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the cpu backend needs a C++ toolchain")
+@pytest.mark.parametrize("layout", ["contiguous", "transposed q"])
+def test_decode_attention_cpu_custom_op_passes_opcheck(layout):
+    """The op torch.compile sees (``hrm::decode_attention``, mutating both caches): schema,
+    fake tensor (its output strides equal the kernel's, a contiguous tensor, whatever q's
+    strides), and AOT dispatch."""
+    B, H, S, D = 2, 3, 8, 4
+    q = torch.randn(B, D, H).transpose(1, 2) if layout == "transposed q" else torch.randn(B, H, D)
+    k, v, gate = (torch.randn(B, H, D) for _ in range(3))
+    args = (q, k, v, gate.sigmoid(), torch.randn(B, H, S, D), torch.randn(B, H, S, D), torch.tensor([3, 7]))
+    torch.library.opcheck(torch.ops.hrm.decode_attention.default, args)
 
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="the cpu backend needs a C++ toolchain")

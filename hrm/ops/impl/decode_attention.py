@@ -62,7 +62,7 @@ def _decode_attention_op(
 
 @_decode_attention_op.register_fake
 def _(q, k, v, g, k_cache, v_cache, pos):
-    return torch.empty_like(q)
+    return q.new_empty(q.shape)  # contiguous, as the kernel's output, whatever q's strides
 
 
 @register("decode_attention", "cpu")
