@@ -34,7 +34,6 @@ from typing import Sequence
 import torch
 import torch.fx.experimental._config as fx_config
 from torch import Tensor
-from torch._dynamo.decorators import mark_dynamic
 
 from hrm.ops.common import compiled, compute_dtype
 from hrm.ops.dispatch import get_impl, register
@@ -131,7 +130,7 @@ def _to_device(t: Tensor, device: torch.device) -> Tensor:
 def _flat(t: Tensor) -> Tensor:
     """``t`` as a 1-d tensor sharing its memory (the caller copies back where it cannot)."""
     flat = t.detach().view(-1) if t.is_contiguous() else t.detach().contiguous().view(-1)
-    mark_dynamic(flat, 0)
+    torch._dynamo.mark_dynamic(flat, 0)  # imported on first use: the CLI starts without dynamo
     return flat
 
 
