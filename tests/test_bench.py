@@ -7,6 +7,7 @@ import json
 import re
 
 import pytest
+import torch
 
 from hrm import cli
 from hrm.bench import suites
@@ -88,17 +89,31 @@ def test_train_rows_for_every_variant(results):
 
 def test_loop_rows_run_hrm_train_on_the_shipped_data(results):
     """``hrm train`` itself, on the reference and the fastest backend, at the default thread
-    count; each row next to its own backend's bench step."""
+    count; each row next to its own backend's bench step on the same rows (the loop's third:
+    the loop case here runs 3 steps, 2 of them warm-up), which trains on as many tokens and
+    does as much useful work."""
     _, (_, _, rows, _) = results
-    step = {r.backend: r for r in rows if r.suite == "train" and r.mode == "step"}
+    step = {r.backend: r for r in rows if r.suite == "train" and r.mode == suites.LOOP_ROWS}
     loops = {r.backend: r for r in rows if r.mode == "loop"}
     assert "torch" in loops and len(loops) == 2, loops
+    assert set(step) == set(loops)
     for b, r in loops.items():
-        assert "error" not in r.extra, (b, r.extra.get("error"))
+        assert "error" not in r.extra and "error" not in step[b].extra, (b, r.extra, step[b].extra)
         assert r.extra["resolved_backend"] == b and r.extra["threads"] >= 1
         assert r.tokens_per_s > 0 and r.flops > 0 and r.speedup is not None
+        assert (r.tokens, r.flops) == (step[b].tokens, pytest.approx(step[b].flops)), b  # the same row
         want = r.tokens_per_s / step[b].tokens_per_s
         assert r.extra["loop_vs_step"] == pytest.approx(want), b
+
+
+def test_loop_rows_are_the_rows_hrm_train_packs():
+    """:func:`loop_rows` follows the training loader: its rows are full rows of the shipped
+    JSONL, different from step to step, and the same on every call."""
+    rows = suites.loop_rows(TINY, 4)
+    again = suites.loop_rows(TINY, 4)
+    assert all(torch.equal(a.input_ids, b.input_ids) for a, b in zip(rows, again))
+    assert len({tuple(r.input_ids.tolist()) for r in rows}) == 4
+    assert all(r.input_ids.shape == (TINY.tokens,) and 0 < r.num_supervised < r.num_tokens for r in rows)
 
 
 def test_loop_throughput_counts_only_steps_after_warm_up():
