@@ -572,7 +572,7 @@ def train_variants(backends: list[str] | None = None) -> list[tuple[str, str, bo
 
 
 ONE_THREAD = "step, 1 thread"
-LOOP_ROWS = "step, loop rows"  # the bench step on the rows the loop rows' `hrm train` times
+LOOP_ROWS = "step, loop rows"  # the bench step on the rows that the `loop` rows' `hrm train` run times
 
 
 def _fastest(results: dict[tuple[str, str], dict]) -> list[str]:
