@@ -3,6 +3,7 @@ reference, with parity inside tolerance (never speed: these machines are shared)
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
@@ -13,7 +14,7 @@ from hrm import cli
 from hrm.bench import suites
 from hrm.bench.report import charts, plural, read_results
 from hrm.bench.run import run_bench
-from hrm.config import BenchConfig, ModelConfig
+from hrm.config import BENCH_CONFIGS, BenchConfig, ModelConfig
 
 TINY = BenchConfig(
     ModelConfig(vocab_size=260, hidden_size=64, num_heads=2, n_layers=2, max_seq_len=512), tokens=128, median_seq_len=20
@@ -181,6 +182,18 @@ def test_train_flops_count_only_grad_steps():
     batch = train_batch(TINY)
     full, short = suites.train_flops(TINY.model, batch, 5), suites.train_flops(TINY.model, batch, 2)
     assert full > short > 0
+
+
+@pytest.mark.parametrize("tokens", [1, 2, 16, 512])
+def test_train_batch_is_never_empty(tokens):
+    """A row shorter than the first drawn sequence (the log-normal lengths centre on 20 here
+    and 270 at the bench config) holds that sequence cut to the row, not nothing."""
+    from hrm.bench.workloads import train_batch
+
+    for bench in (TINY, BENCH_CONFIGS["bench"]):
+        batch = train_batch(dataclasses.replace(bench, tokens=tokens))
+        assert batch.num_tokens > 0 and batch.num_supervised > 0, (bench.tokens, tokens)
+        assert batch.num_tokens <= tokens
 
 
 def test_cli_registers_bench_and_profile():

@@ -17,7 +17,8 @@ def train_batch(bench: BenchConfig, seed: int = 0) -> PackedBatch:
     """One packed row of ``bench.tokens`` random tokens: sequences of log-normal length
     around ``bench.median_seq_len`` (at least 2), each with a supervised response of
     ``supervised_fraction`` of its tokens, packed until the next one would overflow;
-    the rest of the row is padding."""
+    the rest of the row is padding. A first sequence longer than the row is cut to it (the
+    row is then that one sequence), so a short row is never empty."""
     g = torch.Generator().manual_seed(seed)
     vocab = bench.model.vocab_size
     samples: list[Sample] = []
@@ -25,7 +26,9 @@ def train_batch(bench: BenchConfig, seed: int = 0) -> PackedBatch:
     while True:
         length = max(2, round(math.exp(math.log(bench.median_seq_len) + 0.5 * torch.randn(1, generator=g).item())))
         if used + length > bench.tokens:
-            break
+            if samples:
+                break
+            length = bench.tokens
         response = max(1, round(bench.supervised_fraction * length))
         ids = torch.randint(0, vocab, (length + 1,), generator=g).tolist()
         samples.append(Sample(ids[: length + 1 - response], ids[length + 1 - response :]))
