@@ -16,8 +16,8 @@ hand and ``fp32`` elsewhere, and logs what it picked:
   Without AMX, bf16 is slower: on an AMD EPYC with ``avx512_bf16`` (its bf16 matmul alone
   about 2.2x fp32) the same tiny training took 445 s in bf16 against 83 s in fp32 on backend
   ``cpu`` (a loaded machine: rough times, ratios far from 1), and on a CPU without bf16
-  instructions (an AMD EPYC with AVX2 only) ``hrm train`` at the ``bench`` config ran at 27
-  tokens/s in bf16 against about 700 in fp32.
+  instructions (an AMD EPYC with AVX2 only) ``hrm train`` at the ``bench`` config ran more
+  than an order of magnitude slower in bf16 than in fp32.
 - CPU, inference (``hrm generate``, ``hrm eval``): fp32, AMX or not. Decoding runs a few rows
   per step, so it streams the weights, and autocast converts each one to bf16 at every call:
   on the AMX CPU above, ``hrm eval RUN --ema`` (500 held-out samples of the demo's model)

@@ -15,6 +15,7 @@ from hrm.bench import suites
 from hrm.bench.report import charts, plural, read_results
 from hrm.bench.run import run_bench
 from hrm.config import BENCH_CONFIGS, BenchConfig, ModelConfig
+from hrm.errors import ConfigError
 
 TINY = BenchConfig(
     ModelConfig(vocab_size=260, hidden_size=64, num_heads=2, n_layers=2, max_seq_len=512), tokens=128, median_seq_len=20
@@ -194,6 +195,8 @@ def test_train_batch_is_never_empty(tokens):
         batch = train_batch(dataclasses.replace(bench, tokens=tokens))
         assert batch.num_tokens > 0 and batch.num_supervised > 0, (bench.tokens, tokens)
         assert batch.num_tokens <= tokens
+    with pytest.raises(ConfigError, match="at least 1 token, got 0"):
+        train_batch(dataclasses.replace(TINY, tokens=0))
 
 
 def test_cli_registers_bench_and_profile():

@@ -11,6 +11,7 @@ import torch
 
 from hrm.config import BenchConfig
 from hrm.data import PackedBatch, Sample, pack_row
+from hrm.errors import ConfigError
 
 
 def train_batch(bench: BenchConfig, seed: int = 0) -> PackedBatch:
@@ -19,6 +20,8 @@ def train_batch(bench: BenchConfig, seed: int = 0) -> PackedBatch:
     ``supervised_fraction`` of its tokens, packed until the next one would overflow;
     the rest of the row is padding. A first sequence longer than the row is cut to it (the
     row is then that one sequence), so a short row is never empty."""
+    if bench.tokens < 1:
+        raise ConfigError(f"a benchmark row needs at least 1 token, got {bench.tokens}")
     g = torch.Generator().manual_seed(seed)
     vocab = bench.model.vocab_size
     samples: list[Sample] = []
