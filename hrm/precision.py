@@ -14,8 +14,10 @@ hand and ``fp32`` elsewhere, and logs what it picked:
   ``hrm bench --suite train --quick --precision bf16`` (then ``fp32``) ran ``hrm train`` at
   the ``bench`` config at 4535 tokens/s in bf16 against 2106 in fp32 on backend ``cpu``.
   Without AMX, bf16 is slower: on an AMD EPYC with ``avx512_bf16`` (its bf16 matmul alone
-  about 2.2x fp32) the same tiny training took 445 s in bf16 against 83 s in fp32 on backend
-  ``cpu`` (a loaded machine: rough times, ratios far from 1), and on a CPU without bf16
+  about 2.2x fp32), an earlier session measured 150 steps of the tiny model (``hrm train
+  --preset tiny --steps 150 --eval-every 0 --eval-samples 100 --save-every 0``) at 445 s in
+  bf16 against 83 s in fp32 on backend ``cpu`` (a loaded machine: rough times, ratios far
+  from 1), and on a CPU without bf16
   instructions (an AMD EPYC with AVX2 only) ``hrm train`` at the ``bench`` config ran more
   than an order of magnitude slower in bf16 than in fp32.
 - CPU, inference (``hrm generate``, ``hrm eval``): fp32, AMX or not. Decoding runs a few rows

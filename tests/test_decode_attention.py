@@ -31,8 +31,8 @@ SHAPES = [  # (B, H, S, D, positions)
     (3, 2, 16, 8, [5, 0, 15]),  # one sequence at the cache's first slot, one at its last
     (1, 1, 1, 1, [0]),  # everything degenerate: one key of one lane
     (2, 3, 9, 5, [8, 3]),  # a head dim that is not a multiple of the vector width
-    (2, 2, 11, 20, [10, 6]),  # one vector and a tail (AVX512), keys not a multiple of the 4 per pass
-    (2, 1, 7, 80, [6, 2]),  # four vectors at a time and one more (AVX512)
+    (2, 2, 11, 20, [10, 6]),  # two blocks of the dot product's 8 partial sums and a tail of 4
+    (2, 1, 7, 80, [6, 2]),  # ten blocks of 8, no tail
     (8, 4, 128, 64, [47, 60, 95, 1, 127, 64, 63, 0]),  # the decode shape of preset `small`
 ]
 
