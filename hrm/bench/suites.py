@@ -47,6 +47,7 @@ from hrm.bench.workloads import SFT_JSONL, train_batch
 from hrm.config import BenchConfig, ModelConfig
 from hrm.data import ByteTokenizer, PackedBatch, PackedLoader, read_jsonl
 from hrm.flops import RowWork, train_step_flops
+from hrm.heap import retain_freed_memory
 from hrm.ops import allowed_pairs, dispatch, rope_cos_sin
 from hrm.precision import autocast as precision_autocast
 from hrm.precision import resolve_precision
@@ -882,4 +883,5 @@ def target_lines(rows: list[Row]) -> list[str]:
 
 
 if __name__ == "__main__":  # the train-step child process (see _run_child)
+    retain_freed_memory()  # as hrm's commands do (hrm.heap)
     print(json.dumps(train_child(json.loads(sys.argv[1]))))
