@@ -11,7 +11,8 @@ log-normally around 270 tokens, prefixes half of each sequence, trailing padding
 - ``torch``: the readable reference (``prefixlm_attention_reference``);
 - ``cpu``: the block-sparse C++ backend;
 - ``cpu_bf16``: the same on the inputs rounded to bf16 (as under bf16 autocast): bf16
-  products with fp32 accumulation where the CPU has AVX512_BF16, else the fp32 path;
+  products with fp32 accumulation where the CPU has AVX512_BF16 (on AMX tiles where it has
+  AMX-BF16, unless ``HRM_CPU_AMX=0``), else the fp32 path;
 - ``flex``: ``torch.compile``d ``flex_attention`` with the equivalent block mask (forward
   only; the mask build is timed on its own).
 
@@ -211,6 +212,7 @@ def main(argv: list[str] | None = None) -> dict:
         ),
     }
     bf16_dots = attention_cpu.cpu_ops().bf16_dots()
+    amx = attention_cpu.cpu_ops().amx_tiles()
     result = {
         "shape": {
             "tokens": T,
@@ -228,6 +230,7 @@ def main(argv: list[str] | None = None) -> dict:
         "bf16_matmul_peak_gflops": peak[bf16],
         "bf16_matmul_peak_samples": peaks[bf16],
         "cpu_bf16_products": bf16_dots,
+        "cpu_bf16_amx_tiles": amx,
         "cpu_bf16_speedup": cpu_fb["ms"] / bf16_fb["ms"],
         "useful_pairs": pairs,
         "tiles_64x64": tiles,
@@ -238,6 +241,11 @@ def main(argv: list[str] | None = None) -> dict:
         "targets": targets,
     }
 
+    products = (
+        ("bf16 products on AMX tiles" if amx else "bf16 products (AVX512_BF16)")
+        if bf16_dots
+        else "fp32 path (no AVX512_BF16)"
+    )
     print(
         f"T={T} ({total} real, {len(pl_l)} sequences) heads={H} head_dim={D} fp32 (cpu_bf16: bf16), "
         f"{torch.get_num_threads()} threads, torch {torch.__version__}"
@@ -251,10 +259,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"matmul peak (2048^3, best of {len(peaks[f32])}): fp32 {peak[f32]:.1f}, bf16 {peak[bf16]:.1f} GFLOP/s; "
         f"flex block mask build {mask_build_s * 1e3:.1f} ms ({block_mask.sparsity():.1f}% sparse)"
     )
-    print(
-        f"cpu_bf16 runs the {'bf16 products (AVX512_BF16)' if bf16_dots else 'fp32 path (no AVX512_BF16)'}: "
-        f"fwd+bwd {result['cpu_bf16_speedup']:.2f}x faster than cpu on fp32"
-    )
+    print(f"cpu_bf16 runs the {products}: fwd+bwd {result['cpu_bf16_speedup']:.2f}x faster than cpu on fp32")
     print(f"median of {rounds} rounds x median of {reps} runs; 'best' is the fastest round")
     print(
         f"{'method':<11} {'mode':<17} {'ms':>9} {'best ms':>9} {'GFLOP/s':>8} {'%peak':>6} {'best%pk':>7} "

@@ -7,8 +7,8 @@
 // (row_lo = start of t's sequence, row_hi = start + max(prefix, pos + 1); padding rows have
 // an empty interval). Both arrays are non-decreasing in t, so the keys seen by any run of
 // consecutive rows form one contiguous span. Transposed, key j is seen by the queries
-// [col_lo[j], col_hi[j]), also non-decreasing. The kernels work on micro-blocks of MR rows
-// (keys in the dk/dv pass) and touch only their span: empty tiles are never visited, fully
+// [col_lo[j], col_hi[j]), also non-decreasing. The kernels work on micro-blocks of kRows rows
+// (keys in the dk/dv pass; 16 for bf16 on AMX, else 4) and touch only their span: empty tiles are never visited, fully
 // visible tiles need no mask, and the partial ones are clipped per row to its interval (no
 // mask arithmetic at all). A work item is one (head, block of rows); the pool's threads
 // take items from a shared counter, so uneven spans and busy cores balance themselves.
@@ -21,7 +21,7 @@
 //     dv_j = sum_t p dO_t,  dk_j = scale sum_t ds q_t,  dq_t = scale sum_j ds k_j,
 //     dgate = grad_out * out * (1 - sigmoid(gate))
 // One head at a time, a key-major pass computes dk, dv and stores ds as it makes it (per
-// micro-block of keys, the MR values of each query of its span side by side); a query-major
+// micro-block of keys, the kRows values of each query of its span side by side); a query-major
 // pass then gathers it for dq, so nothing is recomputed and no two threads write the same row.
 //
 // Operands. The six products (q k^T, dO v^T, p v, p^T dO, ds^T q, ds k) take operands of
@@ -29,29 +29,34 @@
 // - E = fp32 for fp32/fp16/fp64 inputs (and for bf16 ones where the CPU lacks AVX512_BF16):
 //   the inputs are converted to fp32, the products are FMAs, the elementwise parts ATen ops.
 // - E = bf16 for bf16 q, k, v on CPUs with AVX512_BF16, as flash attention does on GPUs: the
-//   products run on vdpbf16ps (a pair of bf16 products per fp32 lane: twice an FMA's work);
-//   the scores, softmax statistics, exp2, lse, delta and every accumulator stay fp32, and p
+//   products run on AMX tiles where the CPU and the build have them (tdpbf16ps: a 16 x 16 x 32
+//   product per instruction), else on vdpbf16ps (a pair of bf16 products per fp32 lane: twice
+//   an FMA's work; HRM_CPU_AMX=0 picks it on AMX CPUs too); the scores, softmax statistics, exp2, lse, delta and every accumulator stay fp32, and p
 //   and ds are rounded to bf16 (to nearest even) only as operands of the products over tokens.
 //   sigmoid(gate), dO (rounded to bf16: an operand), delta and dgate come from fused passes in
 //   fp32, and exp2 is computed with vscalefps (exp2_avx512, as accurate as exp2v).
 // Outputs come back in the input dtypes (out and dq in q's, dk in k's, dv in v's, dgate in the
 // gate's), lse in fp32.
 //
-// Layouts. A product C[MR x n] = A . B reduces over r (the head dim for q k^T and dO v^T,
-// tokens for the other four). A is MR row pointers, r contiguous, each entry broadcast; B is
-// streamed in vectors along its n columns. vdpbf16ps multiplies pairs along r, so a bf16 B
-// is in "VNNI" layout [r / 2][n][2] (entries 2i and 2i+1 of a column side by side) and the
-// A entry broadcast is the 32-bit pair (a[2i], a[2i + 1]); fp32 has no pairs (pair = 1).
+// Layouts. A product C[kRows x n] = A . B reduces over r (the head dim for q k^T and dO v^T,
+// tokens for the other four). A is kRows rows a fixed stride apart, r contiguous; the register
+// blocks broadcast its entries, an AMX tile loads 16 rows of 32. B is streamed in vectors (or
+// tiles of 16 columns) along its n columns. vdpbf16ps and tdpbf16ps multiply pairs along r,
+// so a bf16 B is in "VNNI" layout [r / 2][n][2] (entries 2i and 2i+1 of a column side by
+// side) and the A entry broadcast is the 32-bit pair (a[2i], a[2i + 1]); fp32 has no pairs
+// (pair = 1). A reduction rounds up to kRed (32 on AMX, else VW): past its end one operand
+// is zero and the other finite.
 // q, k, v and dO are packed per head into (Packed: element (h, r, c) at
 // h * hs + r / pair * ld + c * pair + r % pair; sizes rounded up, padding zero):
-//     rows    [H, T, Dp]                   A of the products over d (Dp = round_up(D, VW));
-//     cols    [H, D / pair, T + VW, pair]  B over d: k (forward), q and dO (backward);
+//     rows    [H, T, Dp]                   A of the products over d (Dp = round_up(D, kRed));
+//     cols    [H, Dp / pair, T + VW, pair] B over d: k (forward), q and dO (backward);
 //     tokens  [H, T / pair, Dp, pair]      B over tokens: v (forward), dO, q, k (backward);
 //                                          for fp32 the same as rows.
 // A product over the tokens of a span [c0, c0 + span) starts at c0 rounded down to a multiple
 // of pair: the p and ds buffers are then laid out from that even c0, so their extra leading
 // entry (and the one past the span when its end is odd) lies outside every row's interval and
-// is exactly zero, and reads past T see the tokens panels' zero padding.
+// is exactly zero, and reads past T see the tokens panels' zero padding (kPad tokens after
+// the last head).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -60,11 +65,16 @@
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
+#if defined(__AMX_BF16__) && defined(__AMX_TILE__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 #include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <type_traits>
@@ -79,11 +89,21 @@ constexpr int VW = 8;
 #else
 constexpr int VW = 4;
 #endif
-constexpr int MR = 4;                 // rows per micro-block
+constexpr int MR = 4;                 // rows of a register block (FMA, vdpbf16ps)
 constexpr int NV = VW == 16 ? 4 : 2;  // vectors per register block: MR * NV accumulators fit the register file
 static_assert(NV <= 4, "mm finishes a row with at most 3 vectors");
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
+// Zero (or finite) entries past the end of a token dimension: the score and gradient rows,
+// lse and delta have this many past T, the token panels this many tokens past the last head.
+constexpr int64_t kPad = 32;
+
+#if defined(__AVX512BF16__) && defined(__AMX_BF16__) && defined(__AMX_TILE__)
+#define HRM_AMX 1
+constexpr bool kAmxBuild = true;
+#else
+constexpr bool kAmxBuild = false;
+#endif
 
 typedef float vec __attribute__((vector_size(VW * 4)));
 typedef int32_t ivec __attribute__((vector_size(VW * 4)));
@@ -93,6 +113,14 @@ template <class E>
 constexpr int64_t kPair = std::is_same_v<E, bf16> ? 2 : 1;  // entries of E per 32-bit lane of a product
 template <class E>
 constexpr at::ScalarType kType = c10::CppTypeToScalarType<E>::value;
+// Rows per micro-block, and the granularity of a product's reduction (its operands are zero
+// or finite up to a multiple of it): one AMX tile (16 rows of 32 bf16) where the build has
+// AMX, else a register block of MR rows and one vector.
+template <class E>
+constexpr int kRows = std::is_same_v<E, bf16> && kAmxBuild ? 16 : MR;
+template <class E>
+constexpr int64_t kRed = std::is_same_v<E, bf16> && kAmxBuild ? 32 : VW;
+static_assert(kRed<bf16> <= kPad && kRows<bf16> <= kPad, "the paddings cover one tile");
 
 inline vec load(const float* p) { vec v; __builtin_memcpy(&v, p, sizeof(vec)); return v; }
 inline void store(float* p, vec v) { __builtin_memcpy(p, &v, sizeof(vec)); }
@@ -198,10 +226,11 @@ inline void tile(const bf16* const* a, const bf16* b, int64_t ldb, int64_t nr, f
 }
 #endif
 
-// C[MR x ncols] = A[MR x nr] . B[nr x ncols], B's column block j at b + j * pair; writes
-// ncols rounded up to VW (b rows and c rows must have that much room).
+// C[MR x ncols] = A[MR x nr] . B[nr x ncols] on register blocks, A as MR row pointers, B's
+// column block j at b + j * pair; writes ncols rounded up to VW (b rows and c rows must have
+// that much room).
 template <class E>
-void mm(const E* const* a, const E* b, int64_t ldb, int64_t nr, int64_t ncols, float* c, int64_t ldc) {
+void mm_rows(const E* const* a, const E* b, int64_t ldb, int64_t nr, int64_t ncols, float* c, int64_t ldc) {
   const int64_t nc = round_up(ncols, VW);
   int64_t j = 0;
   for (; j + NV * VW <= nc; j += NV * VW) tile<NV>(a, b + j * kPair<E>, ldb, nr, c + j, ldc);
@@ -212,47 +241,122 @@ void mm(const E* const* a, const E* b, int64_t ldb, int64_t nr, int64_t ncols, f
   }
 }
 
-// The rows of an fp32 [MR x width] block (row stride ldx) as operands of a product over its
-// columns: the block itself for fp32; for bf16 a copy rounded to nearest even in buf
-// (through column round_up(width, VW), which the block must define).
-inline void operand_rows(const float* x, int64_t ldx, int64_t, float*, const float* rows[MR]) {
-  for (int m = 0; m < MR; ++m) rows[m] = x + m * ldx;
+#if defined(HRM_AMX)
+// AMX (Sapphire Rapids and later): eight tile registers of 16 rows x 64 bytes. A bf16 tile
+// product C[16 x 16] (fp32) += A[16 x 32] . B, with B in pairs [16][16][2] (the VNNI layout of
+// the cols and tokens panels), is one tdpbf16ps: 8192 multiply-adds, where one vdpbf16ps does 32.
+// Linux hands out the tile state only to a process that asks (arch_prctl); a thread uses the
+// tiles between a configuration and a release (AmxScope, around each thread's share of a pass).
+constexpr int kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+
+bool amx_permitted() {
+  static const bool ok = syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+  return ok;
 }
 
-#if defined(__AVX512BF16__)
-inline void operand_rows(const float* x, int64_t ldx, int64_t width, bf16* buf, const bf16* rows[MR]) {
-  for (int m = 0; m < MR; ++m) {
-    for (int64_t c = 0; c < width; c += VW) store_bf16(buf + m * ldx + c, load(x + m * ldx + c));
-    rows[m] = buf + m * ldx;
+// HRM_CPU_AMX=0 turns the tiles off (the vdpbf16ps register blocks then run the products).
+bool amx_wanted() {
+  const char* env = std::getenv("HRM_CPU_AMX");
+  return !(env && std::strcmp(env, "0") == 0);
+}
+
+thread_local bool amx_active = false;
+
+struct TileConfig {
+  uint8_t palette, start_row, reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+// Tiles 0-3 accumulate C (16 columns each), 4 holds A, 5 and 6 take turns holding B.
+struct AmxScope {
+  explicit AmxScope(bool want) {
+    if (!want) return;
+    TileConfig cfg{};
+    cfg.palette = 1;
+    for (int t = 0; t < 7; ++t) cfg.colsb[t] = 64, cfg.rows[t] = 16;
+    _tile_loadconfig(&cfg);
+    amx_active = true;
+  }
+  ~AmxScope() {
+    if (amx_active) _tile_release();
+    amx_active = false;
+  }
+  AmxScope(const AmxScope&) = delete;
+  AmxScope& operator=(const AmxScope&) = delete;
+};
+
+// C[16 x 16 NT] = A[16 x nk] . B over nk (a multiple of 32): A's rows lda entries apart, B's
+// pair-rows ldb entries apart, C's rows ldc floats apart.
+template <int NT>
+inline void amx_block(const bf16* a, int64_t lda, const bf16* b, int64_t ldb, int64_t nk, float* c, int64_t ldc) {
+  static_assert(NT >= 1 && NT <= 4, "four accumulator tiles");
+  _tile_zero(0);
+  if constexpr (NT > 1) _tile_zero(1);
+  if constexpr (NT > 2) _tile_zero(2);
+  if constexpr (NT > 3) _tile_zero(3);
+  const int64_t sa = lda * 2, sb = ldb * 2;  // bytes
+  for (int64_t k = 0; k < nk; k += 32) {
+    const bf16* bk = b + k / 2 * ldb;
+    _tile_loadd(4, a + k, sa);
+    _tile_loadd(5, bk, sb);
+    _tile_dpbf16ps(0, 4, 5);
+    if constexpr (NT > 1) { _tile_loadd(6, bk + 32, sb); _tile_dpbf16ps(1, 4, 6); }
+    if constexpr (NT > 2) { _tile_loadd(5, bk + 64, sb); _tile_dpbf16ps(2, 4, 5); }
+    if constexpr (NT > 3) { _tile_loadd(6, bk + 96, sb); _tile_dpbf16ps(3, 4, 6); }
+  }
+  _tile_stored(0, c, ldc * 4);
+  if constexpr (NT > 1) _tile_stored(1, c + 16, ldc * 4);
+  if constexpr (NT > 2) _tile_stored(2, c + 32, ldc * 4);
+  if constexpr (NT > 3) _tile_stored(3, c + 48, ldc * 4);
+}
+
+// C[16 x ncols] = A[16 x nr] . B: nr rounds up to 32, ncols to 16 (A or B must be zero past
+// nr and the other finite; b and c rows must have the room).
+inline void amx_mm(const bf16* a, int64_t lda, const bf16* b, int64_t ldb, int64_t nr, int64_t ncols, float* c,
+                   int64_t ldc) {
+  const int64_t nk = round_up(nr, 32), nc = round_up(ncols, 16);
+  int64_t j = 0;
+  for (; j + 64 <= nc; j += 64) amx_block<4>(a, lda, b + j * 2, ldb, nk, c + j, ldc);
+  switch ((nc - j) / 16) {
+    case 3: amx_block<3>(a, lda, b + j * 2, ldb, nk, c + j, ldc); break;
+    case 2: amx_block<2>(a, lda, b + j * 2, ldb, nk, c + j, ldc); break;
+    case 1: amx_block<1>(a, lda, b + j * 2, ldb, nk, c + j, ldc); break;
   }
 }
+#else
+struct AmxScope {
+  explicit AmxScope(bool) {}
+};
 #endif
 
-// ds = p (dp - delta) over the MR rows of a [MR x width] block (row stride ld; dS holds dp,
-// delta is indexed by column), and p and ds as operands of the products over tokens: fp32
-// the blocks themselves (ds in place of dp), bf16 copies rounded to nearest even.
-inline void ds_operands(float* P, float* dS, const float* dl, int64_t ld, int64_t width, float*, float*,
-                        const float* p[MR], const float* s[MR]) {
-  for (int m = 0; m < MR; ++m) {
-    float *pm = P + m * ld, *sm = dS + m * ld;
-    for (int64_t c = 0; c < width; c += VW) store(sm + c, load(pm + c) * (load(sm + c) - load(dl + c)));
-    p[m] = pm, s[m] = sm;
-  }
+// Whether a product of operands E runs on AMX tiles here (bf16, an AMX build, the process
+// allowed the tile state, HRM_CPU_AMX not 0).
+template <class E>
+bool use_amx() {
+#if defined(HRM_AMX)
+  return std::is_same_v<E, bf16> && amx_wanted() && amx_permitted();
+#else
+  return false;
+#endif
 }
 
-#if defined(__AVX512BF16__)
-inline void ds_operands(float* P, float* dS, const float* dl, int64_t ld, int64_t width, bf16* Pe, bf16* dSe,
-                        const bf16* p[MR], const bf16* s[MR]) {
-  for (int m = 0; m < MR; ++m) {
-    for (int64_t c = 0; c < width; c += VW) {
-      const vec pv = load(P + m * ld + c);
-      store_bf16(Pe + m * ld + c, pv);
-      store_bf16(dSe + m * ld + c, pv * (load(dS + m * ld + c) - load(dl + c)));
-    }
-    p[m] = Pe + m * ld, s[m] = dSe + m * ld;
+// C[kRows x ncols] = A[kRows x nr] . B[nr x ncols]: A's rows lda entries apart, B as for
+// mm_rows; writes ncols rounded up to 16 (AMX) or VW (b rows and c rows must have that room).
+// On AMX (inside an AmxScope) nr rounds up to kRed: A must be zero from nr to there, or B.
+template <class E>
+void mm(const E* a, int64_t lda, const E* b, int64_t ldb, int64_t nr, int64_t ncols, float* c, int64_t ldc) {
+#if defined(HRM_AMX)
+  if constexpr (std::is_same_v<E, bf16>) {
+    if (amx_active) return amx_mm(a, lda, b, ldb, nr, ncols, c, ldc);
+  }
+#endif
+  for (int g = 0; g < kRows<E>; g += MR) {
+    const E* rows[MR];
+    for (int m = 0; m < MR; ++m) rows[m] = a + (g + m) * lda;
+    mm_rows(rows, b, ldb, nr, ncols, c + g * ldc, ldc);
   }
 }
-#endif
 
 // exp2 for the softmax of the path with operands E: exp2v (fp32, as ever), exp2_avx512 (bf16).
 template <class E>
@@ -262,37 +366,65 @@ template <>
 inline vec exp2_of<bf16>(vec x) { return exp2_avx512(x); }
 #endif
 
-// Row r of a [MR x width] score block: x = x * mul - sub[c] inside [a, b), then
-// p = exp2(x - max) there and 0 elsewhere in [0, width); returns (max, sum p). With
-// sub == nullptr the row max is subtracted (forward); otherwise sub is the row's
-// log-sum-exp and the max is not used (backward).
+// Lanes [0, n) of x (n may exceed VW) as operand entries: fp32 stores the whole vector (the
+// rows have the room, and the lanes past n are zero), bf16 rounds to nearest even.
+inline void store_operand(float* o, vec x, int64_t) { store(o, x); }
+#if defined(__AVX512BF16__)
+inline void store_operand(bf16* o, vec x, int64_t n) { store_bf16(o, x, first(n)); }
+#endif
+
+// The scores' rows become the A operands of the products over tokens in one pass each: row
+// entries [a, b) are a row's interval, everything else in [0, round_up(width, kRed)) is zero.
+// For fp32 the outputs may be the inputs themselves (each vector is read before it is written).
 struct RowStats { float max, sum; };
 
+// Forward, one row of s = q.k: p = exp2(mul s - m) with m = mul max s, into pe; returns (m, sum p).
 template <class E>
-RowStats softmax_row(float* x, int64_t a, int64_t b, int64_t width, float mul, const float* sub) {
+RowStats forward_row(const float* s, E* pe, int64_t a, int64_t b, int64_t width, float mul) {
   const ivec lane = iota();
-  std::fill(x, x + a, 0.0f);
-  float mx = 0.0f;
-  if (sub == nullptr) {
-    vec vm = splat(-INFINITY);
-    for (int64_t c = a; c < b; c += VW) {
-      vec s = load(x + c) * mul;
-      s = (lane < (int32_t)(b - c)) ? s : splat(-INFINITY);
-      store(x + c, s);
-      vm = s > vm ? s : vm;
-    }
-    mx = hmax(vm);
+  vec vm = splat(-INFINITY);
+  for (int64_t c = a; c < b; c += VW) {
+    const vec x = load(s + c);
+    vm = (lane < (int32_t)(b - c)) & (x > vm) ? x : vm;
   }
+  const float mx = hmax(vm) * mul;  // mul > 0: the max of the scaled scores
+  std::fill(pe, pe + a, E(0.0f));
   vec vs = splat(0.0f);
   for (int64_t c = a; c < b; c += VW) {
-    const vec s = sub == nullptr ? load(x + c) - mx : load(x + c) * mul - load(sub + c);
-    vec p = exp2_of<E>(s);
+    vec p = exp2_of<E>(load(s + c) * mul - mx);
     p = (lane < (int32_t)(b - c)) ? p : splat(0.0f);
-    store(x + c, p);
+    store_operand(pe + c, p, b - c);
     vs += p;
   }
-  std::fill(x + b, x + round_up(width, VW), 0.0f);
+  std::fill(pe + b, pe + round_up(width, kRed<E>), E(0.0f));
   return {mx, hsum(vs)};
+}
+
+// Backward, one row of s = q.k (a key's, over queries) and dp = dO.v: p = exp2(mul s - l2)
+// with l2 the queries' log2-sum-exp, ds = p (dp - dl) with dl their delta (both indexed by
+// column); p into pe, ds into dse.
+template <class E>
+void backward_row(const float* s, const float* dp, const float* l2, const float* dl, E* pe, E* dse, int64_t a,
+                  int64_t b, int64_t width, float mul) {
+  const ivec lane = iota();
+  std::fill(pe, pe + a, E(0.0f));
+  std::fill(dse, dse + a, E(0.0f));
+  for (int64_t c = a; c < b; c += VW) {
+    vec p = exp2_of<E>(load(s + c) * mul - load(l2 + c));
+    p = (lane < (int32_t)(b - c)) ? p : splat(0.0f);
+    const vec ds = p * (load(dp + c) - load(dl + c));
+    store_operand(pe + c, p, b - c);
+    store_operand(dse + c, ds, b - c);
+  }
+  std::fill(pe + b, pe + round_up(width, kRed<E>), E(0.0f));
+  std::fill(dse + b, dse + round_up(width, kRed<E>), E(0.0f));
+}
+
+// The operand buffer of the path with operands E: fp32 works in place (f), bf16 in its own (e).
+template <class E>
+E* operands(float* f, E* e) {
+  if constexpr (std::is_same_v<E, float>) return f;
+  else return e;
 }
 
 // A [T, H, D] tensor packed per head (see the layouts at the top): element (h, r, c) at
@@ -315,7 +447,10 @@ at::Tensor as_type(const at::Tensor& x) {
 }
 
 // Token-major [H, T / P, Dp, P]: P = 1 gives the rows, P = 2 (bf16) the tokens panel, whose
-// entry pair (t, t + 1) of column d is one 32-bit word. Packing moves bits (any E of 2 or 4 bytes).
+// entry pair (t, t + 1) of column d is one 32-bit word; then kPad zero tokens, so that the
+// rows of a micro-block and the pairs of a reduction rounded up to kRed may run past T (in a
+// head but the last they read the next head's finite entries). Packing moves bits (any E of
+// 2 or 4 bytes).
 template <class E, int P>
 Packed<E> pack_tokens(const at::Tensor& x, int64_t Dp) {
   static_assert(P == 1 || (P == 2 && sizeof(E) == 2), "pairs are of 16-bit entries");
@@ -323,9 +458,10 @@ Packed<E> pack_tokens(const at::Tensor& x, int64_t Dp) {
   const at::Tensor xe = as_type<E>(x);
   const int64_t T = x.size(0), H = x.size(1), D = x.size(2), Tk = (T + P - 1) / P;
   const int64_t s0 = xe.stride(0), s1 = xe.stride(1);
-  at::Tensor buf = at::empty({H, Tk, Dp, P}, x.options().dtype(kType<E>));
+  at::Tensor buf = at::empty({H * Tk * Dp * P + kPad * Dp}, x.options().dtype(kType<E>));
   const U* src = reinterpret_cast<const U*>(xe.data_ptr<E>());
   U* dst = reinterpret_cast<U*>(buf.data_ptr<E>());
+  std::fill(dst + H * Tk * Dp * P, dst + buf.numel(), U(0));
   at::parallel_for(0, H * Tk, 256 / P, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t h = i / Tk, t = i % Tk * P;
@@ -375,13 +511,15 @@ inline void transpose16(const void* a, int64_t lda, uint32_t* o, int64_t ldo) {
 }
 #endif
 
-// [T, H, D] -> cols [H, D / P, T + VW, P] (P = kPair<E>; transposed, a zero tail so that
-// vector loads may overrun). Each (h, d / P, t) is one 32-bit word: an fp32 entry or a bf16 pair.
+// [T, H, D] -> cols [H, Dp / P, T + VW, P] (P = kPair<E>; transposed, zero past T so that
+// vector loads and tiles of 16 columns may overrun, and zero past D up to Dp, the reduction
+// rounded up to kRed). Each (h, d / P, t) is one 32-bit word: an fp32 entry or a bf16 pair.
 template <class E>
-Packed<E> pack_cols(const at::Tensor& x) {
+Packed<E> pack_cols(const at::Tensor& x, int64_t Dp) {
   constexpr int64_t P = kPair<E>;
   const at::Tensor xe = as_type<E>(x);
-  const int64_t T = x.size(0), H = x.size(1), D = x.size(2), Dk = (D + P - 1) / P, ld = T + VW, tb = 64;
+  const int64_t T = x.size(0), H = x.size(1), D = x.size(2), ld = T + VW, tb = 64;
+  const int64_t Dd = (D + P - 1) / P, Dk = Dp / P;  // words with data, words in all
   const int64_t s0 = xe.stride(0), s1 = xe.stride(1), nb = (T + tb - 1) / tb;
   at::Tensor out = at::empty({H, Dk, ld, P}, x.options().dtype(kType<E>));
   const E* src = xe.data_ptr<E>();
@@ -400,7 +538,7 @@ Packed<E> pack_cols(const at::Tensor& x) {
           for (int64_t u = t; u < t1; ++u) std::memcpy(o + v * ld + u, a + u * s0 + v * P, 4);
       }
 #endif
-      for (; w < Dk; ++w) {
+      for (; w < Dd; ++w) {
         if ((w + 1) * P <= D)
           for (int64_t t = t0; t < t1; ++t) std::memcpy(o + w * ld + t, a + t * s0 + w * P, 4);
         else  // bf16 with D odd: the last pair is (x[D - 1], 0)
@@ -410,6 +548,7 @@ Packed<E> pack_cols(const at::Tensor& x) {
             o[w * ld + t] = last;
           }
       }
+      for (; w < Dk; ++w) std::fill(o + w * ld + t0, o + w * ld + t1, 0u);
       if (t1 == T)
         for (w = 0; w < Dk; ++w) std::fill(o + w * ld + T, o + (w + 1) * ld, 0u);
     }
@@ -417,9 +556,9 @@ Packed<E> pack_cols(const at::Tensor& x) {
   return {out, out.data_ptr<E>(), Dk * ld * P, ld * P, P};
 }
 
-// [H, T] fp32 with a zero tail of VW (vector loads may overrun).
+// [H, T] fp32 with a zero tail of kPad (vector loads may overrun).
 at::Tensor pad_tokens(const at::Tensor& x) {
-  auto out = at::zeros({x.size(0), x.size(1) + VW}, x.options().dtype(at::kFloat));
+  auto out = at::zeros({x.size(0), x.size(1) + kPad}, x.options().dtype(at::kFloat));
   out.narrow(1, 0, x.size(1)).copy_(x);
   return out;
 }
@@ -441,6 +580,9 @@ bool bf16_dots() {
   return false;
 #endif
 }
+
+// Whether bf16 products run on AMX tiles here (see use_amx).
+bool amx_tiles() { return use_amx<bf16>(); }
 
 #if defined(__AVX512BF16__)
 bool bf16_operands(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
@@ -489,8 +631,9 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
                                 const c10::optional<at::Tensor>& gate, const at::Tensor& row_lo,
                                 const at::Tensor& row_hi, double scale, int64_t block) {
   constexpr int64_t P = kPair<E>;
-  const int64_t T = q.size(0), H = q.size(1), D = q.size(2), Dp = round_up(D, VW), ldk = T + VW;
-  const Packed<E> Q = pack_tokens<E, 1>(q, Dp), Kt = pack_cols<E>(k), V = pack_tokens<E, P>(v, Dp);
+  constexpr int RB = kRows<E>;
+  const int64_t T = q.size(0), H = q.size(1), D = q.size(2), Dp = round_up(D, kRed<E>), lds = T + kPad;
+  const Packed<E> Q = pack_tokens<E, 1>(q, Dp), Kt = pack_cols<E>(k, Dp), V = pack_tokens<E, P>(v, Dp);
   at::Tensor gs;  // what finish_row takes: fp32 the gate's sigmoid from ATen, bf16 the gate itself
   if (gate.has_value()) gs = P == 1 ? at::sigmoid(gate->to(at::kFloat)).contiguous() : as_type<E>(*gate);
   at::Tensor out = at::zeros({T, H, D}, q.options().dtype(kType<E>));
@@ -501,38 +644,38 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
   E* O = out.data_ptr<E>();
   float* L = lse.data_ptr<float>();
   const float mul = (float)scale * kLog2e;
-  const int64_t nblk = (T + block - 1) / block, lds = ldk;
+  const int64_t nblk = (T + block - 1) / block;
+  const bool amx = use_amx<E>();
 
   std::atomic<int64_t> next{0};
   at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
-    std::vector<float> S(MR * lds), acc(MR * Dp);
-    std::vector<E> Pe(P == 1 ? 0 : MR * lds);  // bf16 p (fp32 multiplies S itself)
+    const AmxScope tiles(amx);
+    std::vector<float> S(RB * lds), acc(RB * Dp);
+    std::vector<E> Pe(P == 1 ? 0 : RB * lds);  // bf16 p (fp32 multiplies S itself)
     for (int64_t item; (item = next++) < H * nblk;) {
       const int64_t h = item / nblk, r0 = item % nblk * block, r1 = std::min(r0 + block, T);
-      for (int64_t i0 = r0; i0 < r1; i0 += MR) {
-        const int n = count_real(lo, hi, i0, std::min<int64_t>(MR, r1 - i0));
+      for (int64_t i0 = r0; i0 < r1; i0 += RB) {
+        const int n = count_real(lo, hi, i0, std::min<int64_t>(RB, r1 - i0));
         if (n == 0) break;  // padding rows stay zero
         for (int m = 0; m < n; ++m) {
           if (G) prefetch<0>(G + (i0 + m) * gs.stride(0) + h * gs.stride(1), D * sizeof(E));
           prefetch<1>(O + ((i0 + m) * H + h) * D, D * sizeof(E));
         }
+        // rows i0 + m for m >= n (past T: the panel's zero tail) are computed and dropped
         const int64_t c0 = lo[i0] / P * P, span = hi[i0 + n - 1] - c0;
-        const E* a[MR];
-        for (int m = 0; m < MR; ++m) a[m] = Q.at(h, i0 + std::min(m, n - 1), 0);
-        mm(a, Kt.at(h, 0, c0), Kt.ld, D, span, S.data(), lds);
-        float rmax[MR], rsum[MR];
-        for (int m = 0; m < MR; ++m) {
-          float* row = S.data() + m * lds;
+        mm(Q.at(h, i0, 0), Q.ld, Kt.at(h, 0, c0), Kt.ld, D, span, S.data(), lds);
+        float rmax[RB], rsum[RB];
+        E* const p = operands<E>(S.data(), Pe.data());
+        for (int m = 0; m < RB; ++m) {
+          E* pm = p + m * lds;
           if (m < n) {
-            const RowStats st = softmax_row<E>(row, lo[i0 + m] - c0, hi[i0 + m] - c0, span, mul, nullptr);
+            const RowStats st = forward_row(S.data() + m * lds, pm, lo[i0 + m] - c0, hi[i0 + m] - c0, span, mul);
             rmax[m] = st.max, rsum[m] = st.sum;
           } else {
-            std::fill(row, row + round_up(span, VW), 0.0f);
+            std::fill(pm, pm + round_up(span, kRed<E>), E(0.0f));
           }
         }
-        const E* p[MR];
-        operand_rows(S.data(), lds, span, Pe.data(), p);
-        mm(p, V.at(h, c0, 0), V.ld, span, Dp, acc.data(), Dp);
+        mm<E>(p, lds, V.at(h, c0, 0), V.ld, span, Dp, acc.data(), Dp);
         for (int m = 0; m < n; ++m) {
           const int64_t t = i0 + m;
           const float inv = 1.0f / rsum[m];
@@ -547,7 +690,7 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
 }
 
 // The backward's elementwise part: dO = grad_out * sigmoid(gate) (as E), delta = rowsum(grad_out *
-// out) ([H, T + VW] fp32, zero tail) and dgate = grad_out * out * (1 - sigmoid(gate)) (empty
+// out) ([H, T + kPad] fp32, zero tail) and dgate = grad_out * out * (1 - sigmoid(gate)) (empty
 // without a gate). fp32 operands: ATen ops in fp32, bit for bit as ever.
 struct Prologue { at::Tensor dO, delta, dgate; };
 
@@ -574,7 +717,7 @@ Prologue prologue<bf16>(const at::Tensor& grad_out, const at::Tensor& out, const
   const at::Tensor gt = gate.has_value() ? as_type<bf16>(*gate) : at::Tensor();
   const int64_t T = out.size(0), H = out.size(1), D = out.size(2);
   const at::TensorOptions bf = out.options().dtype(at::kBFloat16);
-  at::Tensor dO = at::empty({T, H, D}, bf), delta = at::zeros({H, T + VW}, out.options().dtype(at::kFloat));
+  at::Tensor dO = at::empty({T, H, D}, bf), delta = at::zeros({H, T + kPad}, out.options().dtype(at::kFloat));
   at::Tensor dgate = gt.defined() ? at::empty({T, H, D}, bf) : at::empty({0}, out.options());
   const bf16 *G = go.data_ptr<bf16>(), *O = of.data_ptr<bf16>(), *X = gt.defined() ? gt.data_ptr<bf16>() : nullptr;
   bf16 *DO = dO.data_ptr<bf16>(), *DG = gt.defined() ? dgate.data_ptr<bf16>() : nullptr;
@@ -597,7 +740,7 @@ Prologue prologue<bf16>(const at::Tensor& grad_out, const at::Tensor& out, const
           store_bf16(DO + i * D + c, gv, k);
         }
       }
-      Dl[h * (T + VW) + t] = hsum(dot);
+      Dl[h * (T + kPad) + t] = hsum(dot);
     }
   });
   return {dO, delta, gt.defined() ? dgate.to(gate->scalar_type()) : dgate};
@@ -611,12 +754,13 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
                                  const at::Tensor& row_hi, const at::Tensor& col_lo, const at::Tensor& col_hi,
                                  double scale, int64_t block) {
   constexpr int64_t P = kPair<E>;
-  const int64_t T = q.size(0), H = q.size(1), D = q.size(2), Dp = round_up(D, VW), ldt = T + VW;
+  constexpr int RB = kRows<E>;
+  const int64_t T = q.size(0), H = q.size(1), D = q.size(2), Dp = round_up(D, kRed<E>), ldt = T + kPad;
   const Prologue pro = prologue<E>(grad_out, out, gate);
   const at::Tensor &dO = pro.dO, &delta = pro.delta, &dgate = pro.dgate;
-  const at::Tensor lse2 = pad_tokens(lse * kLog2e);  // [H, T + VW]
+  const at::Tensor lse2 = pad_tokens(lse * kLog2e);  // [H, T + kPad]
   const Packed<E> K = pack_tokens<E, 1>(k, Dp), V = pack_tokens<E, 1>(v, Dp);  // rows: A of pass 1
-  const Packed<E> Qt = pack_cols<E>(q), DOt = pack_cols<E>(dO);
+  const Packed<E> Qt = pack_cols<E>(q, Dp), DOt = pack_cols<E>(dO, Dp);
   const Packed<E> Qn = pack_tokens<E, P>(q, Dp), DOn = pack_tokens<E, P>(dO, Dp);
   const Packed<E> Kn = P == 1 ? K : pack_tokens<E, P>(k, Dp);  // fp32: tokens are the rows
   at::Tensor dq = at::zeros({T, H, D}, q.options().dtype(kType<E>));
@@ -624,15 +768,15 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
   at::Tensor dv = at::zeros({T, H, D}, q.options().dtype(kType<E>));
   const int32_t *lo = row_lo.data_ptr<int32_t>(), *hi = row_hi.data_ptr<int32_t>();
   const int32_t *clo = col_lo.data_ptr<int32_t>(), *chi = col_hi.data_ptr<int32_t>();
-  // ds is stored as pass 1 makes it, by micro-block (group) g of MR keys: for each query t of
-  // the group's span [cs[g], ce[g]), the MR values ds[t][MR g + m] side by side (zero for the
-  // keys t does not see), at off[g] + (t - cs[g]) * MR.
-  const int64_t ng = (T + MR - 1) / MR;
+  // ds is stored as pass 1 makes it, by micro-block (group) g of RB keys: for each query t of
+  // the group's span [cs[g], ce[g]), the RB values ds[t][RB g + m] side by side (zero for the
+  // keys t does not see), at off[g] + (t - cs[g]) * RB.
+  const int64_t ng = (T + RB - 1) / RB;
   std::vector<int64_t> cs(ng), ce(ng), off(ng + 1, 0);
   for (int64_t g = 0; g < ng; ++g) {
-    const int n = count_real(clo, chi, g * MR, std::min<int64_t>(MR, T - g * MR));
-    cs[g] = clo[g * MR], ce[g] = n > 0 ? chi[g * MR + n - 1] : cs[g];
-    off[g + 1] = off[g] + (ce[g] - cs[g]) * MR;
+    const int n = count_real(clo, chi, g * RB, std::min<int64_t>(RB, T - g * RB));
+    cs[g] = clo[g * RB], ce[g] = n > 0 ? chi[g * RB + n - 1] : cs[g];
+    off[g + 1] = off[g] + (ce[g] - cs[g]) * RB;
   }
   const int64_t nnz = off[ng];
   std::unique_ptr<E[]> ds(new E[nnz]);  // one head's; every entry is written by pass 1
@@ -641,50 +785,52 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
   E *DQ = dq.data_ptr<E>(), *DK = dk.data_ptr<E>(), *DV = dv.data_ptr<E>();
   const float mul = (float)scale * kLog2e, fscale = (float)scale;
   const int64_t nblk = (T + block - 1) / block;
+  const bool amx = use_amx<E>();
 
   // One head at a time, so that its ds (a few MB) is still in the caches for pass 2.
-  const int64_t lda = ldt + MR;  // pass 2's rows of ds (see there)
+  const int64_t lda = ldt + RB;  // pass 2's rows of ds (see there)
   for (int64_t h = 0; h < H; ++h) {
-    // Pass 1, key-major: micro-blocks of MR keys against the queries that see them.
+    // Pass 1, key-major: micro-blocks of RB keys against the queries that see them.
     std::atomic<int64_t> next{0};
     at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
-      std::vector<float> Pf(MR * ldt), dS(MR * ldt), acc(MR * Dp);
-      std::vector<E> Pe(P == 1 ? 0 : MR * ldt), dSe(P == 1 ? 0 : MR * ldt);  // bf16 p, ds
+      const AmxScope tiles(amx);
+      std::vector<float> Pf(RB * ldt), dS(RB * ldt), acc(RB * Dp);
+      std::vector<E> Pe(P == 1 ? 0 : RB * ldt), dSe(P == 1 ? 0 : RB * ldt);  // bf16 p, ds
       for (int64_t item; (item = next++) < nblk;) {
         const int64_t j0b = item * block, j1b = std::min(j0b + block, T);
-        for (int64_t j0 = j0b; j0 < j1b; j0 += MR) {
-          const int n = count_real(clo, chi, j0, std::min<int64_t>(MR, j1b - j0));
+        for (int64_t j0 = j0b; j0 < j1b; j0 += RB) {
+          const int n = count_real(clo, chi, j0, std::min<int64_t>(RB, j1b - j0));
           if (n == 0) break;  // keys nobody sees (padding) keep zero gradients
           for (int m = 0; m < n; ++m) {
             prefetch<1>(DK + ((j0 + m) * H + h) * D, D * sizeof(E));
             prefetch<1>(DV + ((j0 + m) * H + h) * D, D * sizeof(E));
           }
+          // keys j0 + m for m >= n (past T: the panels' zero tail) are computed and dropped
           const int64_t c0 = clo[j0] / P * P, span = chi[j0 + n - 1] - c0;
-          const E *ka[MR], *va[MR];
-          for (int m = 0; m < MR; ++m) {
-            const int64_t j = j0 + std::min(m, n - 1);
-            ka[m] = K.at(h, j, 0), va[m] = V.at(h, j, 0);
-          }
-          mm(ka, Qt.at(h, 0, c0), Qt.ld, D, span, Pf.data(), ldt);    // s^T
-          mm(va, DOt.at(h, 0, c0), DOt.ld, D, span, dS.data(), ldt);  // dp^T
+          mm(K.at(h, j0, 0), K.ld, Qt.at(h, 0, c0), Qt.ld, D, span, Pf.data(), ldt);    // s^T
+          mm(V.at(h, j0, 0), V.ld, DOt.at(h, 0, c0), DOt.ld, D, span, dS.data(), ldt);  // dp^T
           const float* l2 = L2 + h * ldt + c0;
           const float* dl = Dl + h * ldt + c0;
-          for (int m = 0; m < MR; ++m) {
-            float* p = Pf.data() + m * ldt;
-            if (m < n) softmax_row<E>(p, clo[j0 + m] - c0, chi[j0 + m] - c0, span, mul, l2);
-            else std::fill(p, p + round_up(span, VW), 0.0f);
+          E *const p = operands<E>(Pf.data(), Pe.data()), *const s = operands<E>(dS.data(), dSe.data());
+          for (int m = 0; m < RB; ++m) {
+            E *pm = p + m * ldt, *sm = s + m * ldt;
+            if (m < n) {
+              backward_row(Pf.data() + m * ldt, dS.data() + m * ldt, l2, dl, pm, sm, clo[j0 + m] - c0,
+                           chi[j0 + m] - c0, span, mul);
+            } else {
+              std::fill(pm, pm + round_up(span, kRed<E>), E(0.0f));
+              std::fill(sm, sm + round_up(span, kRed<E>), E(0.0f));
+            }
           }
-          const E *p[MR], *s[MR];
-          ds_operands(Pf.data(), dS.data(), dl, ldt, span, Pe.data(), dSe.data(), p, s);
-          mm(p, DOn.at(h, c0, 0), DOn.ld, span, Dp, acc.data(), Dp);
+          mm<E>(p, ldt, DOn.at(h, c0, 0), DOn.ld, span, Dp, acc.data(), Dp);
           for (int m = 0; m < n; ++m)
             store_row(DV + ((j0 + m) * H + h) * D, acc.data() + m * Dp, 1.0f, D);
-          mm(s, Qn.at(h, c0, 0), Qn.ld, span, Dp, acc.data(), Dp);
+          mm<E>(s, ldt, Qn.at(h, c0, 0), Qn.ld, span, Dp, acc.data(), Dp);
           for (int m = 0; m < n; ++m)
             store_row(DK + ((j0 + m) * H + h) * D, acc.data() + m * Dp, fscale, D);
-          E* dst = dsh + off[j0 / MR];  // ds is zero at the keys a query does not see, and at m >= n
-          for (int64_t t = clo[j0]; t < c0 + span; ++t, dst += MR)
-            for (int m = 0; m < MR; ++m) dst[m] = s[m][t - c0];
+          E* dst = dsh + off[j0 / RB];  // ds is zero at the keys a query does not see, and at m >= n
+          for (int64_t t = clo[j0]; t < c0 + span; ++t, dst += RB)
+            for (int m = 0; m < RB; ++m) dst[m] = s[m * ldt + t - c0];
         }
       }
     });
@@ -692,29 +838,34 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
     // Pass 2, query-major: dq = scale * ds . k over each row's interval.
     next = 0;
     at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
-      std::vector<E> A(MR * lda);
-      std::vector<float> acc(MR * Dp);
+      const AmxScope tiles(amx);
+      std::vector<E> A(RB * lda);
+      std::vector<float> acc(RB * Dp);
       for (int64_t item; (item = next++) < nblk;) {
         const int64_t r0 = item * block, r1 = std::min(r0 + block, T);
-        for (int64_t i0 = r0; i0 < r1; i0 += MR) {
-          const int n = count_real(lo, hi, i0, std::min<int64_t>(MR, r1 - i0));
+        for (int64_t i0 = r0; i0 < r1; i0 += RB) {
+          const int n = count_real(lo, hi, i0, std::min<int64_t>(RB, r1 - i0));
           if (n == 0) break;
           for (int m = 0; m < n; ++m) prefetch<1>(DQ + ((i0 + m) * H + h) * D, D * sizeof(E));
           const int64_t c0 = lo[i0] / P * P, span = hi[i0 + n - 1] - c0;
-          // Row m of A holds keys from c0 at A + m * lda + MR: whole groups, the first of which may
-          // start up to MR - 1 keys before c0 (the zeros past the span land in the slack).
-          const E* a[MR];
-          for (int m = 0; m < MR; ++m) a[m] = A.data() + m * lda + MR;
-          for (int64_t g = c0 / MR; g * MR < c0 + span; ++g)
-            for (int m = 0; m < MR; ++m) {
+          // Row m of A holds keys from c0 at A + m * lda + RB: whole groups, the first of which
+          // may start up to RB - 1 keys before c0 (the zeros past the span land in the slack),
+          // then zeros up to the span rounded up to kRed.
+          int64_t g = c0 / RB;
+          for (; g * RB < c0 + span; ++g)
+            for (int m = 0; m < RB; ++m) {
               const int64_t t = i0 + m;
-              E* dst = A.data() + m * lda + MR + (g * MR - c0);
+              E* dst = A.data() + m * lda + RB + (g * RB - c0);
               if (cs[g] <= t && t < ce[g])
-                std::copy_n(dsh + off[g] + (t - cs[g]) * MR, MR, dst);
+                std::copy_n(dsh + off[g] + (t - cs[g]) * RB, RB, dst);
               else  // t sees no key of the group (or is padding)
-                std::fill_n(dst, MR, E(0.0f));
+                std::fill_n(dst, RB, E(0.0f));
             }
-          mm(a, Kn.at(h, c0, 0), Kn.ld, span, Dp, acc.data(), Dp);
+          for (int m = 0; m < RB; ++m) {
+            E* row = A.data() + m * lda + RB;
+            std::fill(row + (g * RB - c0), row + std::max(g * RB - c0, round_up(span, kRed<E>)), E(0.0f));
+          }
+          mm(A.data() + RB, lda, Kn.at(h, c0, 0), Kn.ld, span, Dp, acc.data(), Dp);
           for (int m = 0; m < n; ++m)
             store_row(DQ + ((i0 + m) * H + h) * D, acc.data() + m * Dp, fscale, D);
         }
@@ -740,7 +891,7 @@ std::vector<at::Tensor> prefixlm_bwd(const at::Tensor& grad_out, const at::Tenso
                                      const at::Tensor& row_hi, const at::Tensor& col_lo, const at::Tensor& col_hi,
                                      double scale, int64_t block) {
   check_inputs(q, k, v, row_lo, row_hi);
-  TORCH_CHECK(block > 0 && block % MR == 0, "block must be a positive multiple of ", MR);
+  TORCH_CHECK(block > 0 && block % 16 == 0, "block must be a positive multiple of 16");
 #if defined(__AVX512BF16__)
   if (bf16_operands(q, k, v))
     return backward<bf16>(grad_out, q, k, v, out, lse, gate, row_lo, row_hi, col_lo, col_hi, scale, block);
@@ -756,6 +907,7 @@ TORCH_LIBRARY(hrm_cpu, m) {
   m.def("prefixlm_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? gate, "
         "Tensor row_lo, Tensor row_hi, Tensor col_lo, Tensor col_hi, float scale, int block) -> Tensor[]");
   m.def("bf16_dots() -> bool", &bf16_dots);
+  m.def("amx_tiles() -> bool", &amx_tiles);
 }
 
 TORCH_LIBRARY_IMPL(hrm_cpu, CPU, m) {

@@ -1,7 +1,8 @@
 """The ``cpu`` backend's PrefixLM attention: the C++ kernel in
 ``csrc/prefixlm_attention/prefixlm_attention_cpu.cpp`` (built at first use by
 :mod:`hrm.ops.cpp_extension`), fp32 compute, or for bf16 ``q, k, v`` on CPUs with
-AVX512_BF16 bf16 products with fp32 accumulation. It walks the row intervals (forward, dq)
+AVX512_BF16 bf16 products with fp32 accumulation (on AMX tiles where the CPU has AMX-BF16,
+unless ``HRM_CPU_AMX=0``). It walks the row intervals (forward, dq)
 and column intervals (dk, dv) of :mod:`.packing` directly, ``ROWS_PER_ITEM`` rows per work
 item of the thread pool.
 """
