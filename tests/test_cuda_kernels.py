@@ -377,6 +377,10 @@ q, k, v, gate = (torch.randn(3, 2, 16) for _ in range(4))  # generation's decode
 pos = torch.tensor([0, 4, 7])
 outs = [ops.decode_attention(q, k, v, gate, *torch.zeros(2, 3, 2, 8, 16), pos, backend=b) for b in ("cpu", "torch")]
 torch.testing.assert_close(*outs, rtol=1e-4, atol=1e-5)
+z, w, labels = torch.randn(9, 16), torch.randn(40, 16), torch.tensor([-100, 3, 7, -100, 0, 39, 5, 5, -100])
+outs = [ops.linear_cross_entropy(z, w, labels, chunk_rows=4, backend=b) for b in ("cpu", "torch")]
+torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-5, atol=1e-5)  # the loss's C++ chunk
+assert torch.equal(outs[0][1], outs[1][1])
 print("cpu backend ok from", cpp_extension.CSRC)
 """
 
@@ -384,9 +388,9 @@ print("cpu backend ok from", cpp_extension.CSRC)
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which(CXX) is None, reason=f"no C++ compiler ({CXX!r}) on PATH")
 def test_wheel_carries_the_cpu_kernels(tmp_path):
-    """``pip wheel .``, a fresh venv with torch and that wheel, and the ``cpu`` backend's attention
-    and decode attention built at first use from the sources the wheel installed, against the
-    torch reference."""
+    """``pip wheel .``, a fresh venv with torch and that wheel, and the ``cpu`` backend's attention,
+    decode attention and cross-entropy chunk built at first use from the sources the wheel
+    installed (with the header they share), against the torch reference."""
     # Build from a copy of the files git does not ignore: a build in the checkout leaves build/ and an
     # egg-info there, which a PYTHONPATH pointing at the checkout would show to pip as hrm.
     src = tmp_path / "src"

@@ -16,7 +16,8 @@ from conftest import DEVICE
 from saved_tensors import saved_bytes
 
 from hrm import ops
-from hrm.ops import common, rope_cos_sin
+from hrm.ops import common, cpp_extension, rope_cos_sin
+from hrm.ops.impl import linear_cross_entropy as linear_cross_entropy_module
 from hrm.ops.impl.linear_cross_entropy import ce_chunk_forward
 
 FLOOR = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -31,6 +32,9 @@ LOW_PRECISION = [("compile", torch.bfloat16), ("triton", torch.float16)]
 if DEVICE.type == "cuda":
     LOW_PRECISION.append(("triton", torch.bfloat16))
 FUSED = ["compile", "triton"]
+needs_cpu_kernel = pytest.mark.skipif(
+    DEVICE.type != "cpu" or cpp_extension.toolchain_missing() is not None, reason="the cpu backend's C++ kernels"
+)
 
 
 def cases(shapes):
@@ -212,20 +216,21 @@ def test_linear_cross_entropy_default_chunks_and_no_grad(backend):
     assert torch.equal(pred, ref_pred)
 
 
-def test_linear_cross_entropy_follows_autocast():
+@pytest.mark.parametrize("backend", ["compile", pytest.param("cpu", marks=needs_cpu_kernel)])
+def test_linear_cross_entropy_follows_autocast(backend):
     """Under bf16 autocast the fused head multiplies in bf16, as ``F.linear`` in the reference
     does (a custom op runs below autocast, so the op applies it itself): the loss matches the
     reference's to float rounding, far closer than an fp32 head does (~90x here); the
     weight gradient comes back in the weight's dtype."""
     z, w, labels = randn(300, 64), randn(1000, 64, scale=0.3), _labels(300, 1000, every=2).cpu()
     runs = {}
-    for backend in ("torch", "compile"):
+    for b in ("torch", backend):
         zz, ww = z.detach().float().requires_grad_(), w.detach().float().requires_grad_()
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss, pred = ops.linear_cross_entropy(zz, ww, labels, chunk_rows=64, backend=backend)
+            loss, pred = ops.linear_cross_entropy(zz, ww, labels, chunk_rows=64, backend=b)
         loss.backward()
-        runs[backend] = loss.detach(), pred, zz.grad, ww.grad
-    (ref_loss, ref_pred, ref_dz, ref_dw), (loss, pred, dz, dw) = runs["torch"], runs["compile"]
+        runs[b] = loss.detach(), pred, zz.grad, ww.grad
+    (ref_loss, ref_pred, ref_dz, ref_dw), (loss, pred, dz, dw) = runs["torch"], runs[backend]
     with torch.no_grad():
         fp32_loss, _ = ops.linear_cross_entropy(z.float(), w.float(), labels, backend="torch")
     assert (fp32_loss - ref_loss).abs() > 20 * (loss - ref_loss).abs()
@@ -234,6 +239,56 @@ def test_linear_cross_entropy_follows_autocast():
     assert dz.dtype == dw.dtype == torch.float32
     torch.testing.assert_close(dz, ref_dz, rtol=0, atol=1e-2 * ref_dz.abs().max().item())
     torch.testing.assert_close(dw, ref_dw, rtol=0, atol=1e-2 * ref_dw.abs().max().item())
+
+
+# -- the cpu backend's C++ chunk (fp32 and bf16 logits) -----------------------------------------
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "shape", [(37, 24, 300, 8), (50, 40, 1000, 7), (9, 16, 1, 4), (6, 8, 33, 64)], ids=lambda s: "x".join(map(str, s))
+)
+def test_linear_cross_entropy_cpu(dtype, shape):
+    # a vocabulary of one, one not a multiple of the vector width, a chunk larger than the rows
+    T, d, V, chunk = shape
+    check_against_oracle(_lce(_labels(T, V), chunk), [randn(T, d), randn(V, d, scale=0.3)], "cpu", dtype)
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cross_entropy_chunk_cpu_kernel(dtype):
+    """Ties go to the first maximum (as ``argmax``), -inf logits count as zero probability, the
+    gradient overwrites the logits in their dtype; a large vocabulary; no gradient pass without
+    ``with_grad``."""
+    for C, V in ((13, 300), (3, 151_808)):
+        logits = torch.randn(C, V, dtype=torch.float64) * 4
+        logits[1, [7, V - 5]] = 50.0  # a tie: the first index wins
+        logits[2, : V // 2] = float("-inf")
+        targets = torch.randint(V // 2, V, (C,), generator=torch.Generator().manual_seed(V))
+        x = logits.to(dtype).double()  # what the kernel sees
+        want_loss = torch.logsumexp(x, -1) - x.gather(1, targets[:, None]).squeeze(1)
+        want_grad = torch.softmax(x, -1) - torch.nn.functional.one_hot(targets, V)
+        buf = logits.to(dtype)
+        loss, pred, grad = linear_cross_entropy_module._ce_chunk_cpu(buf, targets, True)
+        assert grad is buf and loss.dtype == torch.float32 and pred.dtype == torch.int64
+        torch.testing.assert_close(loss.double(), want_loss, rtol=1e-5, atol=1e-5)
+        assert torch.equal(pred, x.argmax(-1)) and pred[1] == 7
+        torch.testing.assert_close(buf.double(), want_grad.to(dtype).double(), rtol=0, atol=1e-6)
+        untouched = logits.to(dtype)
+        loss2, pred2, none = linear_cross_entropy_module._ce_chunk_cpu(untouched, targets, False)
+        assert none is None and torch.equal(untouched, logits.to(dtype))
+        assert torch.equal(loss2, loss) and torch.equal(pred2, pred)
+
+
+@needs_cpu_kernel
+def test_cross_entropy_chunk_cpu_rejects_targets_outside_the_vocabulary():
+    logits = torch.randn(4, 10)
+    before = logits.clone()
+    for bad in (10, -100):
+        with pytest.raises(RuntimeError, match="outside"):
+            linear_cross_entropy_module._ce_chunk_cpu(logits, torch.tensor([1, 2, bad, 3]), True)
+        assert torch.equal(logits, before)  # nothing written
 
 
 @pytest.mark.parametrize("block_v", [16, 64, 512])

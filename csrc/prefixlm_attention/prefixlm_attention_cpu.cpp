@@ -62,9 +62,6 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
 #if defined(__AMX_BF16__) && defined(__AMX_TILE__)
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -80,20 +77,15 @@
 #include <type_traits>
 #include <vector>
 
+#include "../common/cpu_vec.h"
+
 namespace {
 
-#if defined(__AVX512F__)
-constexpr int VW = 16;
-#elif defined(__AVX__)
-constexpr int VW = 8;
-#else
-constexpr int VW = 4;
-#endif
+using namespace hrm_cpu;
+
 constexpr int MR = 4;                 // rows of a register block (FMA, vdpbf16ps)
 constexpr int NV = VW == 16 ? 4 : 2;  // vectors per register block: MR * NV accumulators fit the register file
 static_assert(NV <= 4, "mm finishes a row with at most 3 vectors");
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
 // Zero (or finite) entries past the end of a token dimension: the score and gradient rows,
 // lse and delta have this many past T, the token panels this many tokens past the last head.
 constexpr int64_t kPad = 32;
@@ -105,9 +97,6 @@ constexpr bool kAmxBuild = true;
 constexpr bool kAmxBuild = false;
 #endif
 
-typedef float vec __attribute__((vector_size(VW * 4)));
-typedef int32_t ivec __attribute__((vector_size(VW * 4)));
-using bf16 = c10::BFloat16;
 
 template <class E>
 constexpr int64_t kPair = std::is_same_v<E, bf16> ? 2 : 1;  // entries of E per 32-bit lane of a product
@@ -122,41 +111,6 @@ template <class E>
 constexpr int64_t kRed = std::is_same_v<E, bf16> && kAmxBuild ? 32 : VW;
 static_assert(kRed<bf16> <= kPad && kRows<bf16> <= kPad, "the paddings cover one tile");
 
-inline vec load(const float* p) { vec v; __builtin_memcpy(&v, p, sizeof(vec)); return v; }
-inline void store(float* p, vec v) { __builtin_memcpy(p, &v, sizeof(vec)); }
-inline vec splat(float x) { return vec{} + x; }
-inline ivec iota() { ivec r; for (int i = 0; i < VW; ++i) r[i] = i; return r; }
-
-// The Cephes exp2f polynomial: 2**f for f in [-1/2, 1/2].
-inline vec exp2_poly(vec f) {
-  vec p = splat(1.535336188319500e-4f);
-  p = p * f + 1.339887440266574e-3f;
-  p = p * f + 9.618437357674640e-3f;
-  p = p * f + 5.550332471162809e-2f;
-  p = p * f + 2.402264791363012e-1f;
-  p = p * f + 6.931472028550421e-1f;
-  return p * f + 1.0f;
-}
-
-// 2**x, |rel err| < 2e-7; x < -125 flushes to 0.
-inline vec exp2v(vec x) {
-  const ivec under = x < -125.0f;
-  x = x < -125.0f ? splat(-125.0f) : x;
-  x = x > 127.0f ? splat(127.0f) : x;
-  const vec t = x + 0.5f;
-  ivec n = __builtin_convertvector(t, ivec);
-  n += (__builtin_convertvector(n, vec) > t);  // true is -1: floor for negative t
-  vec p = exp2_poly(x - __builtin_convertvector(n, vec));
-  ivec bits;
-  __builtin_memcpy(&bits, &p, sizeof(vec));
-  bits += n << 23;
-  __builtin_memcpy(&p, &bits, sizeof(vec));
-  return under ? splat(0.0f) : p;
-}
-
-inline float hmax(vec v) { float m = v[0]; for (int i = 1; i < VW; ++i) m = std::max(m, v[i]); return m; }
-inline float hsum(vec v) { float s = 0; for (int i = 0; i < VW; ++i) s += v[i]; return s; }
-inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 // Starts fetching the cache lines of [p, p + bytes) (RW = 1: to be written). The rows of
 // [T, H, D] tensors that a micro-block's epilogue touches lie H * D apart, out of the
@@ -166,24 +120,6 @@ inline void prefetch(const void* p, int64_t bytes) {
   for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(static_cast<const char*>(p) + b, RW);
 }
 
-#if defined(__AVX512BF16__)
-// VW bf16 <-> fp32 lanes; the mask first(n) takes lanes [0, n) (n may exceed VW): the others
-// load as zero and are not stored.
-inline __mmask16 first(int64_t n) { return n >= VW ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1); }
-inline vec load_bf16(const bf16* p, __mmask16 k) {  // exact
-  return (vec)_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, p)), 16);
-}
-inline void store_bf16(bf16* p, vec x, __mmask16 k = 0xFFFF) {  // round to nearest even
-  _mm256_mask_storeu_epi16(p, k, (__m256i)_mm512_cvtneps_pbh(x));
-}
-// 2**x as exp2v, in fewer instructions (vrndscaleps, vscalefps): x < -126 gives denormals
-// and 0 instead of flushing to 0, and a -inf or NaN x gives NaN (masked lanes only).
-inline vec exp2_avx512(vec x) {
-  const __m512 n = _mm512_roundscale_ps((__m512)x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  return (vec)_mm512_scalef_ps((__m512)exp2_poly(x - (vec)n), n);
-}
-inline vec sigmoid(vec x) { return 1.0f / (1.0f + exp2_avx512(x * -kLog2e)); }  // |rel err| < 1e-6
-#endif
 
 // C[m][0:NVB*VW] = sum_{r < nr} a[m][r] * b[r * ldb + 0:NVB*VW] (fp32 FMAs).
 template <int NVB>

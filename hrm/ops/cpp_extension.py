@@ -91,7 +91,7 @@ def _build_dir(name: str, sources: tuple[Path, ...]) -> Path:
         os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache"), "hrm"
     )
     key = hashlib.sha256()
-    for src in sources:
+    for src in (*sources, *sorted((CSRC / "common").glob("*.h"))):  # the sources and the headers they share
         key.update(src.read_bytes())
     key.update(f"{torch.__version__}|{platform.python_version()}|{platform.machine()}|openmp".encode())
     try:

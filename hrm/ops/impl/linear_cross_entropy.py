@@ -19,6 +19,8 @@ and ``dW``; the backward returns them times the loss gradient.
 Backends: ``torch`` (the reference: ``F.linear`` on the supervised rows then
 :func:`~hrm.ops.impl.cross_entropy.cross_entropy_reference`; materialises ``[S, V]``),
 ``compile`` (the chunk loop below with each chunk's softmax/loss compiled by inductor),
+``cpu`` (the same loop with the chunk's loss, argmax and gradient in C++: one exp per logit,
+each row's passes in the core's cache; fp32 and bf16 logits, other dtypes as ``compile``),
 ``triton`` (the same loop with the chunk's loss, argmax and gradient in one Triton kernel
 that overwrites the logits with their gradient: an online log-sum-exp over vocabulary
 blocks, then a second pass for the gradient). Matmuls go to the BLAS/cuBLAS of the device.
@@ -33,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from hrm.ops import cpp_extension
 from hrm.ops.common import (
     TILE_ELEMS,
     TRITON_TYPES,
@@ -251,7 +254,21 @@ def _ce_chunk_compile(logits: Tensor, targets: Tensor, with_grad: bool) -> tuple
     return (*_ce_chunk_compiled(logits, targets), None)
 
 
-# -- the chunk loop (both fused backends) ----------------------------------------------------
+# -- cpu backend: the chunk's loss and gradient in C++ -----------------------------------------
+CE_SOURCE = "cross_entropy/ce_chunk_cpu.cpp"
+
+
+def _ce_chunk_cpu(logits: Tensor, targets: Tensor, with_grad: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``csrc/cross_entropy/ce_chunk_cpu.cpp`` for fp32 and bf16 logits on a CPU (one exp per
+    logit, each row's passes in the core's cache); other dtypes take the compile backend's chunk."""
+    if logits.dtype not in (torch.float32, torch.bfloat16) or logits.device.type != "cpu":
+        return _ce_chunk_compile(logits, targets, with_grad)
+    cpp_extension.load("hrm_cross_entropy_cpu", CE_SOURCE)  # built on first use, then a cached no-op
+    loss, pred = torch.ops.hrm_ce.ce_chunk(logits, targets.contiguous(), with_grad)
+    return loss, pred, (logits if with_grad else None)
+
+
+# -- the chunk loop (the fused backends) -----------------------------------------------------
 ChunkCE = Callable[[Tensor, Tensor, bool], tuple[Tensor, Tensor, "Tensor | None"]]
 
 # Rows per matmul of the chunk loop: large enough for the GEMM to run at its peak, small
@@ -353,6 +370,7 @@ def _define_op(name: str, ce_chunk: ChunkCE):
 
 _lce_compile_op = _define_op("linear_cross_entropy_compile", _ce_chunk_compile)
 _lce_triton_op = _define_op("linear_cross_entropy_triton", _ce_chunk_triton)
+_lce_cpu_op = _define_op("linear_cross_entropy_cpu", _ce_chunk_cpu)
 
 
 def head_dtype(z: Tensor) -> torch.dtype:
@@ -379,6 +397,7 @@ def _fused_backend(op) -> Callable[..., tuple[Tensor, Tensor]]:
 
 linear_cross_entropy_compile = register("linear_cross_entropy", "compile")(_fused_backend(_lce_compile_op))
 linear_cross_entropy_triton = register("linear_cross_entropy", "triton")(_fused_backend(_lce_triton_op))
+linear_cross_entropy_cpu = register("linear_cross_entropy", "cpu")(_fused_backend(_lce_cpu_op))
 
 
 def linear_cross_entropy(
