@@ -195,10 +195,14 @@ def check_bf16_against_fp64(cu, pl, T, H, D, gated, seed):
     ref = dense_attention(*leaves[:3], cu, pl, leaves[3] if gated else None)
     want = [ref.detach(), *torch.autograd.grad(ref, leaves, go)]
     got = [x for x in cpu_bf16_grads(q, k, v, gate, go, cu, pl) if x is not None]
-    noise = bool((cu.diff() == 1).all())  # dq, dk exactly 0 in fp64, rounding noise in bf16
+    # ds = p (dp - delta) cancels where rows see few keys (exactly for one key): dq and dk are
+    # then bf16 rounding noise against a near-zero fp64 value (a hypothesis find: one sequence of
+    # one token and one of two, dq at 3% of dv's norm), which only the rule above bounds. Usual
+    # packings have dq and dk at 30% or more of dv's norm.
+    cancelled = {name for name, g in zip(["dq", "dk"], want[1:3]) if g.norm() < 0.1 * want[3].norm()}
     for name, a, b in zip(["out", "dq", "dk", "dv", "dgate"], got, want):
         assert a.dtype == torch.bfloat16
-        if not (noise and name in ("dq", "dk")):
+        if name not in cancelled:
             assert rel(a, b) <= REL_BF16, f"{name}: relative error {rel(a, b):.3g} vs fp64"
 
 
@@ -296,6 +300,20 @@ def test_cpu_bf16_amx_tiles_agree_with_register_blocks(monkeypatch):
     for name, a, b in zip(["out", "dq", "dk", "dv", "dgate"], tiles, registers):
         assert rel(a, b.double()) < 5e-3, name
         torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2, msg=name)
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_backward_heads_in_groups_or_one_at_a_time(dtype, monkeypatch):
+    # the backward takes as many heads per pass as its ds budget holds (all of them here) or one
+    # at a time (a budget of 1 byte): each head's arithmetic is the same either way
+    cu, pl, T = make_packing([70, 1, 57, 130], [20, 1, 57, 3], 5)
+    q, k, v, gate, go = (x.to(dtype) for x in bf16_inputs(T, 3, 64, seed=5))
+    grouped = cpu_bf16_grads(q, k, v, gate, go, cu, pl, dtype=dtype)
+    monkeypatch.setenv("HRM_CPU_ATTN_DS_BYTES", "1")
+    one_by_one = cpu_bf16_grads(q, k, v, gate, go, cu, pl, dtype=dtype)
+    for a, b in zip(grouped, one_by_one):
+        assert torch.equal(a, b)
 
 
 @needs_cpu_kernel

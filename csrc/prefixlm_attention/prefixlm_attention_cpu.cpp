@@ -20,9 +20,11 @@
 //     p = exp2(scale2 q.k - log2e lse),  dp = dO_t . v_j,  ds = p (dp - delta_t)
 //     dv_j = sum_t p dO_t,  dk_j = scale sum_t ds q_t,  dq_t = scale sum_j ds k_j,
 //     dgate = grad_out * out * (1 - sigmoid(gate))
-// One head at a time, a key-major pass computes dk, dv and stores ds as it makes it (per
-// micro-block of keys, the kRows values of each query of its span side by side); a query-major
-// pass then gathers it for dq, so nothing is recomputed and no two threads write the same row.
+// For a group of heads at a time, a key-major pass computes dk, dv and stores ds as it makes it
+// (per micro-block of keys, the kRows values of each query of its span side by side); a
+// query-major pass then gathers it for dq, so nothing is recomputed and no two threads write
+// the same row. A group holds as many heads as keep its ds within ds_budget() (64 MB: all of
+// them at the bench shapes): two parallel regions per group, whose work items balance across heads.
 //
 // Operands. The six products (q k^T, dO v^T, p v, p^T dO, ds^T q, ds k) take operands of
 // one type E and accumulate in fp32:
@@ -89,6 +91,13 @@ static_assert(NV <= 4, "mm finishes a row with at most 3 vectors");
 // Zero (or finite) entries past the end of a token dimension: the score and gradient rows,
 // lse and delta have this many past T, the token panels this many tokens past the last head.
 constexpr int64_t kPad = 32;
+// The backward's ds of a group of heads at most (one head's may exceed it: it is a group alone);
+// HRM_CPU_ATTN_DS_BYTES overrides it (the tests take one head at a time with it).
+constexpr int64_t kDsBytes = 64 << 20;
+inline int64_t ds_budget() {
+  const char* env = std::getenv("HRM_CPU_ATTN_DS_BYTES");
+  return env ? std::atoll(env) : kDsBytes;
+}
 
 #if defined(__AVX512BF16__) && defined(__AMX_BF16__) && defined(__AMX_TILE__)
 #define HRM_AMX 1
@@ -715,25 +724,26 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
     off[g + 1] = off[g] + (ce[g] - cs[g]) * RB;
   }
   const int64_t nnz = off[ng];
-  std::unique_ptr<E[]> ds(new E[nnz]);  // one head's; every entry is written by pass 1
-  E* const dsh = ds.get();
+  const int64_t group = std::clamp<int64_t>(ds_budget() / std::max<int64_t>(nnz * sizeof(E), 1), 1, H);
+  std::unique_ptr<E[]> ds(new E[group * nnz]);  // head h's at (h - h0) * nnz; all written by pass 1
   const float *Dl = delta.data_ptr<float>(), *L2 = lse2.data_ptr<float>();
   E *DQ = dq.data_ptr<E>(), *DK = dk.data_ptr<E>(), *DV = dv.data_ptr<E>();
   const float mul = (float)scale * kLog2e, fscale = (float)scale;
   const int64_t nblk = (T + block - 1) / block;
   const bool amx = use_amx<E>();
 
-  // One head at a time, so that its ds (a few MB) is still in the caches for pass 2.
   const int64_t lda = ldt + RB;  // pass 2's rows of ds (see there)
-  for (int64_t h = 0; h < H; ++h) {
+  for (int64_t h0 = 0; h0 < H; h0 += group) {
+    const int64_t nh = std::min(group, H - h0);
     // Pass 1, key-major: micro-blocks of RB keys against the queries that see them.
     std::atomic<int64_t> next{0};
     at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
       const AmxScope tiles(amx);
       std::vector<float> Pf(RB * ldt), dS(RB * ldt), acc(RB * Dp);
       std::vector<E> Pe(P == 1 ? 0 : RB * ldt), dSe(P == 1 ? 0 : RB * ldt);  // bf16 p, ds
-      for (int64_t item; (item = next++) < nblk;) {
-        const int64_t j0b = item * block, j1b = std::min(j0b + block, T);
+      for (int64_t item; (item = next++) < nh * nblk;) {
+        const int64_t h = h0 + item / nblk, j0b = item % nblk * block, j1b = std::min(j0b + block, T);
+        E* const dsh = ds.get() + (h - h0) * nnz;
         for (int64_t j0 = j0b; j0 < j1b; j0 += RB) {
           const int n = count_real(clo, chi, j0, std::min<int64_t>(RB, j1b - j0));
           if (n == 0) break;  // keys nobody sees (padding) keep zero gradients
@@ -777,8 +787,9 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
       const AmxScope tiles(amx);
       std::vector<E> A(RB * lda);
       std::vector<float> acc(RB * Dp);
-      for (int64_t item; (item = next++) < nblk;) {
-        const int64_t r0 = item * block, r1 = std::min(r0 + block, T);
+      for (int64_t item; (item = next++) < nh * nblk;) {
+        const int64_t h = h0 + item / nblk, r0 = item % nblk * block, r1 = std::min(r0 + block, T);
+        const E* const dsh = ds.get() + (h - h0) * nnz;
         for (int64_t i0 = r0; i0 < r1; i0 += RB) {
           const int n = count_real(lo, hi, i0, std::min<int64_t>(RB, r1 - i0));
           if (n == 0) break;
