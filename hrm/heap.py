@@ -4,10 +4,9 @@ A train step allocates and frees the same large buffers every step (activations,
 loss's logits chunks, gradients, the optimizer's temporaries: megabytes each). With glibc's
 defaults, blocks past the dynamic mmap threshold are ``mmap``-ed and unmapped when freed,
 and the heap's top is trimmed back whenever it exceeds twice that threshold, so every step
-faults the same pages in again, the kernel zeroing each one. On the 2-core machines this
-project measures on that is a visible share of a ``cpu`` train step (in ``hrm profile``'s
-trace: ``fill_``, ``copy_`` and ``mul`` over the vocabulary taking many times their bytes'
-time). :func:`retain_freed_memory` fixes the thresholds with ``mallopt``: blocks up to
+faults the same pages in again, the kernel zeroing each one: a visible share of a train
+step on the 2-core machines this project measures on, on every backend.
+:func:`retain_freed_memory` fixes the thresholds with ``mallopt``: blocks up to
 32 MiB (glibc's largest mmap threshold) come from the heap, which is trimmed only past
 1 GiB of free top and grows 64 MiB at a time. Freed memory then stays in the process for
 the next step, as PyTorch's CUDA caching allocator keeps it on a GPU; the peak resident set

@@ -264,7 +264,7 @@ def _ce_chunk_cpu(logits: Tensor, targets: Tensor, with_grad: bool) -> tuple[Ten
     if logits.dtype not in (torch.float32, torch.bfloat16) or logits.device.type != "cpu":
         return _ce_chunk_compile(logits, targets, with_grad)
     cpp_extension.load("hrm_cross_entropy_cpu", CE_SOURCE)  # built on first use, then a cached no-op
-    loss, pred = torch.ops.hrm_ce.ce_chunk(logits, targets.contiguous(), with_grad)
+    loss, pred = torch.ops.hrm_ce.ce_chunk(logits, targets, with_grad)
     return loss, pred, (logits if with_grad else None)
 
 
