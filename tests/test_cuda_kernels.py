@@ -381,6 +381,11 @@ z, w, labels = torch.randn(9, 16), torch.randn(40, 16), torch.tensor([-100, 3, 7
 outs = [ops.linear_cross_entropy(z, w, labels, chunk_rows=4, backend=b) for b in ("cpu", "torch")]
 torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-5, atol=1e-5)  # the loss's C++ chunk
 assert torch.equal(outs[0][1], outs[1][1])
+gu = torch.randn(7, 2 * 24)  # the SwiGLU and split-RoPE kernels
+torch.testing.assert_close(ops.swiglu(gu, backend="cpu"), ops.swiglu(gu, backend="torch"), rtol=1e-5, atol=1e-5)
+gqkv, (cos, sin) = torch.randn(7, 8, 16), ops.rope_cos_sin(torch.arange(7), 16, 10000.0)
+for a, b in zip(*(ops.split_rope(gqkv, cos, sin, backend=b) for b in ("cpu", "torch"))):
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 print("cpu backend ok from", cpp_extension.CSRC)
 """
 
@@ -389,8 +394,8 @@ print("cpu backend ok from", cpp_extension.CSRC)
 @pytest.mark.skipif(shutil.which(CXX) is None, reason=f"no C++ compiler ({CXX!r}) on PATH")
 def test_wheel_carries_the_cpu_kernels(tmp_path):
     """``pip wheel .``, a fresh venv with torch and that wheel, and the ``cpu`` backend's attention,
-    decode attention and cross-entropy chunk built at first use from the sources the wheel
-    installed (with the header they share), against the torch reference."""
+    decode attention, cross-entropy chunk, SwiGLU and split-RoPE built at first use from the
+    sources the wheel installed (with the header they share), against the torch reference."""
     # Build from a copy of the files git does not ignore: a build in the checkout leaves build/ and an
     # egg-info there, which a PYTHONPATH pointing at the checkout would show to pip as hrm.
     src = tmp_path / "src"

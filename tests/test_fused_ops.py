@@ -142,8 +142,20 @@ def test_magicnorm_transition_with_outputs_that_get_no_gradient():
         assert torch.all(got[2] == 0)
 
 
+def cpu_cases(shapes):
+    """``("cpu", dtype, shape)``: the C++ kernels of the cpu backend on every shape, fp32 and bf16."""
+    return [
+        pytest.param("cpu", dt, s, id=f"cpu-{str(dt)[6:]}-{'x'.join(map(str, s))}", marks=needs_cpu_kernel)
+        for s in shapes
+        for dt in (torch.float32, torch.bfloat16)
+    ]
+
+
 # -- SwiGLU ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("backend,dtype,shape", cases([(37, 2 * 40), (2, 9, 2 * 123)]))
+SWIGLU_SHAPES = [(37, 2 * 40), (2, 9, 2 * 123), (1, 2), (0, 2 * 17)]
+
+
+@pytest.mark.parametrize("backend,dtype,shape", cases(SWIGLU_SHAPES[:2]) + cpu_cases(SWIGLU_SHAPES))
 def test_swiglu(backend, dtype, shape):
     check_against_oracle(lambda gu, backend: ops.swiglu(gu, backend=backend), [randn(*shape, scale=2)], backend, dtype)
 
@@ -153,7 +165,12 @@ def _positions(lengths):
     return torch.cat([torch.arange(n) for n in lengths])
 
 
-@pytest.mark.parametrize("backend,dtype,shape", cases([(37, 3, 8, False), (23, 2, 6, False), (17, 2, 10, True)]))
+ROPE_SHAPES = [(37, 3, 8, False), (23, 2, 6, False), (17, 2, 10, True)]
+
+
+@pytest.mark.parametrize(
+    "backend,dtype,shape", cases(ROPE_SHAPES) + cpu_cases([*ROPE_SHAPES, (65, 4, 64, False), (1, 1, 2, True)])
+)
 def test_split_rope(backend, dtype, shape):
     T, H, hd, general = shape
     if general:  # arbitrary cos/sin halves: the kernels must not assume the duplicated-frequency layout
@@ -340,7 +357,7 @@ def test_gpu_tiling_matches_reference(monkeypatch):
 
 
 # -- forward-only without gradients; what the backward keeps -----------------------------------
-@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("backend", [*FUSED, pytest.param("cpu", marks=needs_cpu_kernel)])
 def test_saved_tensors(backend):
     T, d, I, H, hd = 16, 32, 48, 2, 8
     x, r = (torch.randn(T, d, device=DEVICE, requires_grad=True) for _ in range(2))
@@ -389,3 +406,32 @@ def _opcheck_cases():
 def test_custom_op_registrations(case):
     op, args = _opcheck_cases()[case]
     torch.library.opcheck(op, args)
+
+
+@needs_cpu_kernel
+def test_cpu_elementwise_kernels_reject_bad_shapes():
+    ew = torch.ops.hrm_ew
+    with pytest.raises(RuntimeError, match="width must be even"):
+        ops.swiglu(torch.randn(3, 7), backend="cpu")
+    with pytest.raises(RuntimeError, match=r"dy must be \[3, 4\]"):
+        ew.swiglu_bwd(torch.randn(3, 8), torch.randn(3, 5))
+    cos, sin = rope_cos_sin(torch.arange(5), 8, 10000.0)
+    with pytest.raises(RuntimeError, match="cos and sin must be contiguous fp32"):
+        ops.split_rope(torch.randn(4, 8, 8), cos, sin, backend="cpu")  # 4 tokens, 5 positions
+    with pytest.raises(RuntimeError, match="one shape"):
+        ew.split_rope_bwd(*(torch.randn(5, 2, 8) for _ in range(3)), torch.randn(5, 3, 8), cos, sin)
+    half = torch.randn(5, 8, 8, dtype=torch.float16)  # a dtype the kernels do not take: the fallback runs it
+    torch.testing.assert_close(
+        ops.split_rope(half, cos, sin, backend="cpu")[1], ops.split_rope(half, cos, sin, backend="torch")[1]
+    )
+
+
+@needs_cpu_kernel
+def test_cpu_custom_op_registrations():
+    T, H, hd = 9, 2, 6
+    gu = torch.randn(T, 2 * 10, requires_grad=True)
+    gqkv = torch.randn(T, 4 * H, hd, requires_grad=True)
+    cos, sin = rope_cos_sin(torch.arange(T), hd, 10000.0)
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.library.opcheck(torch.ops.hrm.swiglu_cpu, (gu.to(dtype).detach().requires_grad_(),))
+        torch.library.opcheck(torch.ops.hrm.split_rope_cpu, (gqkv.to(dtype).detach().requires_grad_(), cos, sin))

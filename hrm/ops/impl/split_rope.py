@@ -14,6 +14,10 @@ With ``cos = [c1 | c2]``, ``sin = [s1 | s2]``:
 ``[T, heads, hd]`` tensors and rotates ``q`` and ``k`` on the way, in one pass; its
 backward applies the transposed rotation while writing the one ``[T, 4 * heads, hd]``
 gradient. Nothing is saved for backward but ``cos`` and ``sin``.
+
+Backends of :func:`split_rope`: ``torch`` (the reference), ``triton`` and ``compile`` (the
+kernels and graphs below), ``cpu`` (``csrc/elementwise/elementwise_cpu.cpp``, fp32 and bf16
+with fp32 ``cos``/``sin``; other dtypes run on ``compile``).
 """
 
 from __future__ import annotations
@@ -37,7 +41,8 @@ from hrm.ops.common import (
     tl,
     tuned_row_config,
 )
-from hrm.ops.dispatch import get_impl, register
+from hrm.ops.dispatch import fallback_impl, get_impl, register
+from hrm.ops.impl.swiglu import elementwise_cpu_ops
 
 
 def rope_cos_sin(position_ids: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
@@ -210,7 +215,7 @@ def _split_rope_op(gqkv: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tens
 
 
 @_split_rope_op.register_fake
-def _(gqkv, cos, sin):
+def _split_rope_fake(gqkv, cos, sin):
     T, four_h, hd = gqkv.shape
     return tuple(gqkv.new_empty(T, four_h // 4, hd) for _ in range(4))
 
@@ -221,7 +226,7 @@ def _split_rope_backward_op(dgate: Tensor, dq: Tensor, dk: Tensor, dv: Tensor, c
 
 
 @_split_rope_backward_op.register_fake
-def _(dgate, dq, dk, dv, cos, sin):
+def _split_rope_backward_fake(dgate, dq, dk, dv, cos, sin):
     T, H, hd = dq.shape
     return dq.new_empty(T, 4 * H, hd)
 
@@ -232,16 +237,22 @@ def _split_rope_setup(ctx, inputs, output) -> None:
     ctx.save_for_backward(cos, sin)
 
 
-def _split_rope_op_backward(ctx, dgate, dq, dk, dv):
-    cos, sin = ctx.saved_tensors
-    grads = [
-        g if g is not None else torch.zeros(ctx.part_shape, dtype=ctx.part_dtype, device=cos.device)
-        for g in (dgate, dq, dk, dv)
-    ]
-    return _split_rope_backward_op(*grads, cos, sin), None, None
+def _autograd_backward(backward_op):
+    """The autograd backward of a split-RoPE custom op whose gradient op is ``backward_op``
+    (parts that get no gradient count as zeros)."""
+
+    def backward(ctx, dgate, dq, dk, dv):
+        cos, sin = ctx.saved_tensors
+        grads = [
+            g if g is not None else torch.zeros(ctx.part_shape, dtype=ctx.part_dtype, device=cos.device)
+            for g in (dgate, dq, dk, dv)
+        ]
+        return backward_op(*grads, cos, sin), None, None
+
+    return backward
 
 
-_split_rope_op.register_autograd(_split_rope_op_backward, setup_context=_split_rope_setup)
+_split_rope_op.register_autograd(_autograd_backward(_split_rope_backward_op), setup_context=_split_rope_setup)
 
 
 @register("split_rope", "triton")
@@ -319,6 +330,35 @@ def split_rope_compile(gqkv: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, 
     if not needs_grad(gqkv):
         return _split_rope_fwd_compiled(gqkv, cos, sin)
     return _SplitRopeCompiled.apply(gqkv, cos, sin)
+
+
+# -- cpu backend: csrc/elementwise/elementwise_cpu.cpp ------------------------------------------
+@torch.library.custom_op("hrm::split_rope_cpu", mutates_args=())
+def _split_rope_cpu_op(gqkv: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return tuple(elementwise_cpu_ops().split_rope_fwd(gqkv, cos, sin))
+
+
+_split_rope_cpu_op.register_fake(_split_rope_fake)
+
+
+@torch.library.custom_op("hrm::split_rope_cpu_backward", mutates_args=())
+def _split_rope_cpu_backward_op(dgate: Tensor, dq: Tensor, dk: Tensor, dv: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    return elementwise_cpu_ops().split_rope_bwd(dgate, dq, dk, dv, cos, sin)
+
+
+_split_rope_cpu_backward_op.register_fake(_split_rope_backward_fake)
+
+
+_split_rope_cpu_op.register_autograd(_autograd_backward(_split_rope_cpu_backward_op), setup_context=_split_rope_setup)
+
+
+@register("split_rope", "cpu")
+def split_rope_cpu(gqkv: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The C++ kernel for fp32 and bf16 CPU tensors with fp32 ``cos``/``sin`` (timed against
+    the others by ``hrm bench --suite ops``, row ``split_rope``); others run on the fallback."""
+    if gqkv.device.type != "cpu" or gqkv.dtype not in (torch.float32, torch.bfloat16) or cos.dtype != torch.float32:
+        return fallback_impl("split_rope", "cpu")(gqkv, cos, sin)
+    return _split_rope_cpu_op(gqkv.contiguous(), cos.contiguous(), sin.contiguous())
 
 
 # -- public --------------------------------------------------------------------------------

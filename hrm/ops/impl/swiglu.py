@@ -9,6 +9,10 @@ For ``gate_up = [g | u]`` (each half ``I`` wide) and ``s = sigmoid(g)``:
 computed in fp32 and stored in the input dtype. Only ``gate_up`` is saved for backward;
 ``silu(g)`` is recomputed there rather than stored.
 
+Backends: ``torch`` (the reference), ``triton`` and ``compile`` (the kernels and graphs
+below), ``cpu`` (``csrc/elementwise/elementwise_cpu.cpp``: one pass over memory each way,
+fp32 and bf16; other dtypes run on ``compile``).
+
 ``swiglu_linear(x, weight)`` is the up-projection and the activation in one op,
 ``swiglu(x @ weight.T)`` for the fused ``[gate | up]`` weight (``[2I, K]``). Its ``cuda``
 backend is a GEMM with the SwiGLU in the epilogue (csrc/swiglu_linear), so the ``[T, 2I]``
@@ -23,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from hrm.ops import cuda_extension
+from hrm.ops import cpp_extension, cuda_extension
 from hrm.ops.common import (
     TileTarget,
     cdiv,
@@ -232,6 +236,51 @@ def swiglu_compile(gate_up: Tensor) -> Tensor:
     return y.view(*gate_up.shape[:-1], y.shape[-1])
 
 
+# -- cpu backend: csrc/elementwise/elementwise_cpu.cpp ------------------------------------------
+ELEMENTWISE_SOURCE = "elementwise/elementwise_cpu.cpp"
+
+
+def elementwise_cpu_ops():
+    """``torch.ops.hrm_ew`` (the SwiGLU and split-RoPE kernels), building the extension on first use."""
+    cpp_extension.load("hrm_elementwise_cpu", ELEMENTWISE_SOURCE)  # then a cached no-op
+    return torch.ops.hrm_ew
+
+
+@torch.library.custom_op("hrm::swiglu_cpu", mutates_args=())
+def _swiglu_cpu_op(gate_up: Tensor) -> Tensor:
+    return elementwise_cpu_ops().swiglu_fwd(gate_up)
+
+
+@_swiglu_cpu_op.register_fake
+def _(gate_up):
+    return gate_up.new_empty(gate_up.shape[0], gate_up.shape[1] // 2)
+
+
+@torch.library.custom_op("hrm::swiglu_cpu_backward", mutates_args=())
+def _swiglu_cpu_backward_op(gate_up: Tensor, dy: Tensor) -> Tensor:
+    return elementwise_cpu_ops().swiglu_bwd(gate_up, dy)
+
+
+@_swiglu_cpu_backward_op.register_fake
+def _(gate_up, dy):
+    return gate_up.new_empty(gate_up.shape)
+
+
+_swiglu_cpu_op.register_autograd(
+    lambda ctx, dy: _swiglu_cpu_backward_op(ctx.saved_tensors[0], dy), setup_context=_swiglu_setup
+)
+
+
+@register("swiglu", "cpu")
+def swiglu_cpu(gate_up: Tensor) -> Tensor:
+    """The C++ kernel for fp32 and bf16 CPU tensors (timed against the others by ``hrm bench
+    --suite ops``, row ``swiglu``); other dtypes and devices run on the fallback."""
+    if gate_up.device.type != "cpu" or gate_up.dtype not in (torch.float32, torch.bfloat16):
+        return fallback_impl("swiglu", "cpu")(gate_up)
+    y = _swiglu_cpu_op(gate_up.reshape(-1, gate_up.shape[-1]).contiguous())
+    return y.view(*gate_up.shape[:-1], y.shape[-1])
+
+
 def swiglu(gate_up: Tensor, *, backend: str | None = None) -> Tensor:
     """``silu(gate) * up`` for ``gate_up = [gate | up]`` on the last dimension."""
     return get_impl("swiglu", backend)(gate_up)
@@ -252,6 +301,11 @@ def swiglu_linear_triton(x: Tensor, weight: Tensor) -> Tensor:
 @register("swiglu_linear", "compile")
 def swiglu_linear_compile(x: Tensor, weight: Tensor) -> Tensor:
     return swiglu_compile(F.linear(x, weight))
+
+
+@register("swiglu_linear", "cpu")
+def swiglu_linear_cpu(x: Tensor, weight: Tensor) -> Tensor:
+    return swiglu_cpu(F.linear(x, weight))
 
 
 def cuda_swiglu_linear_takes(x: Tensor, weight: Tensor) -> bool:
