@@ -299,6 +299,14 @@ def test_cross_entropy_chunk_cpu_kernel(dtype):
         assert torch.equal(loss2, loss) and torch.equal(pred2, pred)
 
 
+@pytest.mark.parametrize("backend", ["compile", pytest.param("cpu", marks=needs_cpu_kernel)])
+def test_linear_cross_entropy_chunk_logits_in_several_products(backend, monkeypatch):
+    """A chunk's logits are computed ``_MATMUL_ROWS`` rows per matmul: a last partial product too."""
+    monkeypatch.setattr(linear_cross_entropy_module, "_MATMUL_ROWS", 3)
+    T, V, d = 40, 70, 16
+    check_against_oracle(_lce(_labels(T, V), 16), [randn(T, d), randn(V, d, scale=0.3)], backend, torch.float32)
+
+
 @needs_cpu_kernel
 def test_cross_entropy_chunk_cpu_rejects_targets_outside_the_vocabulary():
     logits = torch.randn(4, 10)
