@@ -386,6 +386,10 @@ torch.testing.assert_close(ops.swiglu(gu, backend="cpu"), ops.swiglu(gu, backend
 gqkv, (cos, sin) = torch.randn(7, 8, 16), ops.rope_cos_sin(torch.arange(7), 16, 10000.0)
 for a, b in zip(*(ops.split_rope(gqkv, cos, sin, backend=b) for b in ("cpu", "torch"))):
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+steps = {b: [torch.ones(5), torch.full((5,), 0.5), torch.zeros(5), torch.zeros(5)] for b in ("cpu", "torch")}
+for b, (p, g, m, v) in steps.items():  # the optimizer's step
+    ops.adam_atan2_([p], [g], [m], [v], [1], lr=0.1, betas=(0.9, 0.95), weight_decay=0.1, backend=b)
+torch.testing.assert_close(steps["cpu"], steps["torch"], rtol=1e-6, atol=1e-7)
 print("cpu backend ok from", cpp_extension.CSRC)
 """
 
@@ -394,8 +398,9 @@ print("cpu backend ok from", cpp_extension.CSRC)
 @pytest.mark.skipif(shutil.which(CXX) is None, reason=f"no C++ compiler ({CXX!r}) on PATH")
 def test_wheel_carries_the_cpu_kernels(tmp_path):
     """``pip wheel .``, a fresh venv with torch and that wheel, and the ``cpu`` backend's attention,
-    decode attention, cross-entropy chunk, SwiGLU and split-RoPE built at first use from the
-    sources the wheel installed (with the header they share), against the torch reference."""
+    decode attention, cross-entropy chunk, SwiGLU, split-RoPE and Adam-atan2 step built at first
+    use from the sources the wheel installed (with the header they share), against the torch
+    reference."""
     # Build from a copy of the files git does not ignore: a build in the checkout leaves build/ and an
     # egg-info there, which a PYTHONPATH pointing at the checkout would show to pip as hrm.
     src = tmp_path / "src"

@@ -11,7 +11,7 @@ from torch import nn
 from hrm.config import get_preset
 from hrm.errors import BackendUnavailable
 from hrm.model import HRMText
-from hrm.ops import adam_atan2_, available_backends
+from hrm.ops import adam_atan2_, available_backends, dispatch
 from hrm.ops.common import compiled
 from hrm.ops.impl import adam_atan2 as adam_atan2_module
 from hrm.training.optim import EMA, AdamAtan2, adam_atan2_reference, lr_at, param_groups
@@ -155,8 +155,14 @@ def _rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
 FP32_TOLERANCE = 1e-6
 
 
+NEEDS_CPU = pytest.mark.skipif(
+    dispatch.unavailable_reason("cpu") is not None, reason=f"cpu backend: {dispatch.unavailable_reason('cpu')}"
+)
+BACKENDS = ["torch", "compile", pytest.param("cpu", marks=NEEDS_CPU)]
+
+
 @pytest.mark.parametrize("wd", [0.0, 0.1])
-@pytest.mark.parametrize("backend", ["torch", "compile"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_backend_matches_fp64_reference(backend, wd):
     ref_params, ref_opt = _run_steps("torch", torch.float64, wd)
     params, opt = _run_steps(backend, torch.float32, wd)
@@ -299,7 +305,7 @@ def test_ema_math_buffers_and_key_order():
     assert ema.num_updates == 4
 
 
-@pytest.mark.parametrize("backend", ["torch", "compile"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_ema_fused_into_the_step_equals_a_step_then_an_update(backend):
     """``AdamAtan2.step(ema=ema)`` moves the averages of the stepped parameters in the
     optimizer's pass and leaves the rest (a parameter without a gradient, the buffers) to
@@ -335,6 +341,38 @@ def test_ema_fused_into_the_step_equals_a_step_then_an_update(backend):
         torch.testing.assert_close(fused_model.state_dict()[k], v, **tol, msg=k)
     moved = fused_ema.state_dict()["embed_tokens.weight"] - fused_model.embed_tokens.weight
     assert moved.abs().max() == 0  # never stepped: its average stays on it
+
+
+@NEEDS_CPU
+def test_cpu_step_on_edge_values():
+    """The C++ step's atan2 (Cephes' atanf on min/max) against the fp64 formula where the
+    moments are zero (atan2(+-0, 0) = +-0: the parameter only decays), tiny, huge, of either
+    sign, and where ``|m|`` crosses ``sqrt(v)``; and an EMA in the same pass."""
+    g = torch.Generator().manual_seed(0)
+    n = 4099  # not a multiple of the vector width
+    scale = torch.exp(torch.randn(n, generator=g, dtype=torch.float64) * 8)
+    grad = torch.randn(n, generator=g, dtype=torch.float64) * scale
+    m = torch.randn(n, generator=g, dtype=torch.float64) * scale
+    v = torch.rand(n, generator=g, dtype=torch.float64) * scale**2
+    grad[:8], m[:8], v[:8] = 0.0, 0.0, 0.0
+    m[8:12] = -0.0
+    m[12:20], v[12:20], grad[12:20] = 1.0, 1.0, 1.0  # |m_hat| vs sqrt(v_hat) near each other
+    p, e = torch.randn(n, generator=g, dtype=torch.float64), torch.randn(n, generator=g, dtype=torch.float64)
+    kw = dict(lr=0.5, betas=(0.9, 0.95), weight_decay=0.1, ema_weight=0.3)
+
+    def step(backend, dtype):
+        state = [t.to(dtype) for t in (p, m, v, e)]
+        adam_atan2_(state[:1], [grad.to(dtype)], state[1:2], state[2:3], [3], ema_avgs=state[3:], backend=backend, **kw)
+        return state
+
+    want, ref, got = step("torch", torch.float64), step("torch", torch.float32), step("cpu", torch.float32)
+    for name, w, r, x in zip(("param", "exp_avg", "exp_avg_sq", "ema"), want, ref, got):
+        # per element, within twice the fp32 reference's error (the decay and the update cancel
+        # in places, so a relative bound per element would not hold for the reference either)
+        bound = 2 * (r.double() - w).abs() + 1e-7 * w.abs()
+        assert torch.all((x.double() - w).abs() <= bound), name
+    decayed = p[:8].float() * torch.tensor(1 - 0.5 * 0.1, dtype=torch.float32)
+    assert torch.equal(got[0][:8], decayed)  # zero moments: no update
 
 
 def test_adam_atan2_rejects_an_ema_list_of_another_length():

@@ -44,8 +44,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 class AdamAtan2(torch.optim.Optimizer):
     """Adam-atan2 with decoupled weight decay: one :func:`hrm.ops.adam_atan2_` call per
-    parameter group, on ``backend`` (``torch``: the multi-tensor reference; ``compile``: one
-    fused kernel per tensor; ``auto`` resolves as the model's backend does, and backends
+    parameter group, on ``backend`` (``torch``: the multi-tensor reference; ``cpu``: one C++
+    pass per tensor; ``compile``: one fused kernel per tensor; ``auto`` resolves as the
+    model's backend does, and backends
     without the op fall back as :func:`hrm.ops.dispatch.get_impl` says).
 
     The math is :func:`adam_atan2_reference`'s. State per parameter: ``step`` (its own count,

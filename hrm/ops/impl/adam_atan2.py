@@ -19,6 +19,9 @@ Backends:
 
 - ``torch``: the reference, multi-tensor ``torch._foreach_*`` (eight passes over memory
   and one ``atan2`` per tensor: torch has no foreach atan2).
+- ``cpu``: ``csrc/optim/adam_atan2_cpu.cpp``, one C++ pass per fp32 contiguous CPU tensor
+  (the EMA in the same pass; atan2 from Cephes' atanf, about 1 ulp); other tensors run on
+  ``compile``.
 - ``compile``: one fused inductor kernel per tensor (read ``p, g, m, v``; write ``p, m, v``;
   with an EMA also read and write ``e``, while the new ``p`` is still in registers).
   It compiles ONE graph for every tensor and every step: each tensor goes in flattened to
@@ -35,8 +38,9 @@ import torch
 import torch.fx.experimental._config as fx_config
 from torch import Tensor
 
+from hrm.ops import cpp_extension
 from hrm.ops.common import compiled, compute_dtype
-from hrm.ops.dispatch import get_impl, register
+from hrm.ops.dispatch import fallback_impl, get_impl, register
 
 
 def adam_atan2_reference(
@@ -171,6 +175,53 @@ def adam_atan2_compile(
             for t, f in zip(written, (flat[0], *flat[2:])):
                 if f.data_ptr() != t.data_ptr():  # a non-contiguous tensor went in as a copy
                     t.copy_(f.view_as(t))
+
+
+# -- cpu backend: csrc/optim/adam_atan2_cpu.cpp -------------------------------------------------
+OPTIM_SOURCE = "optim/adam_atan2_cpu.cpp"
+
+
+def _cpu_kernel_takes(*tensors: Tensor | None) -> bool:
+    return all(
+        t is None or (t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()) for t in tensors
+    )
+
+
+@register("adam_atan2", "cpu")
+def adam_atan2_cpu(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    steps: list[int],
+    *,
+    lr: float,
+    betas: tuple[float, float],
+    weight_decay: float,
+    ema_avgs: list[Tensor] | None = None,
+    ema_weight: float = 0.0,
+) -> None:
+    """The C++ step, one call per fp32 contiguous CPU parameter (one pass over its memory, the
+    EMA in the same pass); other tensors take the fallback's step."""
+    cpp_extension.load("hrm_optim_cpu", OPTIM_SOURCE)  # built on first use, then a cached no-op
+    beta1, beta2 = betas
+    averages = ema_avgs if ema_avgs is not None else [None] * len(params)
+    others = []
+    for i, (p, g, m, v, e, step) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, averages, steps)):
+        if not _cpu_kernel_takes(p, g, m, v, e):
+            others.append(i)
+            continue
+        scalars = [1 - beta1, beta2, 1 - beta2, 1 - lr * weight_decay, lr, 1 - beta1**step, 1 - beta2**step]
+        torch.ops.hrm_opt.adam_atan2_step(p, g, m, v, e, scalars + [ema_weight] * (e is not None))
+    if others:
+        fallback_impl("adam_atan2", "cpu")(
+            *([seq[i] for i in others] for seq in (params, grads, exp_avgs, exp_avg_sqs, steps)),
+            lr=lr,
+            betas=betas,
+            weight_decay=weight_decay,
+            ema_avgs=None if ema_avgs is None else [ema_avgs[i] for i in others],
+            ema_weight=ema_weight,
+        )
 
 
 def adam_atan2_(

@@ -1,0 +1,131 @@
+// One Adam-atan2 step on one fp32 tensor, in place, in one pass over memory (the `cpu`
+// backend of hrm/ops/impl/adam_atan2.py, which calls it per parameter):
+//
+//   m = lerp(m, g, w1)            v = b2 v + w2 g^2
+//   p = decay p - lr atan2(m / bc1, sqrt(v / bc2))
+//   e = lerp(e, p, ema_w)         (with an EMA average e)
+//
+// with torch.lerp's formula (a + w (b - a) for w < 0.5, else b - (b - a)(1 - w)).
+// atan2(y, x) for x >= 0 (x is a square root): t = min(|y|, x) / max(|y|, x) in [0, 1],
+// Cephes' atanf on t (reduced to |u| <= tan(pi/8) around pi/4, a degree-9 odd polynomial;
+// |err| about 1 ulp), then pi/2 - r where |y| > x, and y's sign. atan2(+-0, 0) = +-0, as
+// torch's; NaN in gives NaN out.
+//
+// Built at first use by hrm/ops/cpp_extension.py (-O3 -march=native -fopenmp); registers
+// hrm_opt::adam_atan2_step.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <optional>
+
+#include "../common/cpu_vec.h"
+
+namespace {
+
+using namespace hrm_cpu;
+
+constexpr int64_t kGrain = 1 << 14;  // elements per work item at the least
+
+inline vec vmin(vec a, vec b) { return a < b ? a : b; }
+inline vec vmax(vec a, vec b) { return a > b ? a : b; }
+inline vec vabs(vec a) { return a < 0.0f ? -a : a; }
+inline vec copysign_of(vec r, vec y) {  // |r| with y's sign bit
+  ivec ri, yi;
+  __builtin_memcpy(&ri, &r, sizeof(vec));
+  __builtin_memcpy(&yi, &y, sizeof(vec));
+  ri = (ri & 0x7fffffff) | (yi & (int32_t)0x80000000);
+  __builtin_memcpy(&r, &ri, sizeof(vec));
+  return r;
+}
+
+// atan2(y, x) for x >= 0 (or NaN).
+inline vec atan2_nonneg_x(vec y, vec x) {
+  const vec a = vabs(y);
+  const vec hi = vmax(a, x), lo = vmin(a, x);
+  vec t = lo / hi;                          // 0/0 = NaN where both are 0
+  t = (hi == 0.0f) ? splat(0.0f) : t;       // atan2(+-0, 0) = +-0
+  t = (a != a) | (x != x) ? a + x : t;      // NaN stays NaN (min/max would drop it)
+  const auto big = t > 0.41421356237309503f;  // tan(pi/8)
+  const vec u = big ? (t - 1.0f) / (t + 1.0f) : t;
+  const vec z = u * u;
+  vec p = splat(8.05374449538e-2f);
+  p = p * z - 1.38776856032e-1f;
+  p = p * z + 1.99777106478e-1f;
+  p = p * z - 3.33329491539e-1f;
+  vec r = p * z * u + u + (big ? splat(0.78539816339744831f) : splat(0.0f));
+  r = a > x ? 1.5707963267948966f - r : r;
+  return copysign_of(r, y);
+}
+
+inline vec vsqrt(vec x) {
+#if defined(__AVX512F__)
+  return (vec)_mm512_sqrt_ps((__m512)x);
+#else
+  for (int i = 0; i < VW; ++i) x[i] = std::sqrt(x[i]);
+  return x;
+#endif
+}
+
+inline vec lerp(vec a, vec b, float w) {
+  return w < 0.5f ? a + w * (b - a) : b - (b - a) * (1.0f - w);
+}
+
+inline vec ld(const float* p, int64_t n) {
+  if (n == VW) return load(p);
+  vec v{};
+  for (int64_t i = 0; i < n; ++i) v[i] = p[i];
+  return v;
+}
+inline void st(float* p, vec v, int64_t n) {
+  if (n == VW) return store(p, v);
+  for (int64_t i = 0; i < n; ++i) p[i] = v[i];
+}
+
+void check(const at::Tensor& t, const at::Tensor& p, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() && t.numel() == p.numel(),
+              "adam_atan2_step: ", name, " must be a contiguous fp32 CPU tensor of the parameter's size");
+}
+
+// scalars: [1 - b1, b2, 1 - b2, 1 - lr wd, lr, 1 - b1^t, 1 - b2^t] (+ [ema_w] with an EMA).
+void adam_atan2_step(const at::Tensor& p, const at::Tensor& g, const at::Tensor& m, const at::Tensor& v,
+                     const std::optional<at::Tensor>& e, at::ArrayRef<double> scalars) {
+  check(p, p, "the parameter");
+  check(g, p, "the gradient");
+  check(m, p, "exp_avg");
+  check(v, p, "exp_avg_sq");
+  if (e) check(*e, p, "the EMA average");
+  TORCH_CHECK(scalars.size() == (e ? 8u : 7u), "adam_atan2_step: expected ", e ? 8 : 7, " scalars, got ",
+              scalars.size());
+  const float w1 = scalars[0], b2 = scalars[1], w2 = scalars[2], decay = scalars[3], lr = scalars[4];
+  const float bc1 = scalars[5], bc2 = scalars[6], ema_w = e ? scalars[7] : 0.0f;
+  float* pp = p.data_ptr<float>();
+  const float* gp = g.data_ptr<float>();
+  float* mp = m.data_ptr<float>();
+  float* vp = v.data_ptr<float>();
+  float* ep = e ? e->data_ptr<float>() : nullptr;
+  at::parallel_for(0, p.numel(), kGrain, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; i += VW) {
+      const int64_t n = std::min<int64_t>(VW, i1 - i);
+      const vec gv = ld(gp + i, n);
+      const vec mv = lerp(ld(mp + i, n), gv, w1);
+      const vec vv = ld(vp + i, n) * b2 + w2 * gv * gv;
+      const vec pv = ld(pp + i, n) * decay - lr * atan2_nonneg_x(mv / bc1, vsqrt(vv / bc2));
+      st(mp + i, mv, n);
+      st(vp + i, vv, n);
+      st(pp + i, pv, n);
+      if (ep) st(ep + i, lerp(ld(ep + i, n), pv, ema_w), n);
+    }
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY(hrm_opt, m) {
+  m.def("adam_atan2_step(Tensor(a!) p, Tensor g, Tensor(b!) m, Tensor(c!) v, Tensor(d!)? e, float[] scalars) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(hrm_opt, CPU, m) { m.impl("adam_atan2_step", &adam_atan2_step); }
