@@ -60,6 +60,18 @@ inline vec exp2v(vec x) {
   return under ? splat(0.0f) : p;
 }
 
+// Lanes [0, n) of p (n <= VW) as fp32, the others 0; and the store of lanes [0, n).
+inline vec load_n(const float* p, int64_t n) {
+  if (n == VW) return load(p);
+  vec v{};
+  for (int64_t i = 0; i < n; ++i) v[i] = p[i];
+  return v;
+}
+inline void store_n(float* p, vec v, int64_t n) {
+  if (n == VW) return store(p, v);
+  for (int64_t i = 0; i < n; ++i) p[i] = v[i];
+}
+
 inline float hmax(vec v) { float m = v[0]; for (int i = 1; i < VW; ++i) m = std::max(m, v[i]); return m; }
 inline float hsum(vec v) { float s = 0; for (int i = 0; i < VW; ++i) s += v[i]; return s; }
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
@@ -82,5 +94,23 @@ inline vec exp2_avx512(vec x) {
 }
 inline vec sigmoid(vec x) { return 1.0f / (1.0f + exp2_avx512(x * -kLog2e)); }  // |rel err| < 1e-6
 #endif
+
+// load_n / store_n for bf16 storage (exact loads; stores round to nearest even).
+inline vec load_n(const bf16* p, int64_t n) {
+#if defined(__AVX512BF16__)
+  return load_bf16(p, first(n));
+#else
+  vec v{};
+  for (int64_t i = 0; i < n; ++i) v[i] = static_cast<float>(p[i]);
+  return v;
+#endif
+}
+inline void store_n(bf16* p, vec v, int64_t n) {
+#if defined(__AVX512BF16__)
+  store_bf16(p, v, first(n));
+#else
+  for (int64_t i = 0; i < n; ++i) p[i] = static_cast<bf16>(v[i]);
+#endif
+}
 
 }  // namespace hrm_cpu

@@ -33,34 +33,6 @@ using namespace hrm_cpu;
 
 constexpr int64_t kGrain = 64;  // rows per work item at the least
 
-// Lanes [0, n) of p (n <= VW) as fp32; the others 0. And the store of lanes [0, n).
-inline vec ld(const float* p, int64_t n) {
-  if (n == VW) return load(p);
-  vec v{};
-  for (int64_t i = 0; i < n; ++i) v[i] = p[i];
-  return v;
-}
-inline void st(float* p, vec v, int64_t n) {
-  if (n == VW) return store(p, v);
-  for (int64_t i = 0; i < n; ++i) p[i] = v[i];
-}
-inline vec ld(const bf16* p, int64_t n) {
-#if defined(__AVX512BF16__)
-  return load_bf16(p, first(n));
-#else
-  vec v{};
-  for (int64_t i = 0; i < n; ++i) v[i] = static_cast<float>(p[i]);
-  return v;
-#endif
-}
-inline void st(bf16* p, vec v, int64_t n) {
-#if defined(__AVX512BF16__)
-  store_bf16(p, v, first(n));
-#else
-  for (int64_t i = 0; i < n; ++i) p[i] = static_cast<bf16>(v[i]);
-#endif
-}
-
 inline vec sig(vec x) {
 #if defined(__AVX512BF16__)
   return sigmoid(x);
@@ -78,8 +50,8 @@ void swiglu_fwd_rows(const E* gu, E* y, int64_t rows, int64_t I) {
       E* o = y + r * I;
       for (int64_t j = 0; j < I; j += VW) {
         const int64_t n = std::min<int64_t>(VW, I - j);
-        const vec gv = ld(g + j, n);
-        st(o + j, gv * sig(gv) * ld(u + j, n), n);
+        const vec gv = load_n(g + j, n);
+        store_n(o + j, gv * sig(gv) * load_n(u + j, n), n);
       }
     }
   });
@@ -96,10 +68,10 @@ void swiglu_bwd_rows(const E* gu, const E* dy, E* dgu, int64_t rows, int64_t I) 
       E* du = dg + I;
       for (int64_t j = 0; j < I; j += VW) {
         const int64_t n = std::min<int64_t>(VW, I - j);
-        const vec gv = ld(g + j, n), uv = ld(u + j, n), dv = ld(d + j, n);
+        const vec gv = load_n(g + j, n), uv = load_n(u + j, n), dv = load_n(d + j, n);
         const vec s = sig(gv);
-        st(dg + j, dv * uv * s * (1.0f + gv * (1.0f - s)), n);
-        st(du + j, dv * gv * s, n);
+        store_n(dg + j, dv * uv * s * (1.0f + gv * (1.0f - s)), n);
+        store_n(du + j, dv * gv * s, n);
       }
     }
   });
@@ -112,15 +84,15 @@ inline void rope_head(const E* x, E* y, const float* c, const float* s, int64_t 
   const int64_t h = hd / 2;
   for (int64_t j = 0; j < h; j += VW) {
     const int64_t n = std::min<int64_t>(VW, h - j);
-    const vec x1 = ld(x + j, n), x2 = ld(x + h + j, n);
-    const vec c1 = ld(c + j, n), c2 = ld(c + h + j, n);
-    const vec s1 = ld(s + j, n), s2 = ld(s + h + j, n);
+    const vec x1 = load_n(x + j, n), x2 = load_n(x + h + j, n);
+    const vec c1 = load_n(c + j, n), c2 = load_n(c + h + j, n);
+    const vec s1 = load_n(s + j, n), s2 = load_n(s + h + j, n);
     if (adjoint) {
-      st(y + j, x1 * c1 + x2 * s2, n);
-      st(y + h + j, x2 * c2 - x1 * s1, n);
+      store_n(y + j, x1 * c1 + x2 * s2, n);
+      store_n(y + h + j, x2 * c2 - x1 * s1, n);
     } else {
-      st(y + j, x1 * c1 - x2 * s1, n);
-      st(y + h + j, x2 * c2 + x1 * s2, n);
+      store_n(y + j, x1 * c1 - x2 * s1, n);
+      store_n(y + h + j, x2 * c2 + x1 * s2, n);
     }
   }
 }

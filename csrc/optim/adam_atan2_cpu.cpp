@@ -74,17 +74,6 @@ inline vec lerp(vec a, vec b, float w) {
   return w < 0.5f ? a + w * (b - a) : b - (b - a) * (1.0f - w);
 }
 
-inline vec ld(const float* p, int64_t n) {
-  if (n == VW) return load(p);
-  vec v{};
-  for (int64_t i = 0; i < n; ++i) v[i] = p[i];
-  return v;
-}
-inline void st(float* p, vec v, int64_t n) {
-  if (n == VW) return store(p, v);
-  for (int64_t i = 0; i < n; ++i) p[i] = v[i];
-}
-
 void check(const at::Tensor& t, const at::Tensor& p, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() && t.numel() == p.numel(),
               "adam_atan2_step: ", name, " must be a contiguous fp32 CPU tensor of the parameter's size");
@@ -110,14 +99,14 @@ void adam_atan2_step(const at::Tensor& p, const at::Tensor& g, const at::Tensor&
   at::parallel_for(0, p.numel(), kGrain, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; i += VW) {
       const int64_t n = std::min<int64_t>(VW, i1 - i);
-      const vec gv = ld(gp + i, n);
-      const vec mv = lerp(ld(mp + i, n), gv, w1);
-      const vec vv = ld(vp + i, n) * b2 + w2 * gv * gv;
-      const vec pv = ld(pp + i, n) * decay - lr * atan2_nonneg_x(mv / bc1, vsqrt(vv / bc2));
-      st(mp + i, mv, n);
-      st(vp + i, vv, n);
-      st(pp + i, pv, n);
-      if (ep) st(ep + i, lerp(ld(ep + i, n), pv, ema_w), n);
+      const vec gv = load_n(gp + i, n);
+      const vec mv = lerp(load_n(mp + i, n), gv, w1);
+      const vec vv = load_n(vp + i, n) * b2 + w2 * gv * gv;
+      const vec pv = load_n(pp + i, n) * decay - lr * atan2_nonneg_x(mv / bc1, vsqrt(vv / bc2));
+      store_n(mp + i, mv, n);
+      store_n(vp + i, vv, n);
+      store_n(pp + i, pv, n);
+      if (ep) store_n(ep + i, lerp(load_n(ep + i, n), pv, ema_w), n);
     }
   });
 }
