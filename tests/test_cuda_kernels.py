@@ -103,6 +103,44 @@ def test_kernels_compile_for_sm80_and_sm90a_without_spills(tmp_path):
     assert all(r["registers"] <= 168 for r in sm90), sm90  # 384 threads: 65536 / 384, rounded down to 8
 
 
+_CMAKE_CPU_SCRIPT = """
+import sys, torch
+for lib in sys.argv[1:]:
+    torch.ops.load_library(lib)
+ops = {"hrm_cpu": "prefixlm_fwd", "hrm_decode": "decode_attention", "hrm_ce": "ce_chunk", "hrm_ew": "swiglu_fwd",
+       "hrm_opt": "adam_atan2_step"}
+for ns, op in ops.items():
+    assert hasattr(getattr(torch.ops, ns), op), (ns, op)
+gu = torch.randn(5, 2 * 24)
+g, u = gu.chunk(2, -1)
+torch.testing.assert_close(torch.ops.hrm_ew.swiglu_fwd(gu), torch.nn.functional.silu(g) * u, rtol=1e-5, atol=1e-6)
+print("cmake cpu libraries ok")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake is not installed")
+@pytest.mark.skipif(shutil.which(CXX) is None, reason=f"no C++ compiler ({CXX!r}) on PATH")
+def test_cmake_builds_the_cpu_kernel_libraries(tmp_path):
+    """CMakeLists.txt's CPU targets (HRM_BUILD_CPU): every C++ kernel of the ``cpu`` backend as a
+    library that ``torch.ops.load_library`` loads, with its ops registered (a fresh process: the
+    test process may have registered the same namespaces from the cpp_extension builds)."""
+    build, lib = tmp_path / "build", tmp_path / "lib"
+    configure = [
+        "cmake", "-S", str(ROOT), "-B", str(build), "-DHRM_BUILD_CUDA=OFF", "-DHRM_CUDA_RESOURCES=OFF",
+        f"-DPython3_EXECUTABLE={sys.executable}", f"-DHRM_LIB_DIR={lib}",
+    ]  # fmt: skip
+    subprocess.run(configure, check=True, capture_output=True)
+    proc = subprocess.run(["cmake", "--build", str(build), "-j", "2"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    libs = sorted(str(p) for p in lib.glob("libhrm_*_cpu.so"))
+    assert [Path(p).name for p in libs] == [
+        f"libhrm_{n}_cpu.so" for n in ("cross_entropy", "decode", "elementwise", "optim", "prefixlm")
+    ]
+    proc = subprocess.run([sys.executable, "-c", _CMAKE_CPU_SCRIPT, *libs], capture_output=True, text=True)
+    assert proc.returncode == 0 and "cmake cpu libraries ok" in proc.stdout, proc.stdout + proc.stderr[-3000:]
+
+
 _SPILLING_LOG = """\
 ptxas info    : Compiling entry function '_Z6kernelPf' for 'sm_80'
 ptxas info    : Function properties for _Z6kernelPf
