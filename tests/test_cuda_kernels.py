@@ -76,22 +76,24 @@ def _expected_kernels() -> set[tuple[str, str]]:
     return want
 
 
+def _cmake_build(build: Path, *options: str, target: str | None = None) -> None:
+    """Configure CMakeLists.txt into ``build`` without libhrm_cuda (``options`` on top) and build
+    ``target`` (default: all)."""
+    configure = ["cmake", "-S", str(ROOT), "-B", str(build), "-DHRM_BUILD_CUDA=OFF"]
+    subprocess.run([*configure, f"-DPython3_EXECUTABLE={sys.executable}", *options], check=True, capture_output=True)
+    targets = ["--target", target] if target else []
+    proc = subprocess.run(["cmake", "--build", str(build), *targets, "-j", "2"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+
+
 @pytest.mark.skipif(_nvcc() is None, reason="nvcc is not installed: the CUDA kernels cannot be compiled here")
 @pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake is not installed")
 @pytest.mark.skipif(_cutlass_include() is None, reason="the nvidia-cutlass package (CuTe headers) is not installed")
 def test_kernels_compile_for_sm80_and_sm90a_without_spills(tmp_path):
     """The ``cuda_resources`` target of CMakeLists.txt: every .cu for each of its archs with
     ``-Xptxas -v``, then tools/cuda_resources.py writes the report and fails on a spill."""
-    build, report = tmp_path / "build", tmp_path / "report"
-    configure = [
-        "cmake", "-S", str(ROOT), "-B", str(build), "-DHRM_BUILD_CUDA=OFF", "-DHRM_BUILD_CPU=OFF",
-        f"-DPython3_EXECUTABLE={sys.executable}", f"-DHRM_RESOURCES_DIR={report}",
-    ]  # fmt: skip
-    subprocess.run(configure, check=True, capture_output=True)
-    proc = subprocess.run(
-        ["cmake", "--build", str(build), "--target", "cuda_resources", "-j", "2"], capture_output=True, text=True
-    )
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    report = tmp_path / "report"
+    _cmake_build(tmp_path / "build", "-DHRM_BUILD_CPU=OFF", f"-DHRM_RESOURCES_DIR={report}", target="cuda_resources")
     rows = json.loads((report / "cuda_resources.json").read_text())
     assert (report / "cuda_resources.md").read_text().count("\n") == len(rows) + 2
     got = {(r["kernel"], r["arch"]) for r in rows}
@@ -125,14 +127,8 @@ def test_cmake_builds_the_cpu_kernel_libraries(tmp_path):
     """CMakeLists.txt's CPU targets (HRM_BUILD_CPU): every C++ kernel of the ``cpu`` backend as a
     library that ``torch.ops.load_library`` loads, with its ops registered (a fresh process: the
     test process may have registered the same namespaces from the cpp_extension builds)."""
-    build, lib = tmp_path / "build", tmp_path / "lib"
-    configure = [
-        "cmake", "-S", str(ROOT), "-B", str(build), "-DHRM_BUILD_CUDA=OFF", "-DHRM_CUDA_RESOURCES=OFF",
-        f"-DPython3_EXECUTABLE={sys.executable}", f"-DHRM_LIB_DIR={lib}",
-    ]  # fmt: skip
-    subprocess.run(configure, check=True, capture_output=True)
-    proc = subprocess.run(["cmake", "--build", str(build), "-j", "2"], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    lib = tmp_path / "lib"
+    _cmake_build(tmp_path / "build", "-DHRM_CUDA_RESOURCES=OFF", f"-DHRM_LIB_DIR={lib}")
     libs = sorted(str(p) for p in lib.glob("libhrm_*_cpu.so"))
     assert [Path(p).name for p in libs] == [
         f"libhrm_{n}_cpu.so" for n in ("cross_entropy", "decode", "elementwise", "optim", "prefixlm")
