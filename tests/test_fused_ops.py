@@ -308,6 +308,32 @@ def test_linear_cross_entropy_chunk_logits_in_several_products(backend, monkeypa
 
 
 @needs_cpu_kernel
+@pytest.mark.parametrize("n", [0, 1, 15, 16, 17, 70000])
+def test_cpu_dw_slab_accumulate(n):
+    """``hrm_ce::accumulate``: an fp32 slab of dW plus a bf16 product in one pass (overwrite, then
+    add), exact in fp32 (bf16 to fp32 is exact, the one add rounds as torch's)."""
+    linear_cross_entropy_module._ce_chunk_cpu(torch.zeros(1, 2), torch.zeros(1, dtype=torch.long), False)  # builds
+    g = torch.Generator().manual_seed(n)
+    part, base = torch.randn(n, generator=g).bfloat16(), torch.randn(n, generator=g)
+    out = torch.full((n,), float("nan"))
+    torch.ops.hrm_ce.accumulate(out, part, True)
+    assert torch.equal(out, part.float())
+    out = base.clone()
+    torch.ops.hrm_ce.accumulate(out, part, False)
+    assert torch.equal(out, base + part.float())
+    with pytest.raises(RuntimeError, match="part must be a contiguous bf16"):
+        torch.ops.hrm_ce.accumulate(torch.zeros(n + 1), torch.zeros(n + 1), False)
+
+
+@needs_cpu_kernel
+def test_linear_cross_entropy_cpu_dw_in_slabs(monkeypatch):
+    """bf16 products added to fp32 dW slab by slab (a last partial slab too), over several chunks."""
+    monkeypatch.setattr(linear_cross_entropy_module, "_DW_SLAB_ROWS", 7)
+    T, V, d = 40, 30, 16
+    check_against_oracle(_lce(_labels(T, V), 8), [randn(T, d), randn(V, d, scale=0.3)], "cpu", torch.bfloat16)
+
+
+@needs_cpu_kernel
 def test_cross_entropy_chunk_cpu_rejects_targets_outside_the_vocabulary():
     logits = torch.randn(4, 10)
     before = logits.clone()

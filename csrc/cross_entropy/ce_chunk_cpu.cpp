@@ -2,8 +2,9 @@
 // the argmax and (with_grad) the gradient softmax - onehot written over the logits.
 //
 // Built at first use by hrm/ops/cpp_extension.py (-O3 -march=native -fopenmp); registers
-// hrm_ce::ce_chunk. hrm/ops/impl/linear_cross_entropy.py calls it for fp32 and bf16 logits
-// (the head's dtype) from the chunk loop of the `cpu` backend.
+// hrm_ce::ce_chunk and hrm_ce::accumulate. hrm/ops/impl/linear_cross_entropy.py calls ce_chunk
+// for fp32 and bf16 logits (the head's dtype) from the chunk loop of the `cpu` backend, and
+// accumulate to add each bf16 product of dW to its fp32 slab.
 //
 // A row of a 32K-152K vocabulary is 64-600 KB: it stays in the core's L2 while its passes run,
 // so each row is read from memory once and written once, and the work is one exp per logit:
@@ -123,10 +124,36 @@ std::vector<at::Tensor> ce_chunk(at::Tensor logits, const at::Tensor& targets, b
   return {loss, pred};
 }
 
+// out = part (overwrite) or out += part, fp32 out and bf16 part of one shape, contiguous, in
+// one pass (torch's mixed-dtype add_ converts part to a new fp32 tensor first: two passes).
+void accumulate(const at::Tensor& out, const at::Tensor& part, bool overwrite) {
+  TORCH_CHECK(out.device().is_cpu() && out.scalar_type() == at::kFloat && out.is_contiguous(),
+              "accumulate: out must be a contiguous fp32 CPU tensor");
+  TORCH_CHECK(part.device().is_cpu() && part.scalar_type() == at::kBFloat16 && part.is_contiguous() &&
+                  part.sizes() == out.sizes(),
+              "accumulate: part must be a contiguous bf16 CPU tensor of out's shape");
+  float* o = out.data_ptr<float>();
+  const bf16* p = part.data_ptr<bf16>();
+  at::parallel_for(0, out.numel(), 1 << 14, [&](int64_t i0, int64_t i1) {
+    int64_t i = i0;
+#if defined(__AVX512BF16__)
+    for (; i + VW <= i1; i += VW) {
+      const vec x = load_bf16(p + i, first(VW));
+      store(o + i, overwrite ? x : load(o + i) + x);
+    }
+#endif
+    for (; i < i1; ++i) o[i] = overwrite ? static_cast<float>(p[i]) : o[i] + static_cast<float>(p[i]);
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY(hrm_ce, m) {
   m.def("ce_chunk(Tensor(a!) logits, Tensor targets, bool with_grad) -> Tensor[]");
+  m.def("accumulate(Tensor(a!) out, Tensor part, bool overwrite) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(hrm_ce, CPU, m) { m.impl("ce_chunk", &ce_chunk); }
+TORCH_LIBRARY_IMPL(hrm_ce, CPU, m) {
+  m.impl("ce_chunk", &ce_chunk);
+  m.impl("accumulate", &accumulate);
+}

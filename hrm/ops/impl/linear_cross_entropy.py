@@ -281,10 +281,29 @@ _MATMUL_ROWS = 512
 _DW_SLAB_ROWS = 8192
 
 
-def _accumulate_dw(dw: Tensor, g: Tensor, x: Tensor, first: bool) -> None:
+def _add_slab(out: Tensor, part: Tensor, first: bool) -> None:
+    """``out = part`` (``first``) or ``out += part``: a slab of dW and its product."""
+    if first:
+        out.copy_(part)
+    else:
+        out.add_(part)
+
+
+def _add_slab_cpu(out: Tensor, part: Tensor, first: bool) -> None:
+    """:func:`_add_slab` in one pass for an fp32 slab and a bf16 product (``hrm_ce::accumulate``;
+    torch's mixed-dtype ``add_`` first converts the product to a new fp32 tensor)."""
+    if out.dtype == torch.float32 and part.dtype == torch.bfloat16 and part.device.type == "cpu":
+        cpp_extension.load("hrm_cross_entropy_cpu", CE_SOURCE)  # a cached no-op after the chunk's
+        torch.ops.hrm_ce.accumulate(out, part, first)
+    else:
+        _add_slab(out, part, first)
+
+
+def _accumulate_dw(dw: Tensor, g: Tensor, x: Tensor, first: bool, add_slab: Callable = _add_slab) -> None:
     """``dw (+)= g^T x`` with ``g [C, V]``, ``x [C, d]`` in the head's dtype and ``dw [V, d]`` in
     its own (fp32 for 16-bit products): same dtype in one GEMM; else slab by slab, with the
-    product accumulated in fp32 by cuBLAS on a GPU and rounded to the head's dtype on a CPU."""
+    product accumulated in fp32 by cuBLAS on a GPU and rounded to the head's dtype on a CPU,
+    then added to its slab by ``add_slab``."""
     if dw.dtype == g.dtype:
         if first:
             torch.mm(g.t(), x, out=dw)
@@ -294,18 +313,23 @@ def _accumulate_dw(dw: Tensor, g: Tensor, x: Tensor, first: bool) -> None:
     for v0 in range(0, dw.shape[0], _DW_SLAB_ROWS):
         gs = g[:, v0 : v0 + _DW_SLAB_ROWS].t()
         part = torch.mm(gs, x, out_dtype=dw.dtype) if dw.is_cuda else torch.mm(gs, x)
-        if first:
-            dw[v0 : v0 + _DW_SLAB_ROWS].copy_(part)
-        else:
-            dw[v0 : v0 + _DW_SLAB_ROWS].add_(part)
+        add_slab(dw[v0 : v0 + _DW_SLAB_ROWS], part, first)
 
 
 def linear_cross_entropy_chunked(
-    z: Tensor, weight: Tensor, labels: Tensor, rows: Tensor, chunk_rows: int, ce_chunk: ChunkCE, with_grad: bool
+    z: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    rows: Tensor,
+    chunk_rows: int,
+    ce_chunk: ChunkCE,
+    with_grad: bool,
+    add_slab: Callable = _add_slab,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(loss_sum, pred, dz, dW)`` (the gradients are empty without ``with_grad``) over the
     supervised ``rows``; ``ce_chunk(logits, targets, with_grad) -> (loss_rows, pred_rows,
-    dlogits)``, where ``dlogits`` may overwrite ``logits``. The matmuls run in z's dtype;
+    dlogits)``, where ``dlogits`` may overwrite ``logits``; ``add_slab`` adds a product to its
+    slab of dW (:func:`_accumulate_dw`). The matmuls run in z's dtype;
     every buffer is allocated once per call and reused by the chunks. Reads nothing back to
     the host: the loop's length is ``rows``'s size."""
     w = weight.to(z.dtype)  # one cast for all chunks (a no-op when the dtypes agree)
@@ -332,13 +356,13 @@ def linear_cross_entropy_chunked(
         if with_grad:
             g = g.to(z.dtype)
             dz[r] = g @ w  # [C, d]
-            _accumulate_dw(dw, g, x, first=start == 0)
+            _accumulate_dw(dw, g, x, start == 0, add_slab)
     if with_grad and S == 0:
         dw.zero_()
     return loss, pred, dz, (dw.to(weight.dtype) if with_grad else dw)
 
 
-def _define_op(name: str, ce_chunk: ChunkCE):
+def _define_op(name: str, ce_chunk: ChunkCE, add_slab: Callable = _add_slab):
     """The chunk loop as a ``torch.library`` custom op (opaque to ``torch.compile``, so that its
     data-dependent row selection does not break graphs) with its fake and autograd."""
 
@@ -347,7 +371,7 @@ def _define_op(name: str, ce_chunk: ChunkCE):
         z: Tensor, weight: Tensor, labels: Tensor, rows: Optional[Tensor], chunk_rows: int, with_grad: bool
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         rows = supervised_rows(labels) if rows is None else rows
-        return linear_cross_entropy_chunked(z, weight, labels, rows, chunk_rows, ce_chunk, with_grad)
+        return linear_cross_entropy_chunked(z, weight, labels, rows, chunk_rows, ce_chunk, with_grad, add_slab)
 
     @op.register_fake
     def _(z, weight, labels, rows, chunk_rows, with_grad):
@@ -371,7 +395,7 @@ def _define_op(name: str, ce_chunk: ChunkCE):
 
 _lce_compile_op = _define_op("linear_cross_entropy_compile", _ce_chunk_compile)
 _lce_triton_op = _define_op("linear_cross_entropy_triton", _ce_chunk_triton)
-_lce_cpu_op = _define_op("linear_cross_entropy_cpu", _ce_chunk_cpu)
+_lce_cpu_op = _define_op("linear_cross_entropy_cpu", _ce_chunk_cpu, _add_slab_cpu)
 
 
 def head_dtype(z: Tensor) -> torch.dtype:
