@@ -97,6 +97,16 @@ def adam_atan2_foreach(
 
 
 # -- compile backend -----------------------------------------------------------------------
+def _step_scalars(
+    step: int, lr: float, betas: tuple[float, float], weight_decay: float, ema_weight: float | None
+) -> list[float]:
+    """The per-step numbers of the fused steps (compile, cpu): ``[1-b1, b2, 1-b2, 1-lr*wd, lr,
+    1-b1**t, 1-b2**t]``, then ``ema_weight`` when there is an EMA (not ``None``)."""
+    beta1, beta2 = betas
+    values = [1 - beta1, beta2, 1 - beta2, 1 - lr * weight_decay, lr, 1 - beta1**step, 1 - beta2**step]
+    return values if ema_weight is None else [*values, ema_weight]
+
+
 def _adam_atan2_math(p: Tensor, g: Tensor, m: Tensor, v: Tensor, scalars: Tensor) -> None:
     """The step on 1-d ``p, g, m, v`` (same length), in place. ``scalars`` holds the per-step
     numbers ``[1-b1, b2, 1-b2, 1-lr*wd, lr, 1-b1**t, 1-b2**t]`` (in the math's dtype, on the
@@ -152,7 +162,6 @@ def adam_atan2_compile(
     ema_avgs: list[Tensor] | None = None,
     ema_weight: float = 0.0,
 ) -> None:
-    beta1, beta2 = betas
     averages = ema_avgs if ema_avgs is not None else [None] * len(params)
     scalars: dict[tuple, Tensor] = {}  # one small tensor per (step, device, dtype): usually one per call
     # Size-oblivious: a dynamic length of 1 stays symbolic instead of compiling its own graph.
@@ -163,8 +172,7 @@ def adam_atan2_compile(
             dt = compute_dtype(p.dtype)
             key = (step, p.device, dt)
             if key not in scalars:
-                values = [1 - beta1, beta2, 1 - beta2, 1 - lr * weight_decay, lr, 1 - beta1**step, 1 - beta2**step]
-                values += [ema_weight] * (e is not None)
+                values = _step_scalars(step, lr, betas, weight_decay, ema_weight if e is not None else None)
                 scalars[key] = _to_device(torch.tensor(values, dtype=dt), p.device)
             written = (p, m, v) if e is None else (p, m, v, e)
             flat = [_flat(t) for t in (p, g, *written[1:])]
@@ -204,15 +212,14 @@ def adam_atan2_cpu(
     """The C++ step, one call per fp32 contiguous CPU parameter (one pass over its memory, the
     EMA in the same pass); other tensors take the fallback's step."""
     cpp_extension.load("hrm_optim_cpu", OPTIM_SOURCE)  # built on first use, then a cached no-op
-    beta1, beta2 = betas
     averages = ema_avgs if ema_avgs is not None else [None] * len(params)
     others = []
     for i, (p, g, m, v, e, step) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, averages, steps)):
         if not _cpu_kernel_takes(p, g, m, v, e):
             others.append(i)
             continue
-        scalars = [1 - beta1, beta2, 1 - beta2, 1 - lr * weight_decay, lr, 1 - beta1**step, 1 - beta2**step]
-        torch.ops.hrm_opt.adam_atan2_step(p, g, m, v, e, scalars + [ema_weight] * (e is not None))
+        scalars = _step_scalars(step, lr, betas, weight_decay, ema_weight if e is not None else None)
+        torch.ops.hrm_opt.adam_atan2_step(p, g, m, v, e, scalars)
     if others:
         fallback_impl("adam_atan2", "cpu")(
             *([seq[i] for i in others] for seq in (params, grads, exp_avgs, exp_avg_sqs, steps)),
