@@ -272,9 +272,9 @@ def _ce_chunk_cpu(logits: Tensor, targets: Tensor, with_grad: bool) -> tuple[Ten
 ChunkCE = Callable[[Tensor, Tensor, bool], tuple[Tensor, Tensor, "Tensor | None"]]
 
 # Rows per matmul of the chunk loop: large enough for the GEMM to run at its peak (each call
-# packs the whole head weight again: on the AMX CPU a bf16 chunk's logits take ~20% less time
-# in 512-row products than in 256-row ones), small enough that the output rows stay a few
-# tens of MiB (a 1024-row product at once runs ~40% slower on a CPU).
+# packs the whole head weight again, so on the AMX CPU a bf16 chunk of 512 rows is faster in
+# one product than in two), small enough that the output rows stay a few tens of MiB (a
+# 1024-row product at once runs ~40% slower on a CPU).
 _MATMUL_ROWS = 512
 # Vocabulary rows per dW update when dW is accumulated in a wider dtype than the products:
 # the product of one slab is the only temporary (never one of the weight's size).
