@@ -74,6 +74,15 @@ inline void store_n(float* p, vec v, int64_t n) {
 
 inline float hmax(vec v) { float m = v[0]; for (int i = 1; i < VW; ++i) m = std::max(m, v[i]); return m; }
 inline float hsum(vec v) { float s = 0; for (int i = 0; i < VW; ++i) s += v[i]; return s; }
+// The lanes' sum as a tree (another rounding order than hsum's left-to-right one), a few
+// shuffles where hsum is a chain of VW dependent adds.
+inline float hsum_tree(vec v) {
+#if defined(__AVX512F__)
+  return _mm512_reduce_add_ps((__m512)v);
+#else
+  return hsum(v);
+#endif
+}
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 #if defined(__AVX512BF16__)

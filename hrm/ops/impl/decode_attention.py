@@ -13,14 +13,18 @@ Backends: ``torch`` (the reference and oracle: ``index_put_`` into the cache, th
 cache length ``S`` under a ``[B, S]`` mask, so every step has the same shapes; eagerly through
 SDPA, under ``torch.compile`` as an elementwise product and reductions that inductor fuses)
 and ``cpu`` (``csrc/decode/decode_cpu.cpp``: one work item per (b, h) that reads only the
-``pos[b] + 1`` visible positions; fp32 caches, others go to the backend's fallback, here
-the reference). The op is inference only: generation runs under ``torch.inference_mode``
-and nothing here has a backward. The ``cpu`` kernel is the ``torch.library`` custom op ``hrm::decode_attention``
-(mutating both caches), opaque to ``torch.compile``, so a compiled decode step calls it as
-one extern kernel.
+``pos[b] + 1`` visible positions; q, k, v, gate and both caches all fp32 or all bf16 -- bf16
+autocast makes them so -- and heads of up to 256 lanes; anything else goes to the backend's
+fallback, here the reference). The op is inference only: generation runs under
+``torch.inference_mode`` and nothing here has a backward. The ``cpu`` kernel is the C++ op
+``hrm_decode::decode_attention`` (mutating both caches) with a fake registered here, opaque
+to ``torch.compile``: a compiled decode step calls it as one extern kernel, with no Python in
+between.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +34,8 @@ from hrm.ops import cpp_extension
 from hrm.ops.dispatch import fallback_impl, get_impl, register
 
 SOURCE = "decode/decode_cpu.cpp"
+KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # q, k, v, gate and both caches of one of these
+KERNEL_MAX_HEAD_DIM = 256  # kMaxHeadDim of the kernel
 
 
 @register("decode_attention", "torch")
@@ -51,27 +57,34 @@ def decode_attention_reference(
     return torch.sigmoid(gate) * o
 
 
-@torch.library.custom_op("hrm::decode_attention", mutates_args=("k_cache", "v_cache"))
-def _decode_attention_op(
-    q: Tensor, k: Tensor, v: Tensor, g: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Tensor
-) -> Tensor:
-    """The C++ kernel; ``g = sigmoid(gate)``."""
-    cpp_extension.load("hrm_decode_cpu", SOURCE)  # built on first use, then a cached no-op
-    return torch.ops.hrm_decode.decode_attention(q, k, v, g, k_cache, v_cache, pos)
+@functools.cache
+def load_kernel() -> None:
+    """Build (at first use; then a cached no-op) and load the C++ kernel, the op
+    ``hrm_decode::decode_attention`` (mutating both caches), with a fake for torch.compile.
+    A compiled decode step calls the op itself, with no Python in between, so the kernel must
+    be loaded before the step is traced (:class:`hrm.inference.KVCache` does it)."""
+    cpp_extension.load("hrm_decode_cpu", SOURCE)
 
-
-@_decode_attention_op.register_fake
-def _(q, k, v, g, k_cache, v_cache, pos):
-    return q.new_empty(q.shape)  # contiguous, as the kernel's output, whatever q's strides
+    @torch.library.register_fake("hrm_decode::decode_attention")
+    def _(q, k, v, g, k_cache, v_cache, pos):
+        return q.new_empty(q.shape)  # contiguous, as the kernel's output, whatever q's strides
 
 
 @register("decode_attention", "cpu")
 def decode_attention_cpu(
     q: Tensor, k: Tensor, v: Tensor, gate: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Tensor
 ) -> Tensor:
-    if k_cache.dtype != torch.float32 or q.dtype != torch.float32 or q.device.type != "cpu":
+    dtype = k_cache.dtype
+    if (
+        dtype not in KERNEL_DTYPES
+        or q.device.type != "cpu"
+        or q.shape[-1] > KERNEL_MAX_HEAD_DIM
+        or any(t.dtype != dtype for t in (q, k, v, gate, v_cache))
+    ):
         return fallback_impl("decode_attention", "cpu")(q, k, v, gate, k_cache, v_cache, pos)
-    return _decode_attention_op(q, k, v, torch.sigmoid(gate), k_cache, v_cache, pos)
+    if not torch.compiler.is_compiling():  # a traced step finds it loaded
+        load_kernel()
+    return torch.ops.hrm_decode.decode_attention(q, k, v, torch.sigmoid(gate), k_cache, v_cache, pos)
 
 
 def decode_attention(
