@@ -127,8 +127,10 @@ def _decode_step(
 
 # A compiled step on a CPU: the weights frozen into the graph as constants, so that inductor's
 # C++ GEMM template runs the projections (a few rows each) on weights packed once, where a
-# BLAS call repacks them every time (README, "Generation and evaluation", gives the speed).
-CPU_COMPILE = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
+# BLAS call repacks them every time (under bf16 autocast the cast to bf16 happens once, at
+# freezing); cpp_wrapper: the graph's hundreds of kernel calls per step are made from C++, not from a
+# Python wrapper (README, "Generation and evaluation", gives the speed).
+CPU_COMPILE = {"cpp_wrapper": True, "freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
 
 
 class _Step(nn.Module):
@@ -193,7 +195,7 @@ class Decoder:
     ``compile``: ``True`` runs the step compiled (:func:`compile_step`: the references fused
     by inductor around the backend's decode attention, on a CPU with the weights frozen in; a
     CUDA graph on a GPU), ``False`` (the default) eagerly on the model's backend. Compiling is
-    opt-in: on this project's CPU it takes about two minutes at preset ``small`` (README,
+    opt-in: on this project's CPU it takes about a minute at preset ``small`` (README,
     "Generation and evaluation", gives the speed it buys); the CUDA graph path has not run on
     a GPU yet. ``batch``: pad every call to this many rows so that
     the compiled step keeps one shape across calls (evaluation batches).

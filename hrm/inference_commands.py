@@ -43,7 +43,7 @@ def _generate(args: argparse.Namespace) -> int:
         raise HrmError("give at least one non-empty --prompt (or --prompts-file)")
     model, tok, _ = _load(args.checkpoint, args.ema, args.backend, args.tokenizer)
     device = next(model.parameters()).device
-    precision = _announce("generate", model, args.precision, device)
+    precision = _announce("generate", model, args.precision, device, args.compile)
     generator = torch.Generator(device).manual_seed(args.seed)
     encoded = [tok.encode_instruction(p) for p in prompts]
     options = dict(max_new_tokens=args.max_new_tokens, eos_id=tok.eoa_id, temperature=args.temperature)
@@ -67,9 +67,9 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _announce(command: str, model, precision: str, device: torch.device) -> str:
+def _announce(command: str, model, precision: str, device: torch.device, compiled: bool) -> str:
     """Resolve ``precision`` and say which backend and precision the command runs."""
-    chosen = resolve_precision(precision, device, training=False)
+    chosen = resolve_precision(precision, device, training=False, compiled=compiled)
     print(f"hrm {command}: {device.type}, backend {model.backend}, precision {chosen}", file=sys.stderr)
     return chosen
 
@@ -94,7 +94,7 @@ def _eval(args: argparse.Namespace) -> int:
     if not samples:
         raise HrmError(f"no samples to evaluate in {source}")
     device = next(model.parameters()).device
-    precision = _announce("eval", model, args.precision, device)
+    precision = _announce("eval", model, args.precision, device, args.compile)
     with autocast(precision, device):
         score = exact_match(
             model,
@@ -121,7 +121,8 @@ def _common(p: argparse.ArgumentParser) -> None:
         "--precision",
         default="auto",
         choices=PRECISIONS,
-        help="fp32, bf16 autocast, or auto (bf16 on GPUs with bf16 tensor cores, fp32 on CPUs)",
+        help="fp32, bf16 autocast, or auto (bf16 on GPUs with bf16 tensor cores and, with --compile, on CPUs "
+        "with AMX-BF16; fp32 elsewhere)",
     )
     p.add_argument(
         "--compile",

@@ -20,10 +20,15 @@ hand and ``fp32`` elsewhere, and logs what it picked:
   from 1), and on a CPU without bf16
   instructions (an AMD EPYC with AVX2 only) ``hrm train`` at the ``bench`` config ran more
   than an order of magnitude slower in bf16 than in fp32.
-- CPU, inference (``hrm generate``, ``hrm eval``): fp32, AMX or not. Decoding runs a few rows
-  per step, so it streams the weights, and autocast converts each one to bf16 at every call:
-  on the AMX CPU above, ``hrm eval RUN --ema`` (500 held-out samples of the demo's model)
-  took 13.2 s with ``--precision bf16`` against 10.0 s in fp32.
+- CPU, inference (``hrm generate``, ``hrm eval``), eager: fp32, AMX or not. Decoding runs a
+  few rows per step, so it streams the weights, and autocast converts each one to bf16 at
+  every call: on the AMX CPU above, ``hrm eval RUN --ema`` (500 held-out samples of the
+  demo's model) took 13.2 s with ``--precision bf16`` against 10.0 s in fp32.
+- CPU, inference with the decode step compiled (``--compile``): bf16 where the CPU has
+  AMX-BF16. The compiled step freezes the weights, so they are cast to bf16 once, and half
+  the bytes stream per step: ``hrm bench --suite generate`` gives the speed (README,
+  "Generation and evaluation"), and the tokens that differ from fp32 are near-ties that
+  bf16 rounding flips (its parity column counts any other).
 
 ``--precision bf16`` or ``fp32`` overrides the choice everywhere.
 """
@@ -48,20 +53,22 @@ def cpu_has_amx_bf16() -> bool:
     return bool(capabilities and capabilities().get("amx_bf16", False))
 
 
-def fast_bf16(device: torch.device | str, *, training: bool = True) -> bool:
+def fast_bf16(device: torch.device | str, *, training: bool = True, compiled: bool = False) -> bool:
     """Whether bf16 autocast is the faster choice on ``device`` for training (``training``)
-    or for inference."""
+    or for inference, eager or with the decode step compiled (``compiled``)."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] >= 8
-    return device.type == "cpu" and training and cpu_has_amx_bf16()
+    return device.type == "cpu" and (training or compiled) and cpu_has_amx_bf16()
 
 
-def resolve_precision(name: str | None, device: torch.device | str, *, training: bool = True) -> str:
+def resolve_precision(
+    name: str | None, device: torch.device | str, *, training: bool = True, compiled: bool = False
+) -> str:
     """Turn ``name`` (``auto``, ``fp32``, ``bf16`` or ``None`` = ``auto``) into ``fp32`` or
-    ``bf16`` for training (``training``) or inference on ``device``."""
+    ``bf16`` for training (``training``) or inference (eager, or ``compiled``) on ``device``."""
     if name is None or name == "auto":
-        chosen = "bf16" if fast_bf16(device, training=training) else "fp32"
+        chosen = "bf16" if fast_bf16(device, training=training, compiled=compiled) else "fp32"
         log.info("precision auto: using %s on %s", chosen, torch.device(device).type)
         return chosen
     if name not in PRECISIONS:

@@ -294,4 +294,19 @@ def test_generate_case_checks_parity_against_transformers_full_forward():
     assert all(r.suite == "generate" and r.tokens == 12 and r.seconds > 0 for r in rows)
     assert rows[1].parity == 0  # our tokens equal transformers' full-forward argmax
     table = generate_lines(rows)
-    assert table[2].startswith("| tiny | 3x5+4 | transformers |") and "0 of 12" in table[3]
+    assert table[2].startswith("| tiny | 3x5+4 | transformers | fp32 |") and "0 of 12" in table[3]
+
+
+def test_generate_parity_of_a_bf16_run_separates_near_ties_from_wrong_tokens(monkeypatch):
+    """``_parity`` on hand-made logits: a token that trails the argmax by less than the bf16
+    tolerance counts as a mismatch only; one that trails by more counts beyond it."""
+    from hrm.bench import generation
+
+    exact = torch.tensor([[[0.0, 1.0, 0.99, -5.0], [2.0, 0.0, 0.0, 0.0], [0.0, 0.0, 3.0, 0.0]]])
+    rounded = exact + 0.02  # the bf16 forward: off by at most 0.02, so the tolerance is 0.04
+    calls = iter([exact, rounded])
+    monkeypatch.setattr(generation, "_full_forward_logits", lambda *args: next(calls).clone())
+    tokens = torch.tensor([[2, 1, 2]])  # a near-tie (0.01 behind), a wrong token (2.0 behind), the argmax
+    out = generation._parity(None, None, tokens, 4, "bf16")
+    assert out["mismatched"] == 2 and out["beyond_tolerance"] == 1
+    assert out["logit_tolerance"] == pytest.approx(0.04)

@@ -136,6 +136,42 @@ def test_compiled_decode_equals_recomputation_and_follows_new_weights():
         assert tokens == generate_uncached(oracle, prompt, max_new_tokens=12, eos_id=eos)
 
 
+def _logits_at(model, prompt: list[int], answer: list[int]) -> torch.Tensor:
+    """The full forward's fp32 logits ``[len(answer), V]`` at the positions that predict ``answer``."""
+    seq = prompt + answer
+    n = len(seq)
+    logits = model(
+        torch.tensor(seq),
+        torch.arange(n),
+        torch.tensor([0, n], dtype=torch.int32),
+        torch.tensor([len(prompt)], dtype=torch.int32),
+    ).float()
+    logits[:, model.config.vocab_size :] = float("-inf")
+    return logits[len(prompt) - 1 : n - 1]
+
+
+@pytest.mark.skipif("cpu" not in available_backends(), reason="the cpu backend needs a C++ toolchain")
+def test_compiled_bf16_decode_stays_within_bf16_rounding_of_the_fp32_forward():
+    """The compiled step under bf16 autocast (weights frozen as bf16, the C++ decode kernel on
+    bf16 caches): every token it picks is the fp32 full forward's argmax or trails it by no
+    more than twice the largest logit error of the same forward under bf16 autocast, so a
+    different token is a near-tie that bf16 rounding can flip, never a wrong computation."""
+    torch.manual_seed(5)
+    model = HRMText(CONFIGS[1], backend="cpu").eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        steps = list(Decoder(model, compile=True).stream(MIXED, max_new_tokens=10, eos_id=-1))
+    answers = torch.stack(steps, 1).tolist()
+    with torch.inference_mode():
+        for prompt, answer in zip(MIXED, answers):
+            exact = _logits_at(model, prompt, answer)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                rounded = _logits_at(model, prompt, answer)
+            finite = exact.isfinite()
+            tol = 2 * (rounded - exact)[finite].abs().max()
+            trail = exact.max(-1).values - exact[torch.arange(len(answer)), answer]
+            assert (trail <= tol).all(), (trail, tol)
+
+
 def test_weights_key_sees_in_place_updates_and_takes_inference_tensors():
     model = HRMText(CONFIGS[0])
     key = weights_key(model)
@@ -161,12 +197,13 @@ def test_finished_mask_is_read_every_check_every_steps():
 
 
 @pytest.mark.parametrize("amx", [False, True])
-def test_precision_auto_on_cpu_trains_in_bf16_only_with_amx(monkeypatch, amx):
+def test_precision_auto_on_cpu_is_bf16_only_with_amx_for_training_and_compiled_decoding(monkeypatch, amx):
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"amx_bf16": amx})
     assert precision.cpu_has_amx_bf16() is amx
     assert resolve_precision("auto", "cpu") == ("bf16" if amx else "fp32")
     assert resolve_precision(None, "cpu") == ("bf16" if amx else "fp32")
-    assert resolve_precision("auto", "cpu", training=False) == "fp32"  # decoding streams weights: fp32
+    assert resolve_precision("auto", "cpu", training=False) == "fp32"  # eager autocast casts every weight per call
+    assert resolve_precision("auto", "cpu", training=False, compiled=True) == ("bf16" if amx else "fp32")
     assert resolve_precision("bf16", "cpu", training=False) == "bf16"
     assert resolve_precision("fp32", "cpu") == "fp32"
     with pytest.raises(Exception, match="unknown precision"):

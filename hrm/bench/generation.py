@@ -5,20 +5,29 @@ One case: a randomly initialised model of a preset (default ``small``), ``batch`
 decodes every step). The same weights are exported to ``HrmTextForCausalLM`` and its
 ``generate`` is timed in the same run, interleaved rep by rep with ours:
 
-- ``transformers``: ``HrmTextForCausalLM.generate`` (its dynamic KV cache), the reference;
-- ``eager``: our decoder with the step run eagerly on the model's backend;
+- ``transformers``: ``HrmTextForCausalLM.generate`` (its dynamic KV cache) in fp32, the reference;
+- ``eager``: our decoder with the step run eagerly on the model's backend, fp32;
 - ``compiled``: the same step compiled as one graph (:func:`hrm.inference.compile_step`:
-  inductor with the weights frozen in on a CPU; a CUDA graph on a GPU). Its first call
-  (which compiles) is timed apart, as ``compile_s``.
+  inductor with the weights frozen in on a CPU; a CUDA graph on a GPU), fp32;
+- ``compiled-bf16``: the compiled step under bf16 autocast (the frozen weights cast to bf16
+  once), what ``hrm generate --compile`` runs at ``--precision auto`` where bf16 is fast
+  (:func:`hrm.precision.fast_bf16`); in the default variants only there.
 
-Parity: every variant's tokens are checked against ``transformers``' *full* forward over
+A compiled variant's first call (which compiles) is timed apart, as ``compile_s``.
+
+Parity: every variant's tokens are checked against ``transformers``' *full* fp32 forward over
 prompt + generated tokens (the greedy choice at every generated position, padding rows of
 the vocabulary excluded), not against its cached ``generate``: ``mismatched`` counts the
-generated tokens that differ from that argmax.
+generated tokens that differ from that argmax. fp32 variants must match exactly. A bf16
+variant rounds, so where two logits are closer than its rounding error it may pick the other
+one: its row also counts ``beyond_tolerance``, the tokens whose fp32 logit trails the fp32
+argmax by more than twice the largest logit error of ``transformers``' own forward under bf16
+autocast on the same sequences (``logit_tolerance``). A correct bf16 decoder has none.
 """
 
 from __future__ import annotations
 
+import functools
 import statistics
 import tempfile
 import time
@@ -32,22 +41,45 @@ from hrm.config import get_preset
 from hrm.inference import Decoder
 from hrm.interop import export_hf, load_transformers_model
 from hrm.model import HRMText
+from hrm.precision import autocast, fast_bf16
 
-VARIANTS = ("transformers", "eager", "compiled")
+VARIANTS = ("transformers", "eager", "compiled", "compiled-bf16")
+PRECISION = {"transformers": "fp32", "eager": "fp32", "compiled": "fp32", "compiled-bf16": "bf16"}
 TARGET_SPEEDUP = 3.0  # compiled vs transformers' generate, tokens/s (the issue's target on a CPU)
 
 
-def _full_forward_mismatches(hf_model, prompts: torch.Tensor, tokens: torch.Tensor, vocab_size: int) -> int:
-    """Generated tokens that differ from the argmax of ``hf_model``'s full forward over prompt + tokens."""
+def default_variants(device: torch.device | str) -> tuple[str, ...]:
+    """Every variant, ``compiled-bf16`` only where bf16 is the faster compiled decode."""
+    bf16 = fast_bf16(device, training=False, compiled=True)
+    return tuple(v for v in VARIANTS if bf16 or PRECISION[v] == "fp32")
+
+
+def _full_forward_logits(hf_model, prompts: torch.Tensor, tokens: torch.Tensor, vocab_size: int, precision: str):
+    """``hf_model``'s logits ``[B, new, V]`` (fp32, padding rows -inf) at the positions that
+    predict ``tokens``, from its full forward over prompt + tokens at ``precision``."""
     batch, n = prompts.shape
     ids = torch.cat([prompts, tokens], 1)
     token_type_ids = torch.zeros_like(ids)
     token_type_ids[:, :n] = 1  # the prompt is the bidirectional prefix
-    with torch.no_grad():
+    with torch.no_grad(), autocast(precision, ids.device):
         logits = hf_model(input_ids=ids, token_type_ids=token_type_ids).logits.float()
     logits[..., vocab_size:] = float("-inf")
-    expected = logits[:, n - 1 : -1].argmax(-1)  # position p predicts token p + 1
-    return int((expected != tokens).sum())
+    return logits[:, n - 1 : -1]  # position p predicts token p + 1
+
+
+def _parity(hf_model, prompts: torch.Tensor, tokens: torch.Tensor, vocab_size: int, precision: str) -> dict:
+    """``mismatched``: tokens that differ from the fp32 full forward's argmax; for a bf16 run
+    also ``beyond_tolerance`` (those whose fp32 logit trails the argmax by more than
+    ``logit_tolerance``, twice the largest error of the same forward under bf16 autocast)."""
+    logits = _full_forward_logits(hf_model, prompts, tokens, vocab_size, "fp32")
+    out = {"mismatched": int((logits.argmax(-1) != tokens).sum())}
+    if precision == "bf16":
+        rounded = _full_forward_logits(hf_model, prompts, tokens, vocab_size, "bf16")
+        finite = logits.isfinite()
+        tol = 2 * float((rounded - logits)[finite].abs().max())
+        trail = logits.max(-1).values - logits.gather(-1, tokens[..., None])[..., 0]
+        out.update(beyond_tolerance=int((trail > tol).sum()), logit_tolerance=tol)
+    return out
 
 
 def run_generate(
@@ -60,10 +92,12 @@ def run_generate(
     device: torch.device | str = "cpu",
     backend: str | None = "auto",
     seed: int = 0,
-    variants: tuple[str, ...] = VARIANTS,
+    variants: tuple[str, ...] | None = None,
 ) -> list[Row]:
-    """Rows of suite ``generate`` (mode ``greedy``), one per variant of ``variants``, timed interleaved."""
+    """Rows of suite ``generate`` (mode ``greedy``), one per variant of ``variants`` (default:
+    :func:`default_variants`), timed interleaved."""
     device = torch.device(device)
+    variants = variants or default_variants(device)
     cfg = get_preset(preset)
     torch.manual_seed(seed)
     model = HRMText(cfg, backend=backend).eval()
@@ -79,11 +113,12 @@ def run_generate(
     prompt_lists = prompts.tolist()
     no_eos = -1  # never emitted: every row decodes new_tokens tokens
 
-    decoders = {compile: Decoder(model, compile=compile) for compile in (False, True)}  # each keeps its cache
+    decoders = {v: Decoder(model, compile=v.startswith("compiled")) for v in variants if v != "transformers"}
 
-    def ours(compile: bool) -> torch.Tensor:
-        steps = decoders[compile].stream(prompt_lists, max_new_tokens=new_tokens, eos_id=no_eos)
-        return torch.stack(list(steps), 1)
+    def ours(variant: str) -> torch.Tensor:  # each decoder keeps its cache and its compiled step
+        with autocast(PRECISION[variant], device):
+            steps = decoders[variant].stream(prompt_lists, max_new_tokens=new_tokens, eos_id=no_eos)
+            return torch.stack(list(steps), 1)
 
     def theirs() -> torch.Tensor:
         with torch.no_grad():
@@ -99,7 +134,7 @@ def run_generate(
             )
         return out[:, prompt_len:]
 
-    run = {"transformers": theirs, "eager": lambda: ours(False), "compiled": lambda: ours(True)}
+    run = {v: (theirs if v == "transformers" else functools.partial(ours, v)) for v in variants}
 
     def timed(variant: str) -> tuple[float, torch.Tensor]:
         if device.type == "cuda":
@@ -109,7 +144,7 @@ def run_generate(
         tokens = tokens.cpu()  # the host has every token: the run is over
         return time.perf_counter() - start, tokens
 
-    compile_s = timed("compiled")[0] if "compiled" in variants else 0.0  # the first compiled call compiles
+    compile_s = {v: timed(v)[0] for v in variants if v.startswith("compiled")}  # the first call compiles
     seconds: dict[str, list[float]] = {v: [] for v in variants}
     tokens: dict[str, torch.Tensor] = {}
     for _ in range(reps):
@@ -121,6 +156,7 @@ def run_generate(
     shape = f"{batch}x{prompt_len}+{new_tokens}"
     for variant in variants:
         times = seconds[variant]
+        parity = _parity(hf_model, prompts.cpu(), tokens[variant], cfg.vocab_size, PRECISION[variant])
         rows.append(
             Row(
                 suite="generate",
@@ -128,17 +164,18 @@ def run_generate(
                 backend=variant,
                 mode="greedy",
                 shape=shape,
-                dtype="float32",
+                dtype={"fp32": "float32", "bf16": "bfloat16"}[PRECISION[variant]],
                 seconds=statistics.median(times),
                 tokens=batch * new_tokens,
-                parity=float(_full_forward_mismatches(hf_model, prompts.cpu(), tokens[variant], cfg.vocab_size)),
+                parity=float(parity.pop("mismatched")),
                 tolerance=0.0,
                 extra={
                     "min_s": min(times),
                     "max_s": max(times),
                     "reps": reps,
                     "model_backend": model.backend if variant != "transformers" else None,
-                    **({"compile_s": compile_s - statistics.median(times)} if variant == "compiled" else {}),
+                    **parity,
+                    **({"compile_s": compile_s[variant] - statistics.median(times)} if variant in compile_s else {}),
                 },
             )
         )
@@ -153,26 +190,30 @@ def generate_lines(rows: list[Row]) -> list[str]:
         return []
     ref = next((r for r in sel if r.backend == "transformers"), None)
     lines = [
-        "| preset | shape | variant | tokens/s (median) | min..max tokens/s | vs transformers | "
-        "tokens != transformers' full forward |",
-        "|---|---|---|---|---|---|---|",
+        "| preset | shape | variant | precision | tokens/s (median) | min..max tokens/s | vs transformers | "
+        "tokens != transformers' fp32 full forward | of those, beyond bf16 rounding |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sel:
         n = r.tokens or 0
         ratio = f"{ref.seconds / r.seconds:.2f}x" if ref else ""
+        beyond = ""
+        if "beyond_tolerance" in r.extra:
+            beyond = f"{r.extra['beyond_tolerance']} (logit tol {r.extra['logit_tolerance']:.2g})"
         lines.append(
-            f"| {r.name} | {r.shape} | {r.backend} | {n / r.seconds:.0f} | "
-            f"{n / r.extra['max_s']:.0f}..{n / r.extra['min_s']:.0f} | {ratio} | {r.parity:.0f} of {n} |"
+            f"| {r.name} | {r.shape} | {r.backend} | {PRECISION.get(r.backend, '')} | {n / r.seconds:.0f} | "
+            f"{n / r.extra['max_s']:.0f}..{n / r.extra['min_s']:.0f} | {ratio} | {r.parity:.0f} of {n} | {beyond} |"
         )
-    compiled = next((r for r in sel if r.backend == "compiled"), None)
-    if compiled is not None:
+    compiled = [r for r in sel if "compile_s" in r.extra]
+    if compiled:
         lines.append("")
-        lines.append(
-            f"compiled decode step: first call compiles in {compiled.extra['compile_s']:.1f} s; "
-            f"target >= {TARGET_SPEEDUP:.0f}x transformers' tokens/s"
-            + (f": {ref.seconds / compiled.seconds:.2f}x" if ref else "")
-        )
+        for r in compiled:
+            lines.append(
+                f"{r.backend} decode step: first call compiles in {r.extra['compile_s']:.1f} s"
+                + (f"; {ref.seconds / r.seconds:.2f}x transformers' tokens/s" if ref else "")
+            )
+        lines.append(f"target: >= {TARGET_SPEEDUP:.0f}x transformers' tokens/s")
     return lines
 
 
-__all__ = ["run_generate", "generate_lines", "VARIANTS", "TARGET_SPEEDUP"]
+__all__ = ["run_generate", "generate_lines", "default_variants", "VARIANTS", "TARGET_SPEEDUP"]
