@@ -120,6 +120,17 @@ print("cmake cpu libraries ok")
 """
 
 
+def test_the_cpu_library_and_cmake_take_every_cpu_source():
+    """The ``cpu`` backend's one library (:data:`hrm.ops.cpp_extension.SOURCES`) and the CMake
+    targets name every ``csrc/*/*_cpu.cpp``: a new kernel file cannot be left out of either."""
+    from hrm.ops.cpp_extension import CSRC, SOURCES
+
+    on_disk = sorted(p.relative_to(CSRC).as_posix() for p in CSRC.glob("*/*_cpu.cpp"))
+    assert sorted(SOURCES) == on_disk
+    cmake = (ROOT / "CMakeLists.txt").read_text()
+    assert [s for s in on_disk if s not in cmake] == []
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake is not installed")
 @pytest.mark.skipif(shutil.which(CXX) is None, reason=f"no C++ compiler ({CXX!r}) on PATH")

@@ -15,7 +15,8 @@
 // Rows are split over the thread pool. Targets are checked (0 <= t < V) before anything is
 // written. NaN logits give a NaN loss; their argmax is unspecified.
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 

@@ -15,7 +15,8 @@
 // exponentials (exp2 of log2e-scaled scores) and the weighted sum of the values. A step
 // streams the visible cache from memory once, so bf16 caches halve its traffic.
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 

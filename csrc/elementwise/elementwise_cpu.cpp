@@ -16,7 +16,9 @@
 // Rows (tokens) are split over the thread pool; every row is independent, so results do not
 // depend on the thread count. sigmoid uses exp2 (|rel err| < 1e-6 on AVX512, 2e-7 elsewhere).
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 

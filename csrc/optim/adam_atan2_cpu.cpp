@@ -14,7 +14,7 @@
 // Built at first use by hrm/ops/cpp_extension.py (-O3 -march=native -fopenmp); registers
 // hrm_opt::adam_atan2_step.
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 

@@ -1,11 +1,13 @@
 """C++ kernels for the ``cpu`` backend, built at first use with ``torch.utils.cpp_extension``.
 
 This module owns the ``cpu`` backend's probe (a C++ compiler, ninja and the ``csrc/``
-sources must be present) and the build: each extension is compiled ``-O3 -march=native
--fopenmp`` into a cache directory keyed by everything the binary depends on (sources, torch
-and Python versions, the CPU's flags), so a rebuild happens only when one of them changes.
-The ``ninja`` binary of the pip package is put on ``PATH`` for the duration of a build
-only.
+sources must be present) and the build: every source of :data:`SOURCES` is compiled
+``-O3 -march=native -fopenmp`` into one library (``ninja`` compiles them side by side, one
+per core), in a cache directory keyed by everything the binary depends on (sources, shared
+headers, torch and Python versions, the CPU's flags), so a rebuild happens only when one of
+them changes. Each source registers its own ops (``TORCH_LIBRARY``); the op files call
+:func:`load` before their first call into the library. The ``ninja`` binary of the pip
+package is put on ``PATH`` for the duration of a build only.
 """
 
 from __future__ import annotations
@@ -38,6 +40,15 @@ def _csrc() -> Path:
 
 
 CSRC = _csrc()
+NAME = "hrm_cpu_kernels"
+# The library's sources under csrc/, with the op namespaces they register.
+SOURCES = (
+    "prefixlm_attention/prefixlm_attention_cpu.cpp",  # hrm_cpu: PrefixLM attention, fwd and bwd
+    "decode/decode_cpu.cpp",  # hrm_decode: generation's decode attention
+    "cross_entropy/ce_chunk_cpu.cpp",  # hrm_ce: the LM head's cross-entropy chunk, dW slab add
+    "elementwise/elementwise_cpu.cpp",  # hrm_ew: SwiGLU and split-RoPE, fwd and bwd
+    "optim/adam_atan2_cpu.cpp",  # hrm_opt: the Adam-atan2 step with the EMA
+)
 
 
 def _pip_ninja_dir() -> str | None:
@@ -102,28 +113,31 @@ def _build_dir(name: str, sources: tuple[Path, ...]) -> Path:
 
 
 @functools.cache
-def load(name: str, *sources: str) -> None:
-    """Build (or load from the cache) the extension ``name`` from ``csrc/`` paths ``sources``;
-    its ops register themselves with ``TORCH_LIBRARY`` (~15 s the first time)."""
+def load() -> None:
+    """Build (or load from the cache) the library of :data:`SOURCES`; its ops register
+    themselves with ``TORCH_LIBRARY`` (~25 s the first time on 2 cores, then a no-op)."""
     reason = toolchain_missing()
     if reason is not None:
         raise BackendUnavailable(f"backend 'cpu' cannot run here: {reason}")
-    paths = tuple(CSRC / s for s in sources)
+    paths = tuple(CSRC / s for s in SOURCES)
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise BackendUnavailable(f"backend 'cpu' cannot run here: missing C++ sources {', '.join(missing)}")
     from torch.utils import cpp_extension
 
-    build = _build_dir(name, paths)
+    build = _build_dir(NAME, paths)
     build.mkdir(parents=True, exist_ok=True)
-    if not (build / f"{name}.so").is_file():  # a wait of ~20 s: say why
-        print(f"hrm: building the C++ extension {name} (once per machine, ~20 s) in {build}", file=sys.stderr)
+    if not (build / f"{NAME}.so").is_file():  # a wait of ~25 s: say why
+        print(
+            f"hrm: building the cpu backend's C++ kernels (once per machine, ~25 s on 2 cores) in {build}",
+            file=sys.stderr,
+        )
     try:
         with _build_environment():
             # -fopenmp: at::parallel_for is inline OpenMP in the headers; the library resolves
             # to the libgomp.so.1 that torch has already loaded, so there is one thread pool.
             cpp_extension.load(
-                name=name,
+                name=NAME,
                 sources=[str(p) for p in paths],
                 build_directory=str(build),
                 extra_cflags=["-O3", "-march=native", "-fopenmp"],
@@ -132,7 +146,7 @@ def load(name: str, *sources: str) -> None:
                 verbose=False,
             )
     except (RuntimeError, OSError) as e:
-        raise BackendUnavailable(f"building the C++ extension {name} in {build} failed: {e}") from e
+        raise BackendUnavailable(f"building the cpu backend's C++ kernels in {build} failed: {e}") from e
 
 
-__all__ = ["CSRC", "load", "toolchain_missing"]
+__all__ = ["CSRC", "NAME", "SOURCES", "load", "toolchain_missing"]

@@ -186,7 +186,6 @@ def adam_atan2_compile(
 
 
 # -- cpu backend: csrc/optim/adam_atan2_cpu.cpp -------------------------------------------------
-OPTIM_SOURCE = "optim/adam_atan2_cpu.cpp"
 
 
 def _cpu_kernel_takes(*tensors: Tensor | None) -> bool:
@@ -211,7 +210,7 @@ def adam_atan2_cpu(
 ) -> None:
     """The C++ step, one call per fp32 contiguous CPU parameter (one pass over its memory, the
     EMA in the same pass); other tensors take the fallback's step."""
-    cpp_extension.load("hrm_optim_cpu", OPTIM_SOURCE)  # built on first use, then a cached no-op
+    cpp_extension.load()  # built on first use, then a cached no-op
     averages = ema_avgs if ema_avgs is not None else [None] * len(params)
     others = []
     for i, (p, g, m, v, e, step) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, averages, steps)):

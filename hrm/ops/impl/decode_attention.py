@@ -33,7 +33,6 @@ from torch import Tensor
 from hrm.ops import cpp_extension
 from hrm.ops.dispatch import fallback_impl, get_impl, register
 
-SOURCE = "decode/decode_cpu.cpp"
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # q, k, v, gate and both caches of one of these
 KERNEL_MAX_HEAD_DIM = 256  # kMaxHeadDim of the kernel
 
@@ -63,7 +62,7 @@ def load_kernel() -> None:
     ``hrm_decode::decode_attention`` (mutating both caches), with a fake for torch.compile.
     A compiled decode step calls the op itself, with no Python in between, so the kernel must
     be loaded before the step is traced (:class:`hrm.inference.KVCache` does it)."""
-    cpp_extension.load("hrm_decode_cpu", SOURCE)
+    cpp_extension.load()
 
     @torch.library.register_fake("hrm_decode::decode_attention")
     def _(q, k, v, g, k_cache, v_cache, pos):

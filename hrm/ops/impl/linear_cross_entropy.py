@@ -255,7 +255,6 @@ def _ce_chunk_compile(logits: Tensor, targets: Tensor, with_grad: bool) -> tuple
 
 
 # -- cpu backend: the chunk's loss and gradient in C++ -----------------------------------------
-CE_SOURCE = "cross_entropy/ce_chunk_cpu.cpp"
 
 
 def _ce_chunk_cpu(logits: Tensor, targets: Tensor, with_grad: bool) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -263,7 +262,7 @@ def _ce_chunk_cpu(logits: Tensor, targets: Tensor, with_grad: bool) -> tuple[Ten
     logit, each row's passes in the core's cache); other dtypes take the compile backend's chunk."""
     if logits.dtype not in (torch.float32, torch.bfloat16) or logits.device.type != "cpu":
         return _ce_chunk_compile(logits, targets, with_grad)
-    cpp_extension.load("hrm_cross_entropy_cpu", CE_SOURCE)  # built on first use, then a cached no-op
+    cpp_extension.load()  # built on first use, then a cached no-op
     loss, pred = torch.ops.hrm_ce.ce_chunk(logits, targets, with_grad)
     return loss, pred, (logits if with_grad else None)
 
@@ -293,7 +292,7 @@ def _add_slab_cpu(out: Tensor, part: Tensor, first: bool) -> None:
     """:func:`_add_slab` in one pass for an fp32 slab and a bf16 product (``hrm_ce::accumulate``;
     torch's mixed-dtype ``add_`` first converts the product to a new fp32 tensor)."""
     if out.dtype == torch.float32 and part.dtype == torch.bfloat16 and part.device.type == "cpu":
-        cpp_extension.load("hrm_cross_entropy_cpu", CE_SOURCE)  # a cached no-op after the chunk's
+        cpp_extension.load()  # a cached no-op after the chunk's
         torch.ops.hrm_ce.accumulate(out, part, first)
     else:
         _add_slab(out, part, first)

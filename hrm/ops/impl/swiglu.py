@@ -237,12 +237,11 @@ def swiglu_compile(gate_up: Tensor) -> Tensor:
 
 
 # -- cpu backend: csrc/elementwise/elementwise_cpu.cpp ------------------------------------------
-ELEMENTWISE_SOURCE = "elementwise/elementwise_cpu.cpp"
 
 
 def elementwise_cpu_ops():
     """``torch.ops.hrm_ew`` (the SwiGLU and split-RoPE kernels), building the extension on first use."""
-    cpp_extension.load("hrm_elementwise_cpu", ELEMENTWISE_SOURCE)  # then a cached no-op
+    cpp_extension.load()  # built on first use, then a cached no-op
     return torch.ops.hrm_ew
 
 

@@ -14,13 +14,12 @@ from torch import Tensor
 
 from hrm.ops import cpp_extension
 
-SOURCE = "prefixlm_attention/prefixlm_attention_cpu.cpp"
 ROWS_PER_ITEM = 64  # rows (keys in the dk/dv pass) per work item of the thread pool
 
 
 def cpu_ops():
     """``torch.ops.hrm_cpu``, building the extension on first use."""
-    cpp_extension.load("hrm_prefixlm_attention_cpu", SOURCE)
+    cpp_extension.load()
     return torch.ops.hrm_cpu
 
 
