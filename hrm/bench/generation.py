@@ -45,7 +45,7 @@ from hrm.precision import autocast, fast_bf16
 
 VARIANTS = ("transformers", "eager", "compiled", "compiled-bf16")
 PRECISION = {"transformers": "fp32", "eager": "fp32", "compiled": "fp32", "compiled-bf16": "bf16"}
-TARGET_SPEEDUP = 3.0  # compiled vs transformers' generate, tokens/s (the issue's target on a CPU)
+TARGET_SPEEDUP = 3.0  # a compiled variant vs transformers' generate, tokens/s (the issue's target on a CPU)
 
 
 def default_variants(device: torch.device | str) -> tuple[str, ...]:

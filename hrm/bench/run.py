@@ -69,8 +69,8 @@ def run_bench(
     ``OUT/<device-slug>.{json,md,png}``.
 
     ``generate`` (:mod:`hrm.bench.generation`) times greedy generation at preset ``small``
-    against ``transformers``; it is not part of ``all`` (its compiled variant compiles for
-    minutes on a CPU).
+    against ``transformers``; it is not part of ``all`` (each compiled variant compiles for
+    about a minute on a CPU).
 
     ``config`` names a :data:`~hrm.config.BENCH_CONFIGS` entry (or is one); ``ops_config``
     overrides the op shapes (``quick`` shrinks them otherwise). Each train step is timed
