@@ -1,6 +1,7 @@
 """pytest-benchmark suites over the same cases as ``hrm bench``: every fused op (forward,
-backward alone, forward + backward) and the train step, on every available backend, the
-``torch`` reference included, each test recording its parity error next to its timing
+backward alone, forward + backward; the forward alone for generation's decode attention)
+and the train step, on every available backend, the ``torch`` reference included, each
+test recording its parity error next to its timing
 (``extra_info``) and failing when the error exceeds the case's tolerance.
 
     pytest bench/test_benchmarks.py [--hrm-config bench] [--hrm-tokens N] [--benchmark-json out.json]
@@ -34,7 +35,9 @@ OPS = [
     "split_rope",
     "prefixlm_attention",
     "linear_cross_entropy",
+    "decode_attention",
 ]
+INFERENCE_ONLY = {"decode_attention"}  # no backward: the forward alone
 
 
 @pytest.fixture(scope="session")
@@ -48,11 +51,19 @@ def bench_config(request) -> BenchConfig:
 def op_cases(bench_config) -> dict[str, suites.OpCase]:
     cases = {case.name: case for case in suites.op_cases(bench_config)}
     assert sorted(cases) == sorted(OPS), "OPS must list every case of hrm.bench.suites.op_cases"
+    assert {n for n, c in cases.items() if c.inference_only} == INFERENCE_ONLY
     return cases
 
 
-@pytest.mark.parametrize("mode", ["forward", "backward", "full"])
-@pytest.mark.parametrize("op,backend", [(op, b) for op in OPS for b in suites.bench_backends(op)])
+@pytest.mark.parametrize(
+    "op,backend,mode",
+    [
+        (op, b, mode)
+        for op in OPS
+        for b in suites.bench_backends(op)
+        for mode in (("forward",) if op in INFERENCE_ONLY else ("forward", "backward", "full"))
+    ],
+)
 def test_op(benchmark, op_cases, op, backend, mode):
     case = op_cases[op]
     run = suites.op_run(case, backend)

@@ -109,6 +109,7 @@ class OpCase:
     bwd_flops: float = 0.0  # the backward alone (0 where backends split the work differently)
     tolerance: float = OP_TOLERANCE
     note: str = ""  # shown under the report's table (where an op's costs sit in another mode)
+    inference_only: bool = False  # no backward: only the forward is timed
 
 
 LINEAR_CE_NOTE = (
@@ -205,7 +206,43 @@ def op_cases(bench: BenchConfig, device: torch.device | str = "cpu") -> list[OpC
             full_flops=6 * S * d * V,
             note=LINEAR_CE_NOTE,
         ),
+        decode_attention_case(H, hd, device),
     ]
+
+
+def decode_attention_case(H: int, hd: int, device: torch.device | str = "cpu") -> OpCase:
+    """One decode step's attention (generation; inference only): 8 sequences at different
+    positions of a 256-position cache, the first and last positions included. The caches are
+    made once per dtype: each call writes its new key and value at the same positions and
+    reads only up to them, so calls do not disturb each other (and no copy is timed)."""
+    B, S = 8, 256
+    device = torch.device(device)
+    g = torch.Generator().manual_seed(3)
+    caches = torch.randn(2, B, H, S, hd, generator=g, dtype=torch.float64).to(device)
+    pos = torch.tensor([0, 1, 37, 100, 128, 200, 254, 255], device=device)
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+
+    def call(q, k, v, gate, backend):
+        q, k, v, gate = (t.detach() for t in (q, k, v, gate))
+        if q.dtype not in by_dtype:
+            by_dtype[q.dtype] = [c.to(q.dtype, copy=True) for c in caches]
+        kc, vc = by_dtype[q.dtype]
+        return ops.decode_attention(q, k, v, gate, kc, vc, pos, backend=backend)
+
+    def inputs() -> list:
+        return [torch.randn(B, H, hd, generator=g, dtype=torch.float64).to(device).requires_grad_() for _ in range(4)]
+
+    f32 = 4
+    visible = int((pos + 1).sum())
+    return OpCase(
+        "decode_attention",
+        f"{B}x{H}x{hd} over {S} cached",
+        inputs,
+        call,
+        fwd_bytes=(2 * visible + 7 * B) * H * hd * f32,  # the visible keys and values; q, k, v, gate, out, writes
+        tolerance=ATTENTION_TOLERANCE,
+        inference_only=True,
+    )
 
 
 def _float_outputs(out) -> list[torch.Tensor]:
@@ -282,14 +319,13 @@ def op_run(case: OpCase, backend: str) -> OpRun:
 def bench_op(
     case: OpCase, backend: str, reps: int, device: torch.device | str = "cpu", min_time: float = OP_MIN_TIME
 ) -> list[Row]:
-    """Forward without gradients, backward alone, and forward + backward of ``case`` on ``backend``.
-    (The fused linear cross-entropy computes its gradients during a forward that needs them,
-    so its backward alone is only the scaling; compare its full rows.)"""
+    """Forward without gradients, backward alone, and forward + backward of ``case`` on ``backend``
+    (only the forward for an ``inference_only`` case). (The fused linear cross-entropy computes
+    its gradients during a forward that needs them, so its backward alone is only the scaling;
+    compare its full rows.)"""
     device = torch.device(device)
     run = op_run(case, backend)
     t_fwd = spread(measure_all(run.forward, device=device, warmup=1, reps=reps, min_time=min_time))
-    t_bwd = spread(_backward_times(run.forward_with_grad, run.leaves, reps, device, min_time))
-    t_full = spread(measure_all(run.full, device=device, warmup=1, reps=reps, min_time=min_time))
     common = dict(
         suite="ops",
         name=case.name,
@@ -309,8 +345,13 @@ def bench_op(
             "extra": {"note": case.note} if case.note else {},
         }
 
+    forward = Row(mode="forward", **times(t_fwd), bytes=case.fwd_bytes or None, flops=case.fwd_flops or None, **common)
+    if case.inference_only:
+        return [forward]
+    t_bwd = spread(_backward_times(run.forward_with_grad, run.leaves, reps, device, min_time))
+    t_full = spread(measure_all(run.full, device=device, warmup=1, reps=reps, min_time=min_time))
     return [
-        Row(mode="forward", **times(t_fwd), bytes=case.fwd_bytes or None, flops=case.fwd_flops or None, **common),
+        forward,
         Row(mode="backward", **times(t_bwd), bytes=case.bwd_bytes or None, flops=case.bwd_flops or None, **common),
         Row(
             mode="full",

@@ -173,31 +173,9 @@ def attention_case(
     )
 
 
-def decode_attention_case(H: int, hd: int, device: torch.device) -> suites.OpCase:
-    """One decode step's attention (generation; inference only, so no gradients): 8 sequences
-    at different positions of a 256-position cache, the first and last positions included.
-    The caches are fresh copies in the call's dtype each call (the op writes into them)."""
-    B, S = 8, 256
-    g = torch.Generator().manual_seed(3)
-    caches = torch.randn(2, B, H, S, hd, generator=g, dtype=torch.float64).to(device)
-    pos = torch.tensor([0, 1, 37, 100, 128, 200, 254, 255], device=device)
-
-    def call(q, k, v, gate, backend):
-        q, k, v, gate = (t.detach() for t in (q, k, v, gate))
-        kc, vc = (c.to(q.dtype, copy=True) for c in caches)
-        return ops.decode_attention(q, k, v, gate, kc, vc, pos, backend=backend)
-
-    def inputs() -> list:
-        return [torch.randn(B, H, hd, generator=g, dtype=torch.float64).to(device).requires_grad_() for _ in range(4)]
-
-    return suites.OpCase(
-        "decode_attention", f"{B}x{H}x{hd} over {S} cached", inputs, call, tolerance=suites.ATTENTION_TOLERANCE
-    )
-
-
 def parity_cases(bench: BenchConfig, device: torch.device, quick: bool) -> list[suites.OpCase]:
-    """:func:`hrm.bench.suites.op_cases` at ``bench``, the two reference-only ops
-    (``cross_entropy``, ``rope``), ``swiglu_linear``, ``decode_attention``, and attention on
+    """:func:`hrm.bench.suites.op_cases` at ``bench`` (``decode_attention`` among them), the
+    two reference-only ops (``cross_entropy``, ``rope``), ``swiglu_linear``, and attention on
     degenerate packings; without ``quick`` also attention at head dim 128 (the reference
     presets') on a 2048-token row."""
     cfg = bench.model
@@ -229,7 +207,6 @@ def parity_cases(bench: BenchConfig, device: torch.device, quick: bool) -> list[
             ],
             lambda x, w, backend: ops.swiglu_linear(x, w, backend=backend),
         ),
-        decode_attention_case(H, hd, device),
         # one-token sequences, sequences that are all prefix, a long causal part, trailing padding
         attention_case(
             [1, 6, 1, 9, 3, 24], [1, 6, 1, 4, 3, 10], 5, H, hd, device, "1-token seqs, prefix = length, padding"
