@@ -40,7 +40,7 @@ from torch import nn
 
 from hrm import ops
 from hrm.model import HRMText
-from hrm.ops.impl.decode_attention import load_kernel as load_decode_kernel
+from hrm.ops.impl.decode_attention import prepare as prepare_decode_attention
 
 log = logging.getLogger("hrm")
 
@@ -69,8 +69,7 @@ class KVCache:
         self.one_each = torch.arange(batch + 1, device=device, dtype=torch.int32)  # cu_seqlens of one token each
         self.ones = torch.ones(batch, dtype=torch.int32, device=device)
         self.backend = model.backend
-        if self.backend == "cpu" and torch.device(device).type == "cpu":
-            load_decode_kernel()  # a compiled step calls the kernel's op, which tracing cannot build
+        prepare_decode_attention(self.backend, device)  # before any compiled step is traced
         self._prompts: ops.AttentionPacking | None = None  # set while prefilling
 
     def prefill(self, prompts: ops.AttentionPacking) -> None:

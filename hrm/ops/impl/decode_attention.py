@@ -61,12 +61,19 @@ def load_kernel() -> None:
     """Build (at first use; then a cached no-op) and load the C++ kernel, the op
     ``hrm_decode::decode_attention`` (mutating both caches), with a fake for torch.compile.
     A compiled decode step calls the op itself, with no Python in between, so the kernel must
-    be loaded before the step is traced (:class:`hrm.inference.KVCache` does it)."""
+    be loaded before the step is traced (:func:`prepare` does it)."""
     cpp_extension.load()
 
     @torch.library.register_fake("hrm_decode::decode_attention")
     def _(q, k, v, g, k_cache, v_cache, pos):
         return q.new_empty(q.shape)  # contiguous, as the kernel's output, whatever q's strides
+
+
+def prepare(backend: str, device: torch.device | str) -> None:
+    """Load what a traced decode step needs to call ``backend``'s kernel on ``device`` (the
+    ``cpu`` kernel's library: tracing cannot build it); a no-op elsewhere."""
+    if backend == "cpu" and torch.device(device).type == "cpu":
+        load_kernel()
 
 
 @register("decode_attention", "cpu")
