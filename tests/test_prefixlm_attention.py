@@ -317,6 +317,35 @@ def test_cpu_backward_heads_in_groups_or_one_at_a_time(dtype, monkeypatch):
 
 
 @needs_cpu_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_padding_rows_are_written_not_left_to_the_allocator(dtype):
+    # out, lse, dq, dk and dv come from uninitialised memory: the kernel itself zeroes the
+    # padding rows no micro-block reaches. Freed NaN blocks of the same sizes just before each
+    # call make the allocator hand garbage back if a row were missed.
+    cu, pl, T = make_packing([21, 40, 3], [5, 40, 1], 27)  # padding in a partial and in whole blocks
+    H, D = 2, 64
+    q, k, v, gate, go = (x.to(dtype) for x in bf16_inputs(T, H, D, seed=6))
+    pk = ops.AttentionPacking.build(cu, pl, T)
+
+    def poison():
+        junk = [torch.full((T, H, D), float("nan"), dtype=dtype) for _ in range(4)]
+        junk += [torch.full((H, T), float("nan")) for _ in range(2)]
+        del junk
+
+    poison()
+    out, lse = attention_cpu.prefixlm_attention_cpu_forward(q, k, v, pk.row_lo, pk.row_hi, gate)
+    poison()
+    dq, dk, dv, _ = attention_cpu.prefixlm_attention_cpu_backward(
+        go, q, k, v, out, lse, pk.row_lo, pk.row_hi, pk.col_lo, pk.col_hi, gate
+    )
+    real = int(cu[-1])
+    for name, x in (("out", out), ("dq", dq), ("dk", dk), ("dv", dv)):
+        assert not x.isnan().any(), name
+        assert torch.all(x[real:] == 0), name
+    assert torch.all(lse[:, real:] == 0) and not lse.isnan().any()
+
+
+@needs_cpu_kernel
 def test_cpu_bf16_attention_leaves_the_tiles_to_onednn(monkeypatch):
     # the kernel configures AMX tiles on every thread of a pass and releases them at its end: a
     # bf16 matmul of oneDNN (which runs on AMX too) after it computes what it did before it

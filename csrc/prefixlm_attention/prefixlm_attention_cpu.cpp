@@ -432,11 +432,9 @@ Packed<E> pack_tokens(const at::Tensor& x, int64_t Dp) {
 }
 
 #if defined(__AVX512F__)
-// o[w * ldo + i] = word w of row i, for w, i < 16: a transpose of 32-bit words, row i of the
-// source at a + i * lda bytes.
-inline void transpose16(const void* a, int64_t lda, uint32_t* o, int64_t ldo) {
-  __m512i r[16], t[16];
-  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(static_cast<const char*>(a) + i * lda);
+// r[w] = the words w of r[0..15] before: a transpose of 16 x 16 32-bit words in registers.
+inline void transpose16(__m512i r[16]) {
+  __m512i t[16];
   for (int i = 0; i < 16; i += 2) {  // 2 x 2 blocks of words
     t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
     t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
@@ -456,9 +454,44 @@ inline void transpose16(const void* a, int64_t lda, uint32_t* o, int64_t ldo) {
     r[j] = _mm512_shuffle_i32x4(t[j], t[j + 8], 0x88);
     r[j + 8] = _mm512_shuffle_i32x4(t[j], t[j + 8], 0xdd);
   }
+}
+
+// o[w * ldo + i] = word w of row i, for w, i < 16, row i of the source at a + i * lda bytes.
+inline void transpose16(const void* a, int64_t lda, uint32_t* o, int64_t ldo) {
+  __m512i r[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(static_cast<const char*>(a) + i * lda);
+  transpose16(r);
   for (int i = 0; i < 16; ++i) _mm512_storeu_si512(o + i * ldo, r[i]);
 }
 #endif
+
+// dst[t * R + m] = s[m * lds + t] for t < n, m < R: the R rows of a micro-block's ds turned
+// query-major (the backward's ds store). s must be readable up to n rounded up to 32.
+template <int R, class E>
+void store_transposed(const E* s, int64_t lds, int64_t n, E* dst) {
+#if defined(__AVX512BF16__)
+  if constexpr (R == 16 && std::is_same_v<E, bf16>) {
+    // 32 tokens at a time: 16 rows of 16 words (token pairs) transposed, then each word row
+    // (the pairs (t, t + 1) of the 16 rows) split into token t's 16 entries and t + 1's
+    const __m512i split = _mm512_set_epi16(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1, 30, 28, 26,
+                                           24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+    for (int64_t c = 0; c < n; c += 32) {
+      __m512i r[16];
+      for (int m = 0; m < 16; ++m) r[m] = _mm512_loadu_si512(s + m * lds + c);
+      transpose16(r);
+      for (int w = 0; w < 16 && c + 2 * w < n; ++w) {
+        const __m512i x = _mm512_permutexvar_epi16(split, r[w]);
+        E* o = dst + (c + 2 * w) * 16;
+        if (c + 2 * w + 1 < n) _mm512_storeu_si512(o, x);
+        else _mm512_mask_storeu_epi16(o, 0xFFFF, x);  // the last token alone
+      }
+    }
+    return;
+  }
+#endif
+  for (int64_t t = 0; t < n; ++t, dst += R)
+    for (int m = 0; m < R; ++m) dst[m] = s[m * lds + t];
+}
 
 // [T, H, D] -> cols [H, Dp / P, T + VW, P] (P = kPair<E>; transposed, zero past T so that
 // vector loads and tiles of 16 columns may overrun, and zero past D up to Dp, the reduction
@@ -546,6 +579,13 @@ inline int count_real(const int32_t* lo, const int32_t* hi, int64_t i0, int64_t 
   return r;
 }
 
+// Rows [t0, t1) of head h of a [T, H, D] output (the padding rows at the end of T, which no
+// micro-block writes): zero.
+template <class E>
+void zero_rows(E* o, int64_t t0, int64_t t1, int64_t h, int64_t H, int64_t D) {
+  for (int64_t t = t0; t < t1; ++t) std::fill_n(o + (t * H + h) * D, D, E(0.0f));
+}
+
 // A row of a gradient: o = acc * scale over D (acc holds round_up(D, VW) entries).
 inline void store_row(float* o, const float* acc, float scale, int64_t D) {
   for (int64_t d = 0; d < D; ++d) o[d] = acc[d] * scale;
@@ -585,8 +625,8 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
   const Packed<E> Q = pack_tokens<E, 1>(q, Dp), Kt = pack_cols<E>(k, Dp), V = pack_tokens<E, P>(v, Dp);
   at::Tensor gs;  // what finish_row takes: fp32 the gate's sigmoid from ATen, bf16 the gate itself
   if (gate.has_value()) gs = P == 1 ? at::sigmoid(gate->to(at::kFloat)).contiguous() : as_type<E>(*gate);
-  at::Tensor out = at::zeros({T, H, D}, q.options().dtype(kType<E>));
-  auto lse = at::zeros({H, T}, q.options().dtype(at::kFloat));
+  at::Tensor out = at::empty({T, H, D}, q.options().dtype(kType<E>));
+  auto lse = at::empty({H, T}, q.options().dtype(at::kFloat));
   const int32_t* lo = row_lo.data_ptr<int32_t>();
   const int32_t* hi = row_hi.data_ptr<int32_t>();
   const E* G = gs.defined() ? gs.data_ptr<E>() : nullptr;
@@ -605,7 +645,11 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
       const int64_t h = item / nblk, r0 = item % nblk * block, r1 = std::min(r0 + block, T);
       for (int64_t i0 = r0; i0 < r1; i0 += RB) {
         const int n = count_real(lo, hi, i0, std::min<int64_t>(RB, r1 - i0));
-        if (n == 0) break;  // padding rows stay zero
+        if (n < std::min<int64_t>(RB, r1 - i0)) {  // padding from i0 + n on: zero out and lse
+          zero_rows(O, i0 + n, r1, h, H, D);
+          std::fill(L + h * T + i0 + n, L + h * T + r1, 0.0f);
+          if (n == 0) break;
+        }
         for (int m = 0; m < n; ++m) {
           if (G) prefetch<0>(G + (i0 + m) * gs.stride(0) + h * gs.stride(1), D * sizeof(E));
           prefetch<1>(O + ((i0 + m) * H + h) * D, D * sizeof(E));
@@ -712,9 +756,9 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
   const Packed<E> Qt = pack_cols<E>(q, Dp), DOt = pack_cols<E>(dO, Dp);
   const Packed<E> Qn = pack_tokens<E, P>(q, Dp), DOn = pack_tokens<E, P>(dO, Dp);
   const Packed<E> Kn = P == 1 ? K : pack_tokens<E, P>(k, Dp);  // fp32: tokens are the rows
-  at::Tensor dq = at::zeros({T, H, D}, q.options().dtype(kType<E>));
-  at::Tensor dk = at::zeros({T, H, D}, q.options().dtype(kType<E>));
-  at::Tensor dv = at::zeros({T, H, D}, q.options().dtype(kType<E>));
+  at::Tensor dq = at::empty({T, H, D}, q.options().dtype(kType<E>));
+  at::Tensor dk = at::empty({T, H, D}, q.options().dtype(kType<E>));
+  at::Tensor dv = at::empty({T, H, D}, q.options().dtype(kType<E>));
   const int32_t *lo = row_lo.data_ptr<int32_t>(), *hi = row_hi.data_ptr<int32_t>();
   const int32_t *clo = col_lo.data_ptr<int32_t>(), *chi = col_hi.data_ptr<int32_t>();
   // ds is stored as pass 1 makes it, by micro-block (group) g of RB keys: for each query t of
@@ -724,7 +768,7 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
   std::vector<int64_t> cs(ng), ce(ng), off(ng + 1, 0);
   for (int64_t g = 0; g < ng; ++g) {
     const int n = count_real(clo, chi, g * RB, std::min<int64_t>(RB, T - g * RB));
-    cs[g] = clo[g * RB], ce[g] = n > 0 ? chi[g * RB + n - 1] : cs[g];
+    cs[g] = clo[g * RB] / P * P, ce[g] = n > 0 ? chi[g * RB + n - 1] : cs[g];  // cs: pass 1's c0
     off[g + 1] = off[g] + (ce[g] - cs[g]) * RB;
   }
   const int64_t nnz = off[ng];
@@ -750,7 +794,11 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
         E* const dsh = ds.get() + (h - h0) * nnz;
         for (int64_t j0 = j0b; j0 < j1b; j0 += RB) {
           const int n = count_real(clo, chi, j0, std::min<int64_t>(RB, j1b - j0));
-          if (n == 0) break;  // keys nobody sees (padding) keep zero gradients
+          if (n < std::min<int64_t>(RB, j1b - j0)) {  // keys nobody sees (padding) from j0 + n on
+            zero_rows(DK, j0 + n, j1b, h, H, D);
+            zero_rows(DV, j0 + n, j1b, h, H, D);
+            if (n == 0) break;
+          }
           for (int m = 0; m < n; ++m) {
             prefetch<1>(DK + ((j0 + m) * H + h) * D, D * sizeof(E));
             prefetch<1>(DV + ((j0 + m) * H + h) * D, D * sizeof(E));
@@ -778,9 +826,8 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
           mm<E>(s, ldt, Qn.at(h, c0, 0), Qn.ld, span, Dp, acc.data(), Dp);
           for (int m = 0; m < n; ++m)
             store_row(DK + ((j0 + m) * H + h) * D, acc.data() + m * Dp, fscale, D);
-          E* dst = dsh + off[j0 / RB];  // ds is zero at the keys a query does not see, and at m >= n
-          for (int64_t t = clo[j0]; t < c0 + span; ++t, dst += RB)
-            for (int m = 0; m < RB; ++m) dst[m] = s[m * ldt + t - c0];
+          // ds is zero at the keys a query does not see (the query c0 < clo[j0] sees none), and at m >= n
+          store_transposed<RB>(s, ldt, span, dsh + off[j0 / RB]);
         }
       }
     });
@@ -796,7 +843,10 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
         const E* const dsh = ds.get() + (h - h0) * nnz;
         for (int64_t i0 = r0; i0 < r1; i0 += RB) {
           const int n = count_real(lo, hi, i0, std::min<int64_t>(RB, r1 - i0));
-          if (n == 0) break;
+          if (n < std::min<int64_t>(RB, r1 - i0)) {  // padding from i0 + n on
+            zero_rows(DQ, i0 + n, r1, h, H, D);
+            if (n == 0) break;
+          }
           for (int m = 0; m < n; ++m) prefetch<1>(DQ + ((i0 + m) * H + h) * D, D * sizeof(E));
           const int64_t c0 = lo[i0] / P * P, span = hi[i0 + n - 1] - c0;
           // Row m of A holds keys from c0 at A + m * lda + RB: whole groups, the first of which
