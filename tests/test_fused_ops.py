@@ -10,6 +10,8 @@ multiples of the vocabulary block or the token chunk, rows with no supervised to
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from conftest import DEVICE
@@ -305,6 +307,52 @@ def test_linear_cross_entropy_chunk_logits_in_several_products(backend, monkeypa
     monkeypatch.setattr(linear_cross_entropy_module, "_MATMUL_ROWS", 3)
     T, V, d = 40, 70, 16
     check_against_oracle(_lce(_labels(T, V), 16), [randn(T, d), randn(V, d, scale=0.3)], backend, torch.float32)
+
+
+@pytest.mark.parametrize(
+    "backend,ce_chunk,add_slab",
+    [
+        ("compile", "_ce_chunk_compile", "_add_slab"),
+        pytest.param("cpu", "_ce_chunk_cpu", "_add_slab_cpu", marks=needs_cpu_kernel),
+    ],
+)
+def test_linear_cross_entropy_products_take_whole_row_buckets_on_cpu(backend, ce_chunk, add_slab, monkeypatch):
+    """On a CPU every product of the chunk loop runs on a multiple of ``_CPU_ROW_BUCKET`` rows
+    (oneDNN compiles a kernel for each new shape), whatever the supervised rows' count: the
+    zero rows added change nothing."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    mms = (torch.ops.aten.mm.default, torch.ops.aten.mm.out)
+
+    class ProductShapes(TorchDispatchMode):
+        dims: list[int] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in mms:
+                self.dims += [*args[0].shape, *args[1].shape]
+            return func(*args, **(kwargs or {}))
+
+    T, V, d = 150, 300, 16
+    z, w, labels = randn(T, d).detach().cpu(), randn(V, d, scale=0.3).detach().cpu(), _labels(T, V).cpu()
+    rows = ops.supervised_rows(labels)  # 100 rows: chunks of 40, 40 and 20
+    run = functools.partial(
+        linear_cross_entropy_module.linear_cross_entropy_chunked,
+        z,
+        w,
+        labels,
+        rows,
+        40,
+        getattr(linear_cross_entropy_module, ce_chunk),
+        True,
+    )
+    with ProductShapes() as log:
+        bucketed = run(getattr(linear_cross_entropy_module, add_slab))
+    assert 64 in log.dims and set(log.dims) <= {64, V, d}, log.dims  # never 40 or 20 rows
+    monkeypatch.setattr(linear_cross_entropy_module, "_CPU_ROW_BUCKET", 1)
+    exact = run(getattr(linear_cross_entropy_module, add_slab))
+    assert torch.equal(bucketed[1], exact[1])  # pred
+    for i in (0, 2, 3):  # loss, dz, dW
+        torch.testing.assert_close(bucketed[i], exact[i], rtol=1e-5, atol=1e-6)
 
 
 @needs_cpu_kernel

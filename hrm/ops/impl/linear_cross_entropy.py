@@ -45,6 +45,7 @@ from hrm.ops.common import (
     compute_dtype,
     device_of,
     jit,
+    linear_dtype,
     needs_grad,
     next_pow2,
     pointers,
@@ -270,11 +271,23 @@ def _ce_chunk_cpu(logits: Tensor, targets: Tensor, with_grad: bool) -> tuple[Ten
 # -- the chunk loop (the fused backends) -----------------------------------------------------
 ChunkCE = Callable[[Tensor, Tensor, bool], tuple[Tensor, Tensor, "Tensor | None"]]
 
+
+def _product_rows(rows: int, device: torch.device) -> int:
+    """The rows a chunk of ``rows`` supervised rows runs its products on (``_CPU_ROW_BUCKET``)."""
+    return cdiv(rows, _CPU_ROW_BUCKET) * _CPU_ROW_BUCKET if device.type == "cpu" else rows
+
+
 # Rows per matmul of the chunk loop: large enough for the GEMM to run at its peak (each call
 # packs the whole head weight again, so on the AMX CPU a bf16 chunk of 512 rows is faster in
 # one product than in two), small enough that the output rows stay a few tens of MiB (a
 # 1024-row product at once runs ~40% slower on a CPU).
 _MATMUL_ROWS = 512
+# On a CPU each chunk's products run on a multiple of this many rows, the chunk's rows then
+# zero rows (whose logits are 0 and stay so: the chunk's softmax runs on its own rows only):
+# oneDNN compiles a kernel for each new product shape (~30 ms for the three products of a
+# 32K-vocabulary chunk on the AMX CPU), and the last chunk of every step would otherwise have
+# a new row count.
+_CPU_ROW_BUCKET = 64
 # Vocabulary rows per dW update when dW is accumulated in a wider dtype than the products:
 # the product of one slab is the only temporary (never one of the weight's size).
 _DW_SLAB_ROWS = 8192
@@ -327,10 +340,11 @@ def linear_cross_entropy_chunked(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(loss_sum, pred, dz, dW)`` (the gradients are empty without ``with_grad``) over the
     supervised ``rows``; ``ce_chunk(logits, targets, with_grad) -> (loss_rows, pred_rows,
-    dlogits)``, where ``dlogits`` may overwrite ``logits``; ``add_slab`` adds a product to its
-    slab of dW (:func:`_accumulate_dw`). The matmuls run in z's dtype;
-    every buffer is allocated once per call and reused by the chunks. Reads nothing back to
-    the host: the loop's length is ``rows``'s size."""
+    dlogits)``, where ``dlogits`` is ``logits`` overwritten with their gradient; ``add_slab``
+    adds a product to its slab of dW (:func:`_accumulate_dw`). The matmuls run in z's dtype,
+    on CPUs over whole buckets of rows (:func:`_product_rows`); every buffer is allocated
+    once per call and reused by the chunks. Reads nothing back to the host: the loop's length
+    is ``rows``'s size."""
     w = weight.to(z.dtype)  # one cast for all chunks (a no-op when the dtypes agree)
     V = w.shape[0]
     S = rows.shape[0]
@@ -342,19 +356,21 @@ def linear_cross_entropy_chunked(
         if with_grad
         else weight.new_empty(0)
     )
-    logits_buf = z.new_empty(min(chunk_rows, S), V)
+    logits_buf = z.new_empty(_product_rows(min(chunk_rows, S), z.device), V)
     for start in range(0, S, chunk_rows):
         r = rows[start : start + chunk_rows]
-        x = z[r]  # [C, d]
-        logits = logits_buf[: r.shape[0]]
-        for a in range(0, r.shape[0], _MATMUL_ROWS):
+        n = r.shape[0]
+        m = _product_rows(n, z.device)
+        x = z[r] if m == n else torch.cat([z[r], z.new_zeros(m - n, z.shape[1])])  # [m, d]
+        logits = logits_buf[:m]
+        for a in range(0, m, _MATMUL_ROWS):
             torch.mm(x[a : a + _MATMUL_ROWS], w.t(), out=logits[a : a + _MATMUL_ROWS])
-        loss_rows, pred_rows, g = ce_chunk(logits, labels[r], with_grad)
+        loss_rows, pred_rows, g = ce_chunk(logits[:n], labels[r], with_grad)
         loss += loss_rows.sum()
         pred[r] = pred_rows.to(pred.dtype)
         if with_grad:
-            g = g.to(z.dtype)
-            dz[r] = g @ w  # [C, d]
+            g = logits  # overwritten by ce_chunk in its first n rows; the zero rows' logits are 0
+            dz[r] = (g @ w)[:n]  # [C, d]
             _accumulate_dw(dw, g, x, start == 0, add_slab)
     if with_grad and S == 0:
         dw.zero_()
@@ -383,6 +399,7 @@ def _define_op(name: str, ce_chunk: ChunkCE, add_slab: Callable = _add_slab):
         _, pred, dz, dw = output
         ctx.mark_non_differentiable(pred, dz, dw)
         ctx.save_for_backward(dz, dw)
+        ctx.set_materialize_grads(False)  # the other outputs' gradients are never used: no zeros of W's size
 
     def backward(ctx, dloss, _dpred, _ddz, _ddw):
         dz, dw = ctx.saved_tensors
@@ -397,21 +414,11 @@ _lce_triton_op = _define_op("linear_cross_entropy_triton", _ce_chunk_triton)
 _lce_cpu_op = _define_op("linear_cross_entropy_cpu", _ce_chunk_cpu, _add_slab_cpu)
 
 
-def head_dtype(z: Tensor) -> torch.dtype:
-    """The LM head's dtype: autocast's, as ``F.linear`` would compute, when it is on for z's
-    device and z is an autocast-eligible float; else z's. (A custom op runs below autocast,
-    so the fused backends apply it here.)"""
-    device = z.device.type
-    if z.dtype in (torch.float32, torch.float16, torch.bfloat16) and torch.is_autocast_enabled(device):
-        return torch.get_autocast_dtype(device)
-    return z.dtype
-
-
 def _fused_backend(op) -> Callable[..., tuple[Tensor, Tensor]]:
     def impl(
         z: Tensor, weight: Tensor, labels: Tensor, rows: Tensor | None = None, chunk_rows: int | None = None
     ) -> tuple[Tensor, Tensor]:
-        z = z.to(head_dtype(z))
+        z = z.to(linear_dtype(z))  # a custom op runs below autocast: the fused backends apply it here
         chunk_rows = chunk_rows or default_chunk_rows(weight.shape[0], z.element_size(), z.device)
         loss, pred, _, _ = op(z, weight, labels, rows, chunk_rows, needs_grad(z, weight))
         return loss, pred
