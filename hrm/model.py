@@ -99,7 +99,9 @@ class Block(nn.Module):
 
     Every add is fused with the norm that follows it, so the block takes the residual
     stream with its norm ``n = rms(x)`` and leaves its last add pending: it returns
-    ``(x + Attn(n), MLP(rms(x + Attn(n))))`` and the caller adds the second part.
+    ``(x + Attn(n), MLP(rms(x + Attn(n))))`` and the caller adds the second part. A norm
+    that only feeds linear layers comes out in their dtype (:func:`hrm.ops.linear_dtype`:
+    autocast's), the cast they would make fused into it.
     """
 
     def __init__(self, config: ModelConfig) -> None:
@@ -111,7 +113,7 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, n: torch.Tensor, ctx: Packing, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
         a = self.attn(n, ctx, slot)
         with profiling.range("norm"):
-            x, n = ops.add_rms_norm(a, x, self.eps, backend=ctx.backend)
+            x, n = ops.add_rms_norm(a, x, self.eps, backend=ctx.backend, out_dtype=ops.linear_dtype(x))
         return x, self.mlp(n, ctx)
 
 
@@ -127,7 +129,7 @@ class Stack(nn.Module):
         """``rms(blocks(x))``; ``call`` numbers the stack invocations of one forward (it names
         KV-cache slots)."""
         with profiling.range("norm"):
-            n = ops.rms_norm(x, self.eps, backend=ctx.backend)
+            n = ops.rms_norm(x, self.eps, backend=ctx.backend, out_dtype=ops.linear_dtype(x))
         x, delta = self.run(x, n, ctx, call)
         with profiling.range("norm"):
             return ops.add_rms_norm(delta, x, self.eps, backend=ctx.backend)[1]
@@ -140,7 +142,7 @@ class Stack(nn.Module):
         for i, layer in enumerate(self.layers):
             if delta is not None:
                 with profiling.range("norm"):
-                    x, n = ops.add_rms_norm(delta, x, self.eps, backend=ctx.backend)
+                    x, n = ops.add_rms_norm(delta, x, self.eps, backend=ctx.backend, out_dtype=ops.linear_dtype(x))
             x, delta = layer(x, n, ctx, call * len(self.layers) + i)
         return x, delta
 
@@ -285,8 +287,9 @@ class HRMText(nn.Module):
         cfg, eps, backend = self.config, self.config.norm_eps, ctx.backend
         steps = stack_calls(cfg, bp_steps, torch.is_grad_enabled())
         z = {"H": x, "L": self.z_L_init.to(x.dtype).expand_as(x)}  # z_L broadcasts over tokens
+        lowp = ops.linear_dtype(x)  # the pre-norms' dtype: the first block's projections'
         with torch.set_grad_enabled(steps[0][1]), profiling.range("norm"):
-            u, n = ops.add_rms_norm(z["L"], z["H"], eps, backend=backend)  # first injection and pre-norm
+            u, n = ops.add_rms_norm(z["L"], z["H"], eps, backend=backend, out_dtype=lowp)  # first injection, pre-norm
         for call, (level, with_grad) in enumerate(steps):
             stack = self.L_level if level == "L" else self.H_level
             name = f"U{call}" if cfg.arch == "ut" else profiling.stack_range_name(level, call, cfg.L_cycles)
@@ -297,7 +300,7 @@ class HRMText(nn.Module):
             next_grad = steps[call + 1][1]
             other = z["H" if level == "L" else "L"]
             with torch.set_grad_enabled(with_grad or next_grad), profiling.range("norm"):
-                new, u, n = ops.magicnorm_transition(x, delta, other, eps, backend=backend)
+                new, u, n = ops.magicnorm_transition(x, delta, other, eps, backend=backend, out_dtype=lowp)
             z[level] = new if with_grad else new.detach()
             if not next_grad:
                 u, n = u.detach(), n.detach()

@@ -144,6 +144,71 @@ def test_magicnorm_transition_with_outputs_that_get_no_gradient():
         assert torch.all(got[2] == 0)
 
 
+NORMS = {  # op, number of inputs, the index of the output that out_dtype sets
+    "rms_norm": (lambda *a, **k: ops.rms_norm(*a, 1e-6, **k), 1, 0),
+    "add_rms_norm": (lambda *a, **k: ops.add_rms_norm(*a, 1e-6, **k), 2, 1),
+    "magicnorm_transition": (lambda *a, **k: ops.magicnorm_transition(*a, 1e-6, **k), 3, 2),
+}
+
+
+@pytest.mark.parametrize("name", sorted(NORMS))
+@pytest.mark.parametrize("backend", ["torch", *FUSED])
+def test_norm_out_dtype_is_the_cast_of_the_output(name, backend):
+    """``out_dtype`` (the linear layers' dtype under autocast) gives exactly the cast of the
+    normalised output, and the same gradients as casting after the op, a bf16 input (a block's
+    output under autocast) getting its gradient in bf16 (the compile backend fuses the casts and
+    recomputes the rounded output from its input in the backward)."""
+    op, n_in, idx = NORMS[name]
+    g = torch.Generator().manual_seed(3)
+    base = [torch.randn(29, 48, generator=g, dtype=torch.float64) * 2 for _ in range(n_in)]
+    # the block output (x of add_rms_norm, delta of the transition) in bf16, the streams fp32
+    dtypes = [torch.float32] * n_in if n_in == 1 else [torch.bfloat16, torch.float32, torch.float32][:n_in]
+    if name == "magicnorm_transition":
+        dtypes = [torch.float32, torch.bfloat16, torch.float32]
+    cot = [torch.randn(29, 48, generator=g).to(DEVICE) for _ in range(3)]
+
+    def run(fused: bool):
+        xs = [b.to(dt).to(DEVICE).requires_grad_() for b, dt in zip(base, dtypes)]
+        out = op(*xs, backend=backend, out_dtype=torch.bfloat16) if fused else op(*xs, backend=backend)
+        out = (out,) if isinstance(out, torch.Tensor) else tuple(out)
+        if not fused:
+            out = tuple(o.to(torch.bfloat16) if i == idx else o for i, o in enumerate(out))
+        loss = sum((o.float() * c).sum() for o, c in zip(out, cot))
+        return out, torch.autograd.grad(loss, xs)
+
+    (out_f, grads_f), (out_c, grads_c) = run(True), run(False)
+    assert out_f[idx].dtype == torch.bfloat16
+    for a, b in zip(out_f, out_c):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    for a, b, dt in zip(grads_f, grads_c, dtypes):
+        assert a.dtype == b.dtype == dt
+        if backend == "compile":  # two inductor graphs: their reductions may round apart
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6 * b.abs().max().item())
+        else:
+            assert torch.equal(a, b)
+
+
+def test_compile_norm_recomputes_its_output_bit_for_bit():
+    """What the backward of a fused cast renormalises (:func:`rms_norm.normed` on h and rstd) is
+    the forward's fp32 output exactly."""
+    from hrm.ops.impl import rms_norm as rms_norm_module
+
+    x, r = randn(37, 100, scale=3).detach().cpu(), randn(37, 100).detach().cpu()
+    h, y, rstd = rms_norm_module._add_rms_norm_fwd_compiled(x, r, 1e-6, None)
+    assert torch.equal(rms_norm_module.normed(h, rstd, True), y)
+    assert torch.equal(rms_norm_module.normed(y, rstd, False), y)
+
+
+@pytest.mark.parametrize("name", sorted(NORMS))
+def test_norm_out_dtype_saves_no_more(name):
+    """With a fused cast the compile backend keeps the norm's input, not its rounded output: as
+    many bytes as without it."""
+    op, n_in, _ = NORMS[name]
+    xs = [torch.randn(16, 32, device=DEVICE, requires_grad=True) for _ in range(n_in)]
+    plain = saved_bytes(lambda: op(*xs, backend="compile"))
+    assert saved_bytes(lambda: op(*xs, backend="compile", out_dtype=torch.bfloat16)) == plain
+
+
 def cpu_cases(shapes):
     """``("cpu", dtype, shape)``: the C++ kernels of the cpu backend on every shape, fp32 and bf16."""
     return [

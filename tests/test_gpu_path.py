@@ -114,7 +114,8 @@ def test_mixed_dtype_gradients_reach_each_input_in_its_dtype(backend):
 def test_triton_model_keeps_fp32_states_under_autocast(monkeypatch):
     """The model on ``triton`` under reduced-precision autocast (fp16 where the interpreter runs
     it): the residual stream and the recurrent states z_H / z_L stay fp32 after every stack
-    call, as on the ``torch`` backend, and the loss matches the reference's."""
+    call, as on the ``torch`` backend, the pre-norms that feed linear layers come out in the
+    autocast dtype (their ``out_dtype``), and the loss matches the reference's."""
     seen: dict[str, list] = {"torch": [], "triton": []}
     current = ["torch"]
     for name in ("add_rms_norm", "magicnorm_transition"):
@@ -122,7 +123,7 @@ def test_triton_model_keeps_fp32_states_under_autocast(monkeypatch):
 
         def record(*args, _fn=fn, _name=name, **kwargs):
             out = _fn(*args, **kwargs)
-            seen[current[0]].append((_name, [o.dtype for o in out]))
+            seen[current[0]].append((_name, [o.dtype for o in out], kwargs.get("out_dtype")))
             return out
 
         monkeypatch.setattr(ops, name, record)
@@ -138,7 +139,11 @@ def test_triton_model_keeps_fp32_states_under_autocast(monkeypatch):
         with torch.autocast(DEVICE.type, dtype=low):
             losses[backend], _ = model(**batch.model_inputs(), bp_steps=3)
     assert seen["triton"] == seen["torch"]
-    assert seen["triton"] and all(d == torch.float32 for _, dtypes in seen["triton"] for d in dtypes), seen
+    assert seen["triton"] and all(
+        dtypes[:-1] == [torch.float32] * (len(dtypes) - 1) and dtypes[-1] == (out_dtype or torch.float32)
+        for _, dtypes, out_dtype in seen["triton"]
+    ), seen
+    assert {out_dtype for _, _, out_dtype in seen["triton"]} == {low, None}  # the pre-norms, the exit norm
     torch.testing.assert_close(losses["triton"], losses["torch"], rtol=1e-2, atol=0)
 
 

@@ -3,6 +3,7 @@ fused backends, custom-op registration) lives in ``hrm.ops.impl.<op>``; the back
 chosen in :mod:`hrm.ops.dispatch`; :mod:`hrm.ops.common` holds what they share."""
 
 from hrm.ops import cpp_extension  # noqa: F401  (registers the cpu backend's probe)
+from hrm.ops.common import linear_dtype
 from hrm.ops.dispatch import BACKENDS, available_backends, resolve_backend
 from hrm.ops.impl.adam_atan2 import adam_atan2_
 from hrm.ops.impl.cross_entropy import IGNORE_INDEX, cross_entropy
@@ -27,6 +28,7 @@ __all__ = [
     "decode_attention",
     "embedding",
     "linear_cross_entropy",
+    "linear_dtype",
     "magicnorm_transition",
     "prefixlm_attention",
     "prepare_packing",

@@ -60,6 +60,11 @@ def linear_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+def cast(x: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """``x`` in ``dtype`` (``None``: as it is)."""
+    return x if dtype is None or x.dtype == dtype else x.to(dtype)
+
+
 def next_pow2(n: int) -> int:
     """The smallest power of two >= ``n`` (1 for ``n <= 1``)."""
     return 1 << max(n - 1, 0).bit_length()

@@ -11,9 +11,12 @@ is injected (``z_H`` after an L step, ``z_L`` after an H step):
     n = u * rstd(u)                    (the next block's pre-norm)
 
 with ``rstd(t) = 1 / sqrt(mean(t**2, -1) + eps)`` in fp32 and ``h``, ``z``, ``u``, ``n`` stored
-(and ``h``, ``u`` rounded) in the input dtype. Returns ``(z, u, n)``; ``h`` never reaches memory.
+(and ``h``, ``u`` rounded) in the input dtype; with ``out_dtype`` (the dtype of the linear layer
+that reads ``n``), ``n`` is then cast to it (fused by the ``compile`` backend, after the op by
+the others). Returns ``(z, u, n)``; ``h`` never reaches memory.
 Saved for backward: ``z`` (the state, alive anyway), ``n`` (the next linear layer saves it
-too) and the two fp32 ``rstd`` per row. Backward:
+too; where the fused cast rounds ``n``, ``u`` instead, and ``n = u * rstd(u)`` is recomputed)
+and the two fp32 ``rstd`` per row. Backward:
 
     du' = du + rstd(u) * (dn - n * mean(dn * n))        = d other
     dh  = rstd(h) * (dz' - z * mean(dz' * z)),  dz' = dz + du'   = d x = d delta
@@ -28,6 +31,7 @@ from torch import Tensor
 
 from hrm.ops import cuda_extension
 from hrm.ops.common import (
+    cast,
     cdiv,
     compiled,
     compute_dtype,
@@ -42,16 +46,16 @@ from hrm.ops.common import (
     tuned_row_config,
 )
 from hrm.ops.dispatch import fallback_impl, get_impl, register
-from hrm.ops.impl.rms_norm import rms_norm_forward_math, rms_norm_grad_math, rms_norm_reference, row_tiles
+from hrm.ops.impl.rms_norm import normed, rms_norm_forward_math, rms_norm_grad_math, rms_norm_reference, row_tiles
 
 
 @register("magicnorm_transition", "torch")
 def magicnorm_transition_reference(
-    x: Tensor, delta: Tensor, other: Tensor, eps: float = 1e-6
+    x: Tensor, delta: Tensor, other: Tensor, eps: float = 1e-6, out_dtype: torch.dtype | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
     z = rms_norm_reference(x + delta, eps)
     u = z + other
-    return z, u, rms_norm_reference(u, eps)
+    return z, u, rms_norm_reference(u, eps, out_dtype)
 
 
 # -- Triton kernels ------------------------------------------------------------------------
@@ -258,10 +262,10 @@ _transition_op.register_autograd(_transition_op_backward, setup_context=_transit
 
 @register("magicnorm_transition", "triton")
 def magicnorm_transition_triton(
-    x: Tensor, delta: Tensor, other: Tensor, eps: float = 1e-6
+    x: Tensor, delta: Tensor, other: Tensor, eps: float = 1e-6, out_dtype: torch.dtype | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
     z, u, n, _, _ = _transition_op(x, delta, other, eps)
-    return z, u, n
+    return z, u, cast(n, out_dtype)
 
 
 def aot_specs(hidden_size: int, dtype: torch.dtype, rows: int = 8192) -> list:
@@ -303,21 +307,35 @@ def aot_specs(hidden_size: int, dtype: torch.dtype, rows: int = 8192) -> list:
 
 # -- compile backend -----------------------------------------------------------------------
 def _transition_forward_math(
-    x: Tensor, delta: Tensor, other: Tensor, eps: float
+    x: Tensor, delta: Tensor, other: Tensor, eps: float, out_dtype: torch.dtype | None = None
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     z, rstd_h = rms_norm_forward_math(x + delta, eps)
     u = z + other
     n, rstd_u = rms_norm_forward_math(u, eps)
-    return z, u, n, rstd_h, rstd_u
+    return z, u, cast(n, out_dtype), rstd_h, rstd_u
 
 
 def _transition_backward_math(
-    dz: Tensor, du: Tensor, dn: Tensor, z: Tensor, n: Tensor, rstd_h: Tensor, rstd_u: Tensor
-) -> tuple[Tensor, Tensor]:
+    dz: Tensor,
+    du: Tensor,
+    dn: Tensor,
+    z: Tensor,
+    n: Tensor,
+    rstd_h: Tensor,
+    rstd_u: Tensor,
+    n_is_u: bool = False,
+    x_dtype: torch.dtype | None = None,
+    delta_dtype: torch.dtype | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(dx, d delta, d other)``: ``dh`` (the gradient of both x and delta, in z's dtype) cast
+    to x's and delta's dtypes in the same pass (a bf16 MLP output added to an fp32 stream gets
+    its bf16 copy here, not from autograd after the op); with ``n_is_u`` the forward saved
+    ``u`` in ``n``'s place."""
+    n = normed(n, rstd_u, n_is_u)
     dt = compute_dtype(z.dtype)
     du = du.to(dt) + rms_norm_grad_math(dn.to(dt), n.to(dt), rstd_u)
-    dh = rms_norm_grad_math(dz.to(dt) + du, z.to(dt), rstd_h)
-    return dh.to(z.dtype), du.to(n.dtype)
+    dh = rms_norm_grad_math(dz.to(dt) + du, z.to(dt), rstd_h).to(z.dtype)
+    return cast(dh, x_dtype), cast(dh, delta_dtype), du.to(n.dtype)
 
 
 _transition_fwd_compiled = compiled(_transition_forward_math)
@@ -326,26 +344,29 @@ _transition_bwd_compiled = compiled(_transition_backward_math)
 
 class _TransitionCompiled(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, delta: Tensor, other: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
-        z, u, n, rstd_h, rstd_u = _transition_fwd_compiled(x, delta, other, eps)
-        ctx.save_for_backward(z, n, rstd_h, rstd_u)
+    def forward(
+        ctx, x: Tensor, delta: Tensor, other: Tensor, eps: float, out_dtype: torch.dtype | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        z, u, n, rstd_h, rstd_u = _transition_fwd_compiled(x, delta, other, eps, out_dtype)
+        ctx.n_is_u = n.dtype != u.dtype  # n was cast: keep u, recompute n in the backward
+        ctx.save_for_backward(z, u if ctx.n_is_u else n, rstd_h, rstd_u)
+        ctx.dtypes = x.dtype, delta.dtype
         return z, u, n
 
     @staticmethod
     def backward(ctx, dz: Tensor, du: Tensor, dn: Tensor):
-        dh, dother = _transition_bwd_compiled(dz, du, dn, *ctx.saved_tensors)
-        return dh, dh, dother, None
+        return *_transition_bwd_compiled(dz, du, dn, *ctx.saved_tensors, ctx.n_is_u, *ctx.dtypes), None, None
 
 
 @register("magicnorm_transition", "compile")
 def magicnorm_transition_compile(
-    x: Tensor, delta: Tensor, other: Tensor, eps: float = 1e-6
+    x: Tensor, delta: Tensor, other: Tensor, eps: float = 1e-6, out_dtype: torch.dtype | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
     flat = [t.reshape(-1, x.shape[-1]) for t in (x, delta, other)]  # one compiled graph for every rank
     if needs_grad(x, delta, other):
-        z, u, n = _TransitionCompiled.apply(*flat, eps)
+        z, u, n = _TransitionCompiled.apply(*flat, eps, out_dtype)
     else:
-        z, u, n = _transition_fwd_compiled(*flat, eps)[:3]
+        z, u, n = _transition_fwd_compiled(*flat, eps, out_dtype)[:3]
     return z.view(x.shape), u.view(x.shape), n.view(x.shape)
 
 
@@ -395,17 +416,24 @@ def _register_cuda_transition() -> None:
 
 @register("magicnorm_transition", "cuda")
 def magicnorm_transition_cuda(
-    x: Tensor, delta: Tensor, other: Tensor, eps: float = 1e-6
+    x: Tensor, delta: Tensor, other: Tensor, eps: float = 1e-6, out_dtype: torch.dtype | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
     if not cuda_takes(x, delta, other):  # mixed dtypes (autocast), odd widths: the fallback
-        return fallback_impl("magicnorm_transition", "cuda")(x, delta, other, eps)
+        return fallback_impl("magicnorm_transition", "cuda")(x, delta, other, eps, out_dtype)
     z, u, n, _, _ = torch.ops.hrm_cuda.magicnorm_transition(x, delta, other, eps)
-    return z, u, n
+    return z, u, cast(n, out_dtype)
 
 
 def magicnorm_transition(
-    x: Tensor, delta: Tensor, other: Tensor, eps: float = 1e-6, *, backend: str | None = None
+    x: Tensor,
+    delta: Tensor,
+    other: Tensor,
+    eps: float = 1e-6,
+    *,
+    backend: str | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(z, u, n)``: the exit-normed state ``z = rms(x + delta)``, the next stack's input
-    ``u = z + other`` and its pre-norm ``n = rms(u)`` (all of ``x``'s shape)."""
-    return get_impl("magicnorm_transition", backend)(x, delta, other, eps)
+    ``u = z + other`` and its pre-norm ``n = rms(u)`` (all of ``x``'s shape; ``n`` in
+    ``out_dtype``, default u's)."""
+    return get_impl("magicnorm_transition", backend)(x, delta, other, eps, out_dtype)

@@ -5,12 +5,18 @@ the residual add in front of it.
     add_rms_norm:  h = x + r;  y = h * rstd(h)       returns the new residual h and y
 
 Computed in at least fp32 and returned in the input dtype; ``h`` is rounded to the input
-dtype before it is normalised (the residual stream is stored in that dtype).
+dtype before it is normalised (the residual stream is stored in that dtype). With
+``out_dtype`` (the model passes the dtype of the linear layer that reads ``y``: autocast's),
+``y`` is then cast to it, as that layer would cast it; the ``compile`` backend (which the
+``cpu`` backend uses) fuses the cast into the norm, the others cast after it.
 
 Backward, from the saved output ``y`` (the linear layer that reads ``y`` saves it anyway,
 so keeping it costs nothing) and one fp32 ``rstd`` per row:
 
     dx = rstd * (dy - y * mean(dy * y, -1))  (+ dh, the gradient that reaches h directly)
+
+When the fused cast rounds ``y``, the ``compile`` backend saves the norm's input ``h``
+instead and recomputes ``y = h * rstd`` (bit for bit the forward's) in the backward.
 
 Backends: ``torch`` (the composite reference, the oracle), ``compile`` (the explicit
 forward/backward below compiled by inductor), ``triton`` (the kernels below, registered
@@ -26,6 +32,7 @@ from torch import Tensor
 
 from hrm.ops.common import (
     TileTarget,
+    cast,
     cdiv,
     compiled,
     compute_dtype,
@@ -46,15 +53,17 @@ from hrm.ops.dispatch import get_impl, register
 
 # -- reference -----------------------------------------------------------------------------
 @register("rms_norm", "torch")
-def rms_norm_reference(x: Tensor, eps: float = 1e-6) -> Tensor:
+def rms_norm_reference(x: Tensor, eps: float = 1e-6, out_dtype: torch.dtype | None = None) -> Tensor:
     xf = x.to(compute_dtype(x.dtype))
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return cast((xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype), out_dtype)
 
 
 @register("add_rms_norm", "torch")
-def add_rms_norm_reference(x: Tensor, residual: Tensor, eps: float = 1e-6) -> tuple[Tensor, Tensor]:
+def add_rms_norm_reference(
+    x: Tensor, residual: Tensor, eps: float = 1e-6, out_dtype: torch.dtype | None = None
+) -> tuple[Tensor, Tensor]:
     h = x + residual
-    return h, rms_norm_reference(h, eps)
+    return h, rms_norm_reference(h, eps, out_dtype)
 
 
 # -- Triton kernels ------------------------------------------------------------------------
@@ -243,14 +252,16 @@ _add_rms_norm_op.register_autograd(_add_rms_norm_op_backward, setup_context=_add
 
 
 @register("rms_norm", "triton")
-def rms_norm_triton(x: Tensor, eps: float = 1e-6) -> Tensor:
-    return _rms_norm_op(x, eps)[0]
+def rms_norm_triton(x: Tensor, eps: float = 1e-6, out_dtype: torch.dtype | None = None) -> Tensor:
+    return cast(_rms_norm_op(x, eps)[0], out_dtype)
 
 
 @register("add_rms_norm", "triton")
-def add_rms_norm_triton(x: Tensor, residual: Tensor, eps: float = 1e-6) -> tuple[Tensor, Tensor]:
+def add_rms_norm_triton(
+    x: Tensor, residual: Tensor, eps: float = 1e-6, out_dtype: torch.dtype | None = None
+) -> tuple[Tensor, Tensor]:
     h, y, _ = _add_rms_norm_op(x, residual, eps)
-    return h, y
+    return h, cast(y, out_dtype)
 
 
 def aot_specs(hidden_size: int, dtype: torch.dtype, rows: int = 8192) -> list:
@@ -305,22 +316,51 @@ def rms_norm_grad_math(dy: Tensor, y: Tensor, rstd: Tensor) -> Tensor:
     return rstd[..., None] * (dy - y * (dy * y).mean(-1, keepdim=True))
 
 
-def _add_rms_norm_forward_math(x: Tensor, residual: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+def _rms_norm_forward_cast_math(x: Tensor, eps: float, out_dtype: torch.dtype | None) -> tuple[Tensor, Tensor]:
+    y, rstd = rms_norm_forward_math(x, eps)
+    return cast(y, out_dtype), rstd
+
+
+def _add_rms_norm_forward_math(
+    x: Tensor, residual: Tensor, eps: float, out_dtype: torch.dtype | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
     h = x + residual
-    return (h, *rms_norm_forward_math(h, eps))
+    return (h, *_rms_norm_forward_cast_math(h, eps, out_dtype))
 
 
-def _rms_norm_backward_math(dy: Tensor, y: Tensor, rstd: Tensor) -> Tensor:
+def normed(saved: Tensor, rstd: Tensor, is_input: bool) -> Tensor:
+    """The forward's output ``y`` from what it saved: ``y`` itself, or (``is_input``) its input
+    ``h``, renormalised as :func:`rms_norm_forward_math` did (bit for bit)."""
+    if not is_input:
+        return saved
+    return (saved.to(compute_dtype(saved.dtype)) * rstd[..., None]).to(saved.dtype)
+
+
+def _rms_norm_backward_math(dy: Tensor, saved: Tensor, rstd: Tensor, is_input: bool = False) -> Tensor:
+    y = normed(saved, rstd, is_input)
     dt = compute_dtype(y.dtype)
     return rms_norm_grad_math(dy.to(dt), y.to(dt), rstd).to(y.dtype)
 
 
-def _add_rms_norm_backward_math(dy: Tensor, dh: Tensor, y: Tensor, rstd: Tensor) -> Tensor:
+def _add_rms_norm_backward_math(
+    dy: Tensor,
+    dh: Tensor,
+    saved: Tensor,
+    rstd: Tensor,
+    is_input: bool = False,
+    x_dtype: torch.dtype | None = None,
+    residual_dtype: torch.dtype | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The gradients of ``x`` and ``residual``: one ``dx`` in h's dtype, cast to each input's
+    (autograd would cast it after the op otherwise; a bf16 block output added to an fp32
+    stream gets its bf16 copy in the same pass)."""
+    y = normed(saved, rstd, is_input)
     dt = compute_dtype(y.dtype)
-    return (rms_norm_grad_math(dy.to(dt), y.to(dt), rstd) + dh.to(dt)).to(y.dtype)
+    dx = (rms_norm_grad_math(dy.to(dt), y.to(dt), rstd) + dh.to(dt)).to(y.dtype)
+    return cast(dx, x_dtype), cast(dx, residual_dtype)
 
 
-_rms_norm_fwd_compiled = compiled(rms_norm_forward_math)
+_rms_norm_fwd_compiled = compiled(_rms_norm_forward_cast_math)
 _add_rms_norm_fwd_compiled = compiled(_add_rms_norm_forward_math)
 _rms_norm_bwd_compiled = compiled(_rms_norm_backward_math)
 _add_rms_norm_bwd_compiled = compiled(_add_rms_norm_backward_math)
@@ -328,57 +368,72 @@ _add_rms_norm_bwd_compiled = compiled(_add_rms_norm_backward_math)
 
 class _RMSNormCompiled(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, eps: float) -> Tensor:
-        y, rstd = _rms_norm_fwd_compiled(x, eps)
-        ctx.save_for_backward(y, rstd)
+    def forward(ctx, x: Tensor, eps: float, out_dtype: torch.dtype | None) -> Tensor:
+        y, rstd = _rms_norm_fwd_compiled(x, eps, out_dtype)
+        ctx.is_input = y.dtype != x.dtype  # y was cast: keep x, recompute y in the backward
+        ctx.save_for_backward(x if ctx.is_input else y, rstd)
         return y
 
     @staticmethod
     def backward(ctx, dy: Tensor):
-        y, rstd = ctx.saved_tensors
-        return _rms_norm_bwd_compiled(dy, y, rstd), None
+        saved, rstd = ctx.saved_tensors
+        return _rms_norm_bwd_compiled(dy, saved, rstd, ctx.is_input), None, None
 
 
 class _AddRMSNormCompiled(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, residual: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-        h, y, rstd = _add_rms_norm_fwd_compiled(x, residual, eps)
-        ctx.save_for_backward(y, rstd)
+    def forward(ctx, x: Tensor, residual: Tensor, eps: float, out_dtype: torch.dtype | None) -> tuple[Tensor, Tensor]:
+        h, y, rstd = _add_rms_norm_fwd_compiled(x, residual, eps, out_dtype)
+        ctx.is_input = y.dtype != h.dtype  # y was cast: keep h, recompute y in the backward
+        ctx.save_for_backward(h if ctx.is_input else y, rstd)
+        ctx.dtypes = x.dtype, residual.dtype
         return h, y
 
     @staticmethod
     def backward(ctx, dh: Tensor, dy: Tensor):
-        y, rstd = ctx.saved_tensors
-        dx = _add_rms_norm_bwd_compiled(dy, dh, y, rstd)
-        return dx, dx, None
+        saved, rstd = ctx.saved_tensors
+        dx, dr = _add_rms_norm_bwd_compiled(dy, dh, saved, rstd, ctx.is_input, *ctx.dtypes)
+        return dx, dr, None, None
 
 
 @register("rms_norm", "compile")
-def rms_norm_compile(x: Tensor, eps: float = 1e-6) -> Tensor:
+def rms_norm_compile(x: Tensor, eps: float = 1e-6, out_dtype: torch.dtype | None = None) -> Tensor:
     x2 = x.reshape(-1, x.shape[-1])  # one compiled graph for every rank
-    y = _RMSNormCompiled.apply(x2, eps) if needs_grad(x) else _rms_norm_fwd_compiled(x2, eps)[0]
+    if needs_grad(x):
+        y = _RMSNormCompiled.apply(x2, eps, out_dtype)
+    else:
+        y = _rms_norm_fwd_compiled(x2, eps, out_dtype)[0]
     return y.view(x.shape)
 
 
 @register("add_rms_norm", "compile")
-def add_rms_norm_compile(x: Tensor, residual: Tensor, eps: float = 1e-6) -> tuple[Tensor, Tensor]:
+def add_rms_norm_compile(
+    x: Tensor, residual: Tensor, eps: float = 1e-6, out_dtype: torch.dtype | None = None
+) -> tuple[Tensor, Tensor]:
     x2, r2 = x.reshape(-1, x.shape[-1]), residual.reshape(-1, x.shape[-1])
     if needs_grad(x, residual):
-        h, y = _AddRMSNormCompiled.apply(x2, r2, eps)
+        h, y = _AddRMSNormCompiled.apply(x2, r2, eps, out_dtype)
     else:
-        h, y, _ = _add_rms_norm_fwd_compiled(x2, r2, eps)
+        h, y, _ = _add_rms_norm_fwd_compiled(x2, r2, eps, out_dtype)
     return h.view(x.shape), y.view(x.shape)
 
 
 # -- public --------------------------------------------------------------------------------
-def rms_norm(x: Tensor, eps: float = 1e-6, *, backend: str | None = None) -> Tensor:
-    """Parameterless RMSNorm over the last dimension."""
-    return get_impl("rms_norm", backend)(x, eps)
+def rms_norm(
+    x: Tensor, eps: float = 1e-6, *, backend: str | None = None, out_dtype: torch.dtype | None = None
+) -> Tensor:
+    """Parameterless RMSNorm over the last dimension, in ``out_dtype`` (default: x's)."""
+    return get_impl("rms_norm", backend)(x, eps, out_dtype)
 
 
 def add_rms_norm(
-    x: Tensor, residual: Tensor, eps: float = 1e-6, *, backend: str | None = None
+    x: Tensor,
+    residual: Tensor,
+    eps: float = 1e-6,
+    *,
+    backend: str | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``(h, rms_norm(h))`` with ``h = x + residual`` (same shapes): the new residual stream
-    and its normalised copy."""
-    return get_impl("add_rms_norm", backend)(x, residual, eps)
+    and its normalised copy, the latter in ``out_dtype`` (default: h's)."""
+    return get_impl("add_rms_norm", backend)(x, residual, eps, out_dtype)
