@@ -328,42 +328,61 @@ inline void store_operand(bf16* o, vec x, int64_t n) { store_bf16(o, x, first(n)
 struct RowStats { float max, sum; };
 
 // Forward, one row of s = q.k: p = exp2(mul s - m) with m = mul max s, into pe; returns (m, sum p).
+// Whole vectors run unmasked in pairs (two independent max and sum chains), the last partial
+// one masked.
 template <class E>
 RowStats forward_row(const float* s, E* pe, int64_t a, int64_t b, int64_t width, float mul) {
   const ivec lane = iota();
-  vec vm = splat(-INFINITY);
-  for (int64_t c = a; c < b; c += VW) {
-    const vec x = load(s + c);
-    vm = (lane < (int32_t)(b - c)) & (x > vm) ? x : vm;
+  vec m0 = splat(-INFINITY), m1 = m0;
+  int64_t c = a;
+  for (; c + 2 * VW <= b; c += 2 * VW) {
+    const vec x0 = load(s + c), x1 = load(s + c + VW);
+    m0 = x0 > m0 ? x0 : m0;
+    m1 = x1 > m1 ? x1 : m1;
   }
-  const float mx = hmax(vm) * mul;  // mul > 0: the max of the scaled scores
+  for (; c < b; c += VW) {
+    const vec x = load(s + c);
+    m0 = (lane < (int32_t)(b - c)) & (x > m0) ? x : m0;
+  }
+  const float mx = hmax(m1 > m0 ? m1 : m0) * mul;  // mul > 0: the max of the scaled scores
   std::fill(pe, pe + a, E(0.0f));
-  vec vs = splat(0.0f);
-  for (int64_t c = a; c < b; c += VW) {
+  vec s0 = splat(0.0f), s1 = s0;
+  for (c = a; c + 2 * VW <= b; c += 2 * VW) {
+    const vec p0 = exp2_of<E>(load(s + c) * mul - mx), p1 = exp2_of<E>(load(s + c + VW) * mul - mx);
+    store_operand(pe + c, p0, VW);
+    store_operand(pe + c + VW, p1, VW);
+    s0 += p0;
+    s1 += p1;
+  }
+  for (; c < b; c += VW) {
     vec p = exp2_of<E>(load(s + c) * mul - mx);
     p = (lane < (int32_t)(b - c)) ? p : splat(0.0f);
     store_operand(pe + c, p, b - c);
-    vs += p;
+    s0 += p;
   }
   std::fill(pe + b, pe + round_up(width, kRed<E>), E(0.0f));
-  return {mx, hsum(vs)};
+  return {mx, hsum(s0 + s1)};
 }
 
 // Backward, one row of s = q.k (a key's, over queries) and dp = dO.v: p = exp2(mul s - l2)
 // with l2 the queries' log2-sum-exp, ds = p (dp - dl) with dl their delta (both indexed by
-// column); p into pe, ds into dse.
+// column); p into pe, ds into dse. Whole vectors unmasked, the last partial one masked.
 template <class E>
 void backward_row(const float* s, const float* dp, const float* l2, const float* dl, E* pe, E* dse, int64_t a,
                   int64_t b, int64_t width, float mul) {
-  const ivec lane = iota();
   std::fill(pe, pe + a, E(0.0f));
   std::fill(dse, dse + a, E(0.0f));
-  for (int64_t c = a; c < b; c += VW) {
+  int64_t c = a;
+  for (; c + VW <= b; c += VW) {
+    const vec p = exp2_of<E>(load(s + c) * mul - load(l2 + c));
+    store_operand(pe + c, p, VW);
+    store_operand(dse + c, p * (load(dp + c) - load(dl + c)), VW);
+  }
+  if (c < b) {
     vec p = exp2_of<E>(load(s + c) * mul - load(l2 + c));
-    p = (lane < (int32_t)(b - c)) ? p : splat(0.0f);
-    const vec ds = p * (load(dp + c) - load(dl + c));
+    p = (iota() < (int32_t)(b - c)) ? p : splat(0.0f);
     store_operand(pe + c, p, b - c);
-    store_operand(dse + c, ds, b - c);
+    store_operand(dse + c, p * (load(dp + c) - load(dl + c)), b - c);
   }
   std::fill(pe + b, pe + round_up(width, kRed<E>), E(0.0f));
   std::fill(dse + b, dse + round_up(width, kRed<E>), E(0.0f));
