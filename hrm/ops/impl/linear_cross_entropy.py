@@ -365,13 +365,13 @@ def linear_cross_entropy_chunked(
         logits = logits_buf[:m]
         for a in range(0, m, _MATMUL_ROWS):
             torch.mm(x[a : a + _MATMUL_ROWS], w.t(), out=logits[a : a + _MATMUL_ROWS])
-        loss_rows, pred_rows, g = ce_chunk(logits[:n], labels[r], with_grad)
+        # with_grad: the gradient overwrites the chunk's logits, the zero rows' logits stay 0
+        loss_rows, pred_rows, _ = ce_chunk(logits[:n], labels[r], with_grad)
         loss += loss_rows.sum()
         pred[r] = pred_rows.to(pred.dtype)
         if with_grad:
-            g = logits  # overwritten by ce_chunk in its first n rows; the zero rows' logits are 0
-            dz[r] = (g @ w)[:n]  # [C, d]
-            _accumulate_dw(dw, g, x, start == 0, add_slab)
+            dz[r] = (logits @ w)[:n]  # [C, d]
+            _accumulate_dw(dw, logits, x, start == 0, add_slab)
     if with_grad and S == 0:
         dw.zero_()
     return loss, pred, dz, (dw.to(weight.dtype) if with_grad else dw)
