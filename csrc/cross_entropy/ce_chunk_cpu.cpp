@@ -60,6 +60,41 @@ inline void store_grad(const float* e, float inv, int64_t n, int64_t t, bf16* o)
   o[t] = static_cast<bf16>(e[t] * inv - 1.0f);
 }
 
+// The max of e[0, n) (n a multiple of VW): four independent chains, so that the loop runs at
+// the loads' rate rather than at the max's latency.
+inline float row_max(const float* e, int64_t n) {
+  vec m0 = splat(-INFINITY), m1 = m0, m2 = m0, m3 = m0;
+  int64_t j = 0;
+  for (; j + 4 * VW <= n; j += 4 * VW) {
+    const vec a = load(e + j), b = load(e + j + VW), c = load(e + j + 2 * VW), d = load(e + j + 3 * VW);
+    m0 = a > m0 ? a : m0;
+    m1 = b > m1 ? b : m1;
+    m2 = c > m2 ? c : m2;
+    m3 = d > m3 ? d : m3;
+  }
+  for (; j < n; j += VW) {
+    const vec a = load(e + j);
+    m0 = a > m0 ? a : m0;
+  }
+  m0 = m1 > m0 ? m1 : m0;
+  m2 = m3 > m2 ? m3 : m2;
+  return hmax(m2 > m0 ? m2 : m0);
+}
+
+// The first index of m in e[0, n) (n a multiple of VW; m is there).
+inline int64_t first_index(const float* e, int64_t n, float m) {
+  for (int64_t j = 0; j < n; j += VW) {
+#if defined(__AVX512F__)
+    if (const __mmask16 hit = _mm512_cmpeq_ps_mask(_mm512_loadu_ps(e + j), _mm512_set1_ps(m)))
+      return j + __builtin_ctz(hit);
+#else
+    for (int i = 0; i < VW; ++i)
+      if (e[j + i] == m) return j + i;
+#endif
+  }
+  return 0;  // NaN rows: unspecified
+}
+
 template <class E>
 void rows(E* logits, const int64_t* targets, int64_t C, int64_t V, bool with_grad, float* loss, int64_t* pred) {
   const int64_t Vp = round_up(V, VW);
@@ -70,32 +105,24 @@ void rows(E* logits, const int64_t* targets, int64_t C, int64_t V, bool with_gra
       E* x = logits + r * V;
       const int64_t t = targets[r];
       to_float(x, V, e);
-      vec vm = splat(-INFINITY);
-      for (int64_t j = 0; j < Vp; j += VW) {  // per-lane max
-        const vec v = load(e + j);
-        vm = v > vm ? v : vm;
-      }
-      const float m = hmax(vm);
-      int64_t arg = 0;
-      for (int64_t j = 0; j < Vp; j += VW) {  // the first vector holding m, then its first lane
-        const ivec hit = load(e + j) == m;
-        bool any = false;
-        for (int i = 0; i < VW; ++i) any |= hit[i] != 0;
-        if (any) {
-          int i = 0;
-          while (hit[i] == 0) ++i;
-          arg = j + i;
-          break;
-        }
-      }
+      const float m = row_max(e, Vp);
+      const int64_t arg = first_index(e, Vp, m);
       const float xt = e[t];
-      vec vs = splat(0.0f);
-      for (int64_t j = 0; j < Vp; j += VW) {
+      vec s0 = splat(0.0f), s1 = s0;
+      int64_t j = 0;
+      for (; j + 2 * VW <= Vp; j += 2 * VW) {  // two sum chains
+        const vec p0 = exp2v((load(e + j) - m) * kLog2e), p1 = exp2v((load(e + j + VW) - m) * kLog2e);
+        store(e + j, p0);
+        store(e + j + VW, p1);
+        s0 += p0;
+        s1 += p1;
+      }
+      for (; j < Vp; j += VW) {
         const vec p = exp2v((load(e + j) - m) * kLog2e);
         store(e + j, p);
-        vs += p;
+        s0 += p;
       }
-      const float s = hsum(vs);
+      const float s = hsum(s0 + s1);
       loss[r] = m + std::log(s) - xt;
       pred[r] = arg;
       if (with_grad) store_grad(e, 1.0f / s, V, t, x);
