@@ -284,9 +284,9 @@ def _product_rows(rows: int, device: torch.device) -> int:
 _MATMUL_ROWS = 512
 # On a CPU each chunk's products run on a multiple of this many rows, the chunk's rows then
 # zero rows (whose logits are 0 and stay so: the chunk's softmax runs on its own rows only):
-# oneDNN compiles a kernel for each new product shape (~30 ms for the three products of a
-# 32K-vocabulary chunk on the AMX CPU), and the last chunk of every step would otherwise have
-# a new row count.
+# oneDNN compiles a kernel for each new product shape (tens of milliseconds for the three
+# products of a 32K-vocabulary chunk on the AMX CPU), and the last chunk of every step would
+# otherwise have a new row count.
 _CPU_ROW_BUCKET = 64
 # Vocabulary rows per dW update when dW is accumulated in a wider dtype than the products:
 # the product of one slab is the only temporary (never one of the weight's size).
