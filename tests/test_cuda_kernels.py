@@ -109,7 +109,7 @@ _CMAKE_CPU_SCRIPT = """
 import sys, torch
 for lib in sys.argv[1:]:
     torch.ops.load_library(lib)
-ops = {"hrm_cpu": "prefixlm_fwd", "hrm_decode": "decode_attention", "hrm_ce": "ce_chunk", "hrm_ew": "swiglu_fwd",
+ops = {"hrm_cpu": "prefixlm_fwd", "hrm_decode": "decode_attention", "hrm_ce": "ce_chunk_t", "hrm_ew": "swiglu_fwd",
        "hrm_opt": "adam_atan2_step"}
 for ns, op in ops.items():
     assert hasattr(getattr(torch.ops, ns), op), (ns, op)

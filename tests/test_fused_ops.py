@@ -16,9 +16,10 @@ import pytest
 import torch
 from conftest import DEVICE
 from saved_tensors import saved_bytes
+from torch import Tensor
 
 from hrm import ops
-from hrm.ops import common, dispatch, rope_cos_sin
+from hrm.ops import common, cpp_extension, dispatch, rope_cos_sin
 from hrm.ops.impl import linear_cross_entropy as linear_cross_entropy_module
 from hrm.ops.impl.linear_cross_entropy import ce_chunk_forward
 
@@ -272,6 +273,19 @@ def test_embedding(dtype, shape):
     check_against_oracle(_embedding(ids.view(1, T), 0.5), [randn(V, d)], "cpu", dtype)
 
 
+@needs_cpu_kernel
+def test_embedding_cpu_backward_is_index_add_bit_for_bit():
+    """The C++ backward writes each row once: the same bits as zeros plus ``index_add_`` (token
+    order), rows no token reads exactly zero, at a 32K vocabulary with a byte tokenizer's ids."""
+    g = torch.Generator().manual_seed(1)
+    V, T, d = 32000, 4096, 64
+    ids = torch.randint(0, 260, (T,), generator=g)
+    w = torch.randn(V, d, generator=g, requires_grad=True)
+    up = torch.randn(T, d, generator=g)
+    ops.embedding(ids, w, 1.3, backend="cpu").backward(up)
+    assert torch.equal(w.grad, torch.zeros(V, d).index_add_(0, ids, up, alpha=1.3))
+
+
 def _lce(labels, chunk_rows):
     return lambda z, w, backend: ops.linear_cross_entropy(z, w, labels, chunk_rows=chunk_rows, backend=backend)
 
@@ -282,7 +296,7 @@ def test_linear_cross_entropy(backend, dtype, shape):
     check_against_oracle(_lce(_labels(T, V), chunk), [randn(T, d), randn(V, d, scale=0.3)], backend, dtype)
 
 
-@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("backend", [*FUSED, pytest.param("cpu", marks=needs_cpu_kernel)])
 def test_linear_cross_entropy_without_supervised_rows(backend):
     z, w = randn(11, 24), randn(260, 24)
     labels = torch.full((11,), -100, device=DEVICE)
@@ -291,7 +305,7 @@ def test_linear_cross_entropy_without_supervised_rows(backend):
     assert loss.item() == 0 and torch.all(pred == -100)
 
 
-@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("backend", [*FUSED, pytest.param("cpu", marks=needs_cpu_kernel)])
 def test_linear_cross_entropy_default_chunks_and_no_grad(backend):
     z, w, labels = randn(64, 32).detach().to(DEVICE), randn(700, 32, scale=0.3).detach().to(DEVICE), _labels(64, 700, 2)
     ref_loss, ref_pred = ops.linear_cross_entropy(z.detach(), w.detach(), labels, backend="torch")
@@ -340,30 +354,67 @@ def test_linear_cross_entropy_cpu(dtype, shape):
     check_against_oracle(_lce(_labels(T, V), chunk), [randn(T, d), randn(V, d, scale=0.3)], "cpu", dtype)
 
 
+def _transposed_chunk(logits: Tensor, dtype, cols: int) -> Tensor:
+    """``[V, cols]``: the chunk's rows as columns, then zero padding columns (as the cpu loop
+    makes them)."""
+    C, V = logits.shape
+    out = torch.zeros(V, cols, dtype=dtype)
+    out[:, :C] = logits.to(dtype).t()
+    return out
+
+
 @needs_cpu_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cross_entropy_chunk_cpu_kernel(dtype):
-    """Ties go to the first maximum (as ``argmax``), -inf logits count as zero probability, the
-    gradient overwrites the logits in their dtype; a large vocabulary; no gradient pass without
+    """``hrm_ce::ce_chunk_t`` on transposed logits: ties go to the first maximum (as ``argmax``),
+    -inf logits count as zero probability (a column whose first tiles are all -inf too), the
+    gradient lands over the logits as g^T and in the grad buffer as g, zero in the padding
+    columns; vocabularies of one, of an odd size and a large one; no gradient pass without
     ``with_grad``."""
-    for C, V in ((13, 300), (3, 151_808)):
+    for C, V, cols in ((13, 300, 32), (3, 151_808, 32), (40, 1, 64), (5, 70, 32)):
         logits = torch.randn(C, V, dtype=torch.float64) * 4
-        logits[1, [7, V - 5]] = 50.0  # a tie: the first index wins
-        logits[2, : V // 2] = float("-inf")
+        if V > 8:
+            logits[1, [7, V - 5]] = 50.0  # a tie: the first index wins
+            logits[2, : V // 2] = float("-inf")
         targets = torch.randint(V // 2, V, (C,), generator=torch.Generator().manual_seed(V))
         x = logits.to(dtype).double()  # what the kernel sees
         want_loss = torch.logsumexp(x, -1) - x.gather(1, targets[:, None]).squeeze(1)
         want_grad = torch.softmax(x, -1) - torch.nn.functional.one_hot(targets, V)
-        buf = logits.to(dtype)
-        loss, pred, grad = linear_cross_entropy_module._ce_chunk_cpu(buf, targets, True)
-        assert grad is buf and loss.dtype == torch.float32 and pred.dtype == torch.int64
+        lt = _transposed_chunk(logits, dtype, cols)
+        grad = torch.full((cols, V), float("nan"), dtype=dtype)
+        loss, pred = linear_cross_entropy_module._ce_chunk_cpu(lt, targets, grad, True)
+        assert loss.dtype == torch.float32 and pred.dtype == torch.int64 and loss.shape == pred.shape == (C,)
         torch.testing.assert_close(loss.double(), want_loss, rtol=1e-5, atol=1e-5)
-        assert torch.equal(pred, x.argmax(-1)) and pred[1] == 7
-        torch.testing.assert_close(buf.double(), want_grad.to(dtype).double(), rtol=0, atol=1e-6)
-        untouched = logits.to(dtype)
-        loss2, pred2, none = linear_cross_entropy_module._ce_chunk_cpu(untouched, targets, False)
-        assert none is None and torch.equal(untouched, logits.to(dtype))
+        assert torch.equal(pred, x.argmax(-1))
+        if V > 8:
+            assert pred[1] == 7
+        want = want_grad.to(dtype).double()
+        torch.testing.assert_close(grad[:C].double(), want, rtol=0, atol=1e-6)
+        torch.testing.assert_close(lt[:, :C].t().double(), want, rtol=0, atol=1e-6)
+        assert torch.equal(lt[:, :C].t(), grad[:C]) and torch.all(grad[C:] == 0) and torch.all(lt[:, C:] == 0)
+        untouched = _transposed_chunk(logits, dtype, cols)
+        loss2, pred2 = linear_cross_entropy_module._ce_chunk_cpu(untouched, targets, None, False)
+        assert torch.equal(untouched, _transposed_chunk(logits, dtype, cols))
         assert torch.equal(loss2, loss) and torch.equal(pred2, pred)
+
+
+@needs_cpu_kernel
+def test_cross_entropy_chunk_cpu_kernel_does_not_depend_on_the_thread_count():
+    """The vocabulary's parts merge in a fixed order: one thread and two give the same bits."""
+    g = torch.Generator().manual_seed(0)
+    lt = (torch.randn(5000, 64, generator=g) * 3).bfloat16()
+    targets = torch.randint(0, 5000, (50,), generator=g)
+    runs = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            buf, grad = lt.clone(), torch.empty(64, 5000, dtype=torch.bfloat16)
+            runs.append((*linear_cross_entropy_module._ce_chunk_cpu(buf, targets, grad, True), buf, grad))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("backend", ["compile", pytest.param("cpu", marks=needs_cpu_kernel)])
@@ -375,13 +426,13 @@ def test_linear_cross_entropy_chunk_logits_in_several_products(backend, monkeypa
 
 
 @pytest.mark.parametrize(
-    "backend,ce_chunk,add_slab",
+    "loop",
     [
-        ("compile", "_ce_chunk_compile", "_add_slab"),
-        pytest.param("cpu", "_ce_chunk_cpu", "_add_slab_cpu", marks=needs_cpu_kernel),
+        "compile",
+        pytest.param("cpu", marks=needs_cpu_kernel),
     ],
 )
-def test_linear_cross_entropy_products_take_whole_row_buckets_on_cpu(backend, ce_chunk, add_slab, monkeypatch):
+def test_linear_cross_entropy_products_take_whole_row_buckets_on_cpu(loop, monkeypatch):
     """On a CPU every product of the chunk loop runs on a multiple of ``_CPU_ROW_BUCKET`` rows
     (oneDNN compiles a kernel for each new shape), whatever the supervised rows' count: the
     zero rows added change nothing."""
@@ -400,21 +451,23 @@ def test_linear_cross_entropy_products_take_whole_row_buckets_on_cpu(backend, ce
     T, V, d = 150, 300, 16
     z, w, labels = randn(T, d).detach().cpu(), randn(V, d, scale=0.3).detach().cpu(), _labels(T, V).cpu()
     rows = ops.supervised_rows(labels)  # 100 rows: chunks of 40, 40 and 20
-    run = functools.partial(
-        linear_cross_entropy_module.linear_cross_entropy_chunked,
-        z,
-        w,
-        labels,
-        rows,
-        40,
-        getattr(linear_cross_entropy_module, ce_chunk),
-        True,
-    )
+    if loop == "compile":
+        chunked = functools.partial(
+            linear_cross_entropy_module.linear_cross_entropy_chunked,
+            ce_chunk=linear_cross_entropy_module._ce_chunk_compile,
+        )
+    else:
+        chunked = linear_cross_entropy_module.linear_cross_entropy_chunked_cpu
+    z = z.bfloat16() if loop == "cpu" else z  # the cpu loop's path: bf16 products, fp32 dW slabs
+
+    def run():
+        return chunked(z, w, labels, rows, 40, with_grad=True)
+
     with ProductShapes() as log:
-        bucketed = run(getattr(linear_cross_entropy_module, add_slab))
+        bucketed = run()
     assert 64 in log.dims and set(log.dims) <= {64, V, d}, log.dims  # never 40 or 20 rows
-    monkeypatch.setattr(linear_cross_entropy_module, "_CPU_ROW_BUCKET", 1)
-    exact = run(getattr(linear_cross_entropy_module, add_slab))
+    monkeypatch.setattr(linear_cross_entropy_module, "_CPU_ROW_BUCKET", 32 if loop == "cpu" else 1)
+    exact = run()
     assert torch.equal(bucketed[1], exact[1])  # pred
     for i in (0, 2, 3):  # loss, dz, dW
         torch.testing.assert_close(bucketed[i], exact[i], rtol=1e-5, atol=1e-6)
@@ -425,7 +478,7 @@ def test_linear_cross_entropy_products_take_whole_row_buckets_on_cpu(backend, ce
 def test_cpu_dw_slab_accumulate(n):
     """``hrm_ce::accumulate``: an fp32 slab of dW plus a bf16 product in one pass (overwrite, then
     add), exact in fp32 (bf16 to fp32 is exact, the one add rounds as torch's)."""
-    linear_cross_entropy_module._ce_chunk_cpu(torch.zeros(1, 2), torch.zeros(1, dtype=torch.long), False)  # builds
+    cpp_extension.load()
     g = torch.Generator().manual_seed(n)
     part, base = torch.randn(n, generator=g).bfloat16(), torch.randn(n, generator=g)
     out = torch.full((n,), float("nan"))
@@ -447,13 +500,19 @@ def test_linear_cross_entropy_cpu_dw_in_slabs(monkeypatch):
 
 
 @needs_cpu_kernel
-def test_cross_entropy_chunk_cpu_rejects_targets_outside_the_vocabulary():
-    logits = torch.randn(4, 10)
-    before = logits.clone()
+def test_cross_entropy_chunk_cpu_rejects_bad_input_before_writing():
+    """Targets outside the vocabulary, columns that are not whole blocks of 32 and a gradient
+    buffer of the wrong shape are errors, and nothing is written."""
+    lt, grad = torch.randn(10, 32), torch.zeros(32, 10)
+    before = lt.clone()
     for bad in (10, -100):
         with pytest.raises(RuntimeError, match="outside"):
-            linear_cross_entropy_module._ce_chunk_cpu(logits, torch.tensor([1, 2, bad, 3]), True)
-        assert torch.equal(logits, before)  # nothing written
+            linear_cross_entropy_module._ce_chunk_cpu(lt, torch.tensor([1, 2, bad, 3]), grad, True)
+    with pytest.raises(RuntimeError, match="multiple of 32"):
+        linear_cross_entropy_module._ce_chunk_cpu(torch.randn(10, 20), torch.tensor([1]), torch.zeros(20, 10), True)
+    with pytest.raises(RuntimeError, match="grad must be"):
+        linear_cross_entropy_module._ce_chunk_cpu(lt, torch.tensor([1]), torch.zeros(10, 32), True)
+    assert torch.equal(lt, before) and torch.all(grad == 0)
 
 
 @pytest.mark.parametrize("block_v", [16, 64, 512])
@@ -553,6 +612,19 @@ def _opcheck_cases():
 def test_custom_op_registrations(case):
     op, args = _opcheck_cases()[case]
     torch.library.opcheck(op, args)
+
+
+@needs_cpu_kernel
+def test_cpu_custom_op_registrations():
+    """The cpu backend's loss loop (transposed logits, C++ chunk) and the embedding's C++
+    backward as custom ops: schema, fakes and autograd."""
+    T, d, V = 9, 12, 40
+    x, w = torch.randn(T, d, requires_grad=True), torch.randn(V, d, requires_grad=True)
+    labels = _labels(T, V).cpu()
+    torch.library.opcheck(torch.ops.hrm.linear_cross_entropy_cpu, (x, w, labels, None, 4, True))
+    torch.library.opcheck(torch.ops.hrm.linear_cross_entropy_cpu, (x.bfloat16(), w, labels, None, 4, True))
+    ids = torch.randint(0, V, (T,))
+    torch.library.opcheck(torch.ops.hrm.embedding_cpu_backward, (ids, torch.randn(T, d), V, 1.5))
 
 
 @needs_cpu_kernel

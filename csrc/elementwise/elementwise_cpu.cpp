@@ -1,10 +1,11 @@
 // Memory-bound activations of the `cpu` backend, one pass over memory each: the SwiGLU
-// (forward and backward) and the split of the fused [gate | q | k | v] projection with RoPE on
-// q and k (forward and backward).
+// (forward and backward), the split of the fused [gate | q | k | v] projection with RoPE on
+// q and k (forward and backward), and the embedding table's gradient.
 //
 // Built at first use by hrm/ops/cpp_extension.py (-O3 -march=native -fopenmp); registers
-// hrm_ew::swiglu_fwd, swiglu_bwd, split_rope_fwd, split_rope_bwd. hrm/ops/impl/swiglu.py and
-// hrm/ops/impl/split_rope.py call them for fp32 and bf16 tensors on a CPU.
+// hrm_ew::swiglu_fwd, swiglu_bwd, split_rope_fwd, split_rope_bwd, embedding_bwd.
+// hrm/ops/impl/swiglu.py, split_rope.py and embedding.py call them for fp32 and bf16 tensors
+// on a CPU.
 //
 // Math in fp32, stored in the input's dtype (bf16 rounds to nearest even), as the compile
 // backend's graphs compute it:
@@ -220,6 +221,67 @@ at::Tensor split_rope_bwd(const at::Tensor& dgate, const at::Tensor& dq, const a
   return dx;
 }
 
+// The embedding table's gradient dW [V, d] (fp32) of out_t = scale * W[ids_t]:
+//     dW_i = sum over t with ids_t = i, in token order, of scale * grad_t   (0 for the others)
+// written once, row by row, instead of zeros plus an index_add_ (a pass of W's size fewer;
+// the rows no token reads, nearly all of a large vocabulary, are zero-filled with streaming
+// stores, which skip reading the lines first). The tokens are bucketed by id first (a
+// counting sort, in order), so each row sums its tokens in token order: the result does not
+// depend on the thread count.
+template <typename E>
+void embedding_bwd_rows(const int64_t* ids, const E* grad, float* dw, int64_t T, int64_t V, int64_t d, float scale) {
+  std::vector<int64_t> start(V + 1, 0), order(T);
+  for (int64_t t = 0; t < T; ++t) ++start[ids[t] + 1];
+  for (int64_t i = 0; i < V; ++i) start[i + 1] += start[i];
+  {
+    std::vector<int64_t> fill(start.begin(), start.end() - 1);
+    for (int64_t t = 0; t < T; ++t) order[fill[ids[t]]++] = t;
+  }
+  at::parallel_for(0, V, 256, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      float* o = dw + i * d;
+      int64_t j = 0;
+      if (start[i] == start[i + 1]) {
+#if defined(__AVX512F__)
+        if (reinterpret_cast<uintptr_t>(o) % 64 == 0)
+          for (; j + VW <= d; j += VW) _mm512_stream_ps(o + j, _mm512_setzero_ps());
+#endif
+        std::fill(o + j, o + d, 0.0f);
+        continue;
+      }
+      for (; j < d; j += VW) {
+        const int64_t n = std::min<int64_t>(VW, d - j);
+        vec acc = splat(0.0f);
+        for (int64_t k = start[i]; k < start[i + 1]; ++k) acc += load_n(grad + order[k] * d + j, n) * scale;
+        store_n(o + j, acc, n);
+      }
+    }
+  });
+#if defined(__AVX512F__)
+  _mm_sfence();  // the streaming stores are visible before the op returns
+#endif
+}
+
+at::Tensor embedding_bwd(const at::Tensor& ids_in, const at::Tensor& grad_in, int64_t num_rows, double scale) {
+  TORCH_CHECK(ids_in.device().is_cpu() && grad_in.device().is_cpu(), "embedding_bwd: CPU tensors");
+  TORCH_CHECK(grad_in.dim() == 2 && ids_in.numel() == grad_in.size(0),
+              "embedding_bwd: grad must be [T, d] for T ids, got ", grad_in.sizes(), " for ", ids_in.numel());
+  TORCH_CHECK(grad_in.scalar_type() == at::kFloat || grad_in.scalar_type() == at::kBFloat16,
+              "embedding_bwd: fp32 or bf16 gradients, got ", grad_in.scalar_type());
+  const at::Tensor ids = ids_in.to(at::kLong).contiguous().view(-1), grad = grad_in.contiguous();
+  const int64_t T = grad.size(0), d = grad.size(1);
+  const int64_t* ip = ids.data_ptr<int64_t>();
+  for (int64_t t = 0; t < T; ++t)
+    TORCH_CHECK(ip[t] >= 0 && ip[t] < num_rows, "embedding_bwd: id ", ip[t], " of token ", t, " is outside [0, ",
+                num_rows, ")");
+  at::Tensor dw = at::empty({num_rows, d}, grad.options().dtype(at::kFloat));
+  if (grad.scalar_type() == at::kFloat)
+    embedding_bwd_rows(ip, grad.data_ptr<float>(), dw.data_ptr<float>(), T, num_rows, d, (float)scale);
+  else
+    embedding_bwd_rows(ip, grad.data_ptr<bf16>(), dw.data_ptr<float>(), T, num_rows, d, (float)scale);
+  return dw;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(hrm_ew, m) {
@@ -227,6 +289,7 @@ TORCH_LIBRARY(hrm_ew, m) {
   m.def("swiglu_bwd(Tensor gate_up, Tensor dy) -> Tensor");
   m.def("split_rope_fwd(Tensor gqkv, Tensor cos, Tensor sin) -> Tensor[]");
   m.def("split_rope_bwd(Tensor dgate, Tensor dq, Tensor dk, Tensor dv, Tensor cos, Tensor sin) -> Tensor");
+  m.def("embedding_bwd(Tensor ids, Tensor grad, int num_rows, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(hrm_ew, CPU, m) {
@@ -234,4 +297,5 @@ TORCH_LIBRARY_IMPL(hrm_ew, CPU, m) {
   m.impl("swiglu_bwd", &swiglu_bwd);
   m.impl("split_rope_fwd", &split_rope_fwd);
   m.impl("split_rope_bwd", &split_rope_bwd);
+  m.impl("embedding_bwd", &embedding_bwd);
 }

@@ -450,40 +450,6 @@ Packed<E> pack_tokens(const at::Tensor& x, int64_t Dp) {
   return {buf, buf.data_ptr<E>(), Tk * Dp * P, Dp * P, P};
 }
 
-#if defined(__AVX512F__)
-// r[w] = the words w of r[0..15] before: a transpose of 16 x 16 32-bit words in registers.
-inline void transpose16(__m512i r[16]) {
-  __m512i t[16];
-  for (int i = 0; i < 16; i += 2) {  // 2 x 2 blocks of words
-    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
-    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
-  }
-  for (int i = 0; i < 16; i += 4) {  // 4 x 4 blocks within each 128-bit lane
-    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
-    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
-    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
-    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
-  }
-  for (int i = 0; i < 16; i += 8)  // then the lanes: 8 x 8, 16 x 16
-    for (int j = 0; j < 4; ++j) {
-      t[i + j] = _mm512_shuffle_i32x4(r[i + j], r[i + j + 4], 0x88);
-      t[i + j + 4] = _mm512_shuffle_i32x4(r[i + j], r[i + j + 4], 0xdd);
-    }
-  for (int j = 0; j < 8; ++j) {
-    r[j] = _mm512_shuffle_i32x4(t[j], t[j + 8], 0x88);
-    r[j + 8] = _mm512_shuffle_i32x4(t[j], t[j + 8], 0xdd);
-  }
-}
-
-// o[w * ldo + i] = word w of row i, for w, i < 16, row i of the source at a + i * lda bytes.
-inline void transpose16(const void* a, int64_t lda, uint32_t* o, int64_t ldo) {
-  __m512i r[16];
-  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(static_cast<const char*>(a) + i * lda);
-  transpose16(r);
-  for (int i = 0; i < 16; ++i) _mm512_storeu_si512(o + i * ldo, r[i]);
-}
-#endif
-
 // dst[t * R + m] = s[m * lds + t] for t < n, m < R: the R rows of a micro-block's ds turned
 // query-major (the backward's ds store). s must be readable up to n rounded up to 32.
 template <int R, class E>

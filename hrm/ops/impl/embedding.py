@@ -4,9 +4,12 @@ The gradient of the table is dense, as ``nn.Embedding`` gives it:
 ``dW_i = scale * sum_{t : ids_t = i} dout_t`` (rows of tokens that do not occur are 0).
 
 Backends: ``torch`` (the reference: ``F.embedding``, then the scale) and ``cpu`` (the same
-forward; the backward is one ``index_add_`` of the scaled output gradient into zeros, which
-runs in token order, so it is deterministic, and ~7x faster than the reference's backward on
-this project's CPU at a 32K vocabulary). Other backends use the reference.
+forward; the backward sums each row's tokens in token order, so it is deterministic: on a CPU
+tensor ``hrm_ew::embedding_bwd`` (``csrc/elementwise``) writes the table's gradient once, row
+by row, the rows of tokens that do not occur as streaming zeros, where zeros plus an
+``index_add_`` made two passes of the table's size; for other dtypes, or where the C++
+kernels cannot be built, that ``index_add_``).
+Other backends use the reference.
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from hrm.ops.dispatch import get_impl, register
+from hrm.ops import cpp_extension
+from hrm.ops.dispatch import get_impl, register, unavailable_reason
 
 
 @register("embedding", "torch")
@@ -28,15 +32,36 @@ class _EmbeddingIndexAdd(torch.autograd.Function):
     @staticmethod
     def forward(ctx, ids: Tensor, weight: Tensor, scale: float) -> Tensor:
         ctx.save_for_backward(ids)
-        ctx.scale, ctx.num_rows = scale, weight.shape[0]
+        ctx.scale, ctx.num_rows, ctx.dtype = scale, weight.shape[0], weight.dtype
         return weight.index_select(0, ids.reshape(-1)).view(*ids.shape, weight.shape[1]) * scale
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[None, Tensor, None]:
         (ids,) = ctx.saved_tensors
         rows = grad.reshape(-1, grad.shape[-1])
+        if rows.device.type == "cpu" and rows.dtype in _CPU_DTYPES:
+            dw = _embedding_backward_cpu(ids.reshape(-1), rows, ctx.num_rows, ctx.scale)
+            return None, dw.to(ctx.dtype), None
         dw = rows.new_zeros(ctx.num_rows, rows.shape[1])
         return None, dw.index_add_(0, ids.reshape(-1), rows, alpha=ctx.scale), None
+
+
+_CPU_DTYPES = (torch.float32, torch.bfloat16)
+
+
+@torch.library.custom_op("hrm::embedding_cpu_backward", mutates_args=())
+def _embedding_backward_cpu(ids: Tensor, rows: Tensor, num_rows: int, scale: float) -> Tensor:
+    """The table's gradient in fp32 (opaque to ``torch.compile``): ``hrm_ew::embedding_bwd``
+    where the C++ kernels can be built, else zeros plus ``index_add_`` (the same bits)."""
+    if unavailable_reason("cpu") is None:
+        cpp_extension.load()  # built on first use, then a cached no-op
+        return torch.ops.hrm_ew.embedding_bwd(ids, rows, num_rows, scale)
+    return rows.new_zeros(num_rows, rows.shape[1], dtype=torch.float32).index_add_(0, ids, rows.float(), alpha=scale)
+
+
+@_embedding_backward_cpu.register_fake
+def _(ids, rows, num_rows, scale):
+    return rows.new_empty(num_rows, rows.shape[1], dtype=torch.float32)
 
 
 @register("embedding", "cpu")

@@ -19,8 +19,10 @@ and ``dW``; the backward returns them times the loss gradient.
 Backends: ``torch`` (the reference: ``F.linear`` on the supervised rows then
 :func:`~hrm.ops.impl.cross_entropy.cross_entropy_reference`; materialises ``[S, V]``),
 ``compile`` (the chunk loop below with each chunk's softmax/loss compiled by inductor),
-``cpu`` (the same loop with the chunk's loss, argmax and gradient in C++: one exp per logit,
-each row's passes in the core's cache; fp32 and bf16 logits, other dtypes as ``compile``),
+``cpu`` (the same loop over transposed logits, ``W z^T``, with the chunk's loss, argmax and
+gradient in C++, which writes the gradient both over the logits, as ``g^T``, and beside them
+as ``g``, so that every product of the loop takes row-major operands; a second ``[chunk, V]``
+buffer; fp32 and bf16, other dtypes as ``compile``),
 ``triton`` (the same loop with the chunk's loss, argmax and gradient in one Triton kernel
 that overwrites the logits with their gradient: an online log-sum-exp over vocabulary
 blocks, then a second pass for the gradient). Matmuls go to the BLAS/cuBLAS of the device.
@@ -58,7 +60,8 @@ from hrm.ops.dispatch import get_impl, register
 from hrm.ops.impl.cross_entropy import IGNORE_INDEX, cross_entropy_reference
 
 # Bytes of one chunk's logits, which bound the op's working memory: on a CPU 32 MiB (256
-# tokens of a 32K vocabulary in fp32, 512 in bf16); on a GPU 1/64 of the device's memory
+# tokens of a 32K vocabulary in fp32, 512 in bf16; the cpu backend's loop holds two such
+# buffers, the logits and the gradient); on a GPU 1/64 of the device's memory
 # (1.2 GiB on an 80 GB part: 4096 tokens of a 151,808 vocabulary in bf16), and at least
 # ``CE_PROGRAMS_PER_SM`` rows per SM so that the loss kernel (one program per row) fills the
 # device. Chunks are a power of two, at least 16 tokens.
@@ -256,16 +259,17 @@ def _ce_chunk_compile(logits: Tensor, targets: Tensor, with_grad: bool) -> tuple
 
 
 # -- cpu backend: the chunk's loss and gradient in C++ -----------------------------------------
+_CPU_DTYPES = (torch.float32, torch.bfloat16)
 
 
-def _ce_chunk_cpu(logits: Tensor, targets: Tensor, with_grad: bool) -> tuple[Tensor, Tensor, Tensor | None]:
-    """``csrc/cross_entropy/ce_chunk_cpu.cpp`` for fp32 and bf16 logits on a CPU (one exp per
-    logit, each row's passes in the core's cache); other dtypes take the compile backend's chunk."""
-    if logits.dtype not in (torch.float32, torch.bfloat16) or logits.device.type != "cpu":
-        return _ce_chunk_compile(logits, targets, with_grad)
+def _ce_chunk_cpu(logits_t: Tensor, targets: Tensor, grad: Tensor | None, with_grad: bool) -> tuple[Tensor, Tensor]:
+    """``hrm_ce::ce_chunk_t`` (``csrc/cross_entropy/ce_chunk_cpu.cpp``): the loss and argmax of
+    the ``n = len(targets)`` first columns of the transposed logits ``[V, C]`` (C a multiple of
+    32; the other columns are padding), with ``with_grad`` the gradient written over them as
+    ``g^T`` and into ``grad [C, V]`` as ``g`` (zero in the padding)."""
     cpp_extension.load()  # built on first use, then a cached no-op
-    loss, pred = torch.ops.hrm_ce.ce_chunk(logits, targets, with_grad)
-    return loss, pred, (logits if with_grad else None)
+    loss, pred = torch.ops.hrm_ce.ce_chunk_t(logits_t, targets, grad if with_grad else logits_t, with_grad)
+    return loss, pred
 
 
 # -- the chunk loop (the fused backends) -----------------------------------------------------
@@ -286,7 +290,8 @@ _MATMUL_ROWS = 512
 # zero rows (whose logits are 0 and stay so: the chunk's softmax runs on its own rows only):
 # oneDNN compiles a kernel for each new product shape (tens of milliseconds for the three
 # products of a 32K-vocabulary chunk on the AMX CPU), and the last chunk of every step would
-# otherwise have a new row count.
+# otherwise have a new row count. A multiple of 32: the cpu backend's chunk kernel takes whole
+# blocks of 32 columns.
 _CPU_ROW_BUCKET = 64
 # Vocabulary rows per dW update when dW is accumulated in a wider dtype than the products:
 # the product of one slab is the only temporary (never one of the weight's size).
@@ -304,18 +309,18 @@ def _add_slab(out: Tensor, part: Tensor, first: bool) -> None:
 def _add_slab_cpu(out: Tensor, part: Tensor, first: bool) -> None:
     """:func:`_add_slab` in one pass for an fp32 slab and a bf16 product (``hrm_ce::accumulate``;
     torch's mixed-dtype ``add_`` first converts the product to a new fp32 tensor)."""
-    if out.dtype == torch.float32 and part.dtype == torch.bfloat16 and part.device.type == "cpu":
+    if out.dtype == torch.float32 and part.dtype == torch.bfloat16:
         cpp_extension.load()  # a cached no-op after the chunk's
         torch.ops.hrm_ce.accumulate(out, part, first)
     else:
         _add_slab(out, part, first)
 
 
-def _accumulate_dw(dw: Tensor, g: Tensor, x: Tensor, first: bool, add_slab: Callable = _add_slab) -> None:
+def _accumulate_dw(dw: Tensor, g: Tensor, x: Tensor, first: bool) -> None:
     """``dw (+)= g^T x`` with ``g [C, V]``, ``x [C, d]`` in the head's dtype and ``dw [V, d]`` in
     its own (fp32 for 16-bit products): same dtype in one GEMM; else slab by slab, with the
-    product accumulated in fp32 by cuBLAS on a GPU and rounded to the head's dtype on a CPU,
-    then added to its slab by ``add_slab``."""
+    product accumulated in fp32 by cuBLAS on a GPU and rounded to the head's dtype elsewhere,
+    then added to its slab."""
     if dw.dtype == g.dtype:
         if first:
             torch.mm(g.t(), x, out=dw)
@@ -325,7 +330,38 @@ def _accumulate_dw(dw: Tensor, g: Tensor, x: Tensor, first: bool, add_slab: Call
     for v0 in range(0, dw.shape[0], _DW_SLAB_ROWS):
         gs = g[:, v0 : v0 + _DW_SLAB_ROWS].t()
         part = torch.mm(gs, x, out_dtype=dw.dtype) if dw.is_cuda else torch.mm(gs, x)
-        add_slab(dw[v0 : v0 + _DW_SLAB_ROWS], part, first)
+        _add_slab(dw[v0 : v0 + _DW_SLAB_ROWS], part, first)
+
+
+def _loop_buffers(z: Tensor, weight: Tensor, labels: Tensor, with_grad: bool) -> tuple[Tensor, ...]:
+    """A chunk loop's ``(w, loss, pred, dz, dW)``: the weight cast to z's dtype once for all
+    chunks (a no-op when the dtypes agree), the loss and ``pred`` to fill, and (``with_grad``)
+    the gradients, ``dW`` in the weight's compute dtype (empty tensors otherwise)."""
+    w = weight.to(z.dtype)
+    loss = torch.zeros((), dtype=compute_dtype(z.dtype), device=z.device)
+    pred = torch.full(labels.shape, IGNORE_INDEX, dtype=labels.dtype, device=labels.device)
+    dz = torch.zeros(z.shape, dtype=z.dtype, device=z.device) if with_grad else z.new_empty(0)
+    dw = (
+        torch.empty(weight.shape, dtype=compute_dtype(weight.dtype), device=weight.device)
+        if with_grad
+        else weight.new_empty(0)
+    )
+    return w, loss, pred, dz, dw
+
+
+def _chunk(z: Tensor, rows: Tensor, start: int, chunk_rows: int) -> tuple[Tensor, Tensor]:
+    """The chunk's supervised rows ``r`` and its product rows ``x [m, d]``: ``z[r]``, then zero
+    rows up to the bucket (:func:`_product_rows`)."""
+    r = rows[start : start + chunk_rows]
+    n = r.shape[0]
+    m = _product_rows(n, z.device)
+    return r, (z[r] if m == n else torch.cat([z[r], z.new_zeros(m - n, z.shape[1])]))
+
+
+def _loop_result(loss, pred, dz, dw, weight, S: int, with_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    if with_grad and S == 0:
+        dw.zero_()  # no chunk wrote it
+    return loss, pred, dz, (dw.to(weight.dtype) if with_grad else dw)
 
 
 def linear_cross_entropy_chunked(
@@ -336,32 +372,20 @@ def linear_cross_entropy_chunked(
     chunk_rows: int,
     ce_chunk: ChunkCE,
     with_grad: bool,
-    add_slab: Callable = _add_slab,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(loss_sum, pred, dz, dW)`` (the gradients are empty without ``with_grad``) over the
     supervised ``rows``; ``ce_chunk(logits, targets, with_grad) -> (loss_rows, pred_rows,
-    dlogits)``, where ``dlogits`` is ``logits`` overwritten with their gradient; ``add_slab``
-    adds a product to its slab of dW (:func:`_accumulate_dw`). The matmuls run in z's dtype,
+    dlogits)``, where ``dlogits`` is ``logits`` overwritten with their gradient; dW gathers in
+    :func:`_accumulate_dw`. The matmuls run in z's dtype,
     on CPUs over whole buckets of rows (:func:`_product_rows`); every buffer is allocated
     once per call and reused by the chunks. Reads nothing back to the host: the loop's length
     is ``rows``'s size."""
-    w = weight.to(z.dtype)  # one cast for all chunks (a no-op when the dtypes agree)
-    V = w.shape[0]
-    S = rows.shape[0]
-    loss = torch.zeros((), dtype=compute_dtype(z.dtype), device=z.device)
-    pred = torch.full(labels.shape, IGNORE_INDEX, dtype=labels.dtype, device=labels.device)
-    dz = torch.zeros(z.shape, dtype=z.dtype, device=z.device) if with_grad else z.new_empty(0)
-    dw = (
-        torch.empty(weight.shape, dtype=compute_dtype(weight.dtype), device=weight.device)
-        if with_grad
-        else weight.new_empty(0)
-    )
+    w, loss, pred, dz, dw = _loop_buffers(z, weight, labels, with_grad)
+    V, S = w.shape[0], rows.shape[0]
     logits_buf = z.new_empty(_product_rows(min(chunk_rows, S), z.device), V)
     for start in range(0, S, chunk_rows):
-        r = rows[start : start + chunk_rows]
-        n = r.shape[0]
-        m = _product_rows(n, z.device)
-        x = z[r] if m == n else torch.cat([z[r], z.new_zeros(m - n, z.shape[1])])  # [m, d]
+        r, x = _chunk(z, rows, start, chunk_rows)
+        n, m = r.shape[0], x.shape[0]
         logits = logits_buf[:m]
         for a in range(0, m, _MATMUL_ROWS):
             torch.mm(x[a : a + _MATMUL_ROWS], w.t(), out=logits[a : a + _MATMUL_ROWS])
@@ -371,22 +395,65 @@ def linear_cross_entropy_chunked(
         pred[r] = pred_rows.to(pred.dtype)
         if with_grad:
             dz[r] = (logits @ w)[:n]  # [C, d]
-            _accumulate_dw(dw, logits, x, start == 0, add_slab)
-    if with_grad and S == 0:
-        dw.zero_()
-    return loss, pred, dz, (dw.to(weight.dtype) if with_grad else dw)
+            _accumulate_dw(dw, logits, x, start == 0)
+    return _loop_result(loss, pred, dz, dw, weight, S, with_grad)
 
 
-def _define_op(name: str, ce_chunk: ChunkCE, add_slab: Callable = _add_slab):
-    """The chunk loop as a ``torch.library`` custom op (opaque to ``torch.compile``, so that its
-    data-dependent row selection does not break graphs) with its fake and autograd."""
+def linear_cross_entropy_chunked_cpu(
+    z: Tensor, weight: Tensor, labels: Tensor, rows: Tensor, chunk_rows: int, with_grad: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`linear_cross_entropy_chunked` for the cpu backend: each chunk's logits are made
+    transposed, ``W x^T [V, m]`` (which streams the head weight once), and :func:`_ce_chunk_cpu`
+    turns them into ``g^T`` in place and ``g [m, V]`` beside them; then ``dz = g W`` and the dW
+    slabs ``g^T x`` take row-major operands. fp32 and bf16 products on a CPU; other dtypes run
+    the generic loop with the compile backend's chunk."""
+    if z.dtype not in _CPU_DTYPES or z.device.type != "cpu":
+        return linear_cross_entropy_chunked(z, weight, labels, rows, chunk_rows, _ce_chunk_compile, with_grad)
+    w, loss, pred, dz, dw = _loop_buffers(z, weight, labels, with_grad)
+    V, S = w.shape[0], rows.shape[0]
+    most = _product_rows(min(chunk_rows, S), z.device)
+    logits_buf = z.new_empty(V * most)  # a chunk's [V, m] at its start: contiguous for any m
+    grad_buf = z.new_empty(most * V) if with_grad else None
+    for start in range(0, S, chunk_rows):
+        r, x = _chunk(z, rows, start, chunk_rows)
+        n, m = r.shape[0], x.shape[0]
+        logits_t = logits_buf[: V * m].view(V, m)
+        torch.mm(w, x.t(), out=logits_t)
+        g = grad_buf[: m * V].view(m, V) if with_grad else None
+        loss_rows, pred_rows = _ce_chunk_cpu(logits_t, labels[r], g, with_grad)
+        loss += loss_rows.sum()
+        pred[r] = pred_rows.to(pred.dtype)
+        if with_grad:
+            dz[r] = (g @ w)[:n]  # [n, d]
+            _accumulate_dw_t(dw, logits_t, x, start == 0)
+    return _loop_result(loss, pred, dz, dw, weight, S, with_grad)
+
+
+def _accumulate_dw_t(dw: Tensor, g_t: Tensor, x: Tensor, first: bool) -> None:
+    """``dw (+)= g_t x`` with ``g_t [V, C]``, ``x [C, d]``: as :func:`_accumulate_dw` with the
+    gradient's transpose as a row-major operand; bf16 products land in fp32 slabs through
+    ``hrm_ce::accumulate`` (one pass)."""
+    if dw.dtype == g_t.dtype:
+        if first:
+            torch.mm(g_t, x, out=dw)
+        else:
+            dw.addmm_(g_t, x)
+        return
+    for v0 in range(0, dw.shape[0], _DW_SLAB_ROWS):
+        _add_slab_cpu(dw[v0 : v0 + _DW_SLAB_ROWS], torch.mm(g_t[v0 : v0 + _DW_SLAB_ROWS], x), first)
+
+
+def _define_op(name: str, loop: Callable[..., tuple[Tensor, Tensor, Tensor, Tensor]]):
+    """A chunk loop, ``loop(z, weight, labels, rows, chunk_rows, with_grad)``, as a
+    ``torch.library`` custom op (opaque to ``torch.compile``, so that its data-dependent row
+    selection does not break graphs) with its fake and autograd."""
 
     @torch.library.custom_op(f"hrm::{name}", mutates_args=())
     def op(
         z: Tensor, weight: Tensor, labels: Tensor, rows: Optional[Tensor], chunk_rows: int, with_grad: bool
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         rows = supervised_rows(labels) if rows is None else rows
-        return linear_cross_entropy_chunked(z, weight, labels, rows, chunk_rows, ce_chunk, with_grad, add_slab)
+        return loop(z, weight, labels, rows, chunk_rows, with_grad)
 
     @op.register_fake
     def _(z, weight, labels, rows, chunk_rows, with_grad):
@@ -409,9 +476,16 @@ def _define_op(name: str, ce_chunk: ChunkCE, add_slab: Callable = _add_slab):
     return op
 
 
-_lce_compile_op = _define_op("linear_cross_entropy_compile", _ce_chunk_compile)
-_lce_triton_op = _define_op("linear_cross_entropy_triton", _ce_chunk_triton)
-_lce_cpu_op = _define_op("linear_cross_entropy_cpu", _ce_chunk_cpu, _add_slab_cpu)
+def _generic_loop(ce_chunk: ChunkCE) -> Callable[..., tuple[Tensor, Tensor, Tensor, Tensor]]:
+    def loop(z, weight, labels, rows, chunk_rows, with_grad):
+        return linear_cross_entropy_chunked(z, weight, labels, rows, chunk_rows, ce_chunk, with_grad)
+
+    return loop
+
+
+_lce_compile_op = _define_op("linear_cross_entropy_compile", _generic_loop(_ce_chunk_compile))
+_lce_triton_op = _define_op("linear_cross_entropy_triton", _generic_loop(_ce_chunk_triton))
+_lce_cpu_op = _define_op("linear_cross_entropy_cpu", linear_cross_entropy_chunked_cpu)
 
 
 def _fused_backend(op) -> Callable[..., tuple[Tensor, Tensor]]:
