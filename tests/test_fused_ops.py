@@ -615,7 +615,7 @@ def test_custom_op_registrations(case):
 
 
 @needs_cpu_kernel
-def test_cpu_custom_op_registrations():
+def test_cpu_loss_and_embedding_custom_op_registrations():
     """The cpu backend's loss loop (transposed logits, C++ chunk) and the embedding's C++
     backward as custom ops: schema, fakes and autograd."""
     T, d, V = 9, 12, 40
