@@ -241,7 +241,8 @@ void cols(E* lt, const int64_t* targets, int64_t n, int64_t C, int64_t V, bool w
   });
 }
 
-std::vector<at::Tensor> ce_chunk_t(at::Tensor lt, const at::Tensor& targets, at::Tensor grad, bool with_grad) {
+std::vector<at::Tensor> ce_chunk_t(at::Tensor lt, const at::Tensor& targets, const c10::optional<at::Tensor>& grad_,
+                                   bool with_grad) {
   TORCH_CHECK(lt.device().is_cpu() && lt.dim() == 2 && lt.is_contiguous(), "ce_chunk_t: contiguous CPU logits [V, C]");
   TORCH_CHECK(lt.scalar_type() == at::kFloat || lt.scalar_type() == at::kBFloat16,
               "ce_chunk_t: fp32 or bf16 logits, got ", lt.scalar_type());
@@ -250,6 +251,8 @@ std::vector<at::Tensor> ce_chunk_t(at::Tensor lt, const at::Tensor& targets, at:
   TORCH_CHECK(C % kCols == 0, "ce_chunk_t: the columns must be a multiple of ", kCols, ", got ", C);
   TORCH_CHECK(targets.scalar_type() == at::kLong && targets.dim() == 1 && n <= C,
               "ce_chunk_t: int64 targets [n], n <= ", C);
+  TORCH_CHECK(!with_grad || grad_.has_value(), "ce_chunk_t: with_grad needs a grad buffer");
+  const at::Tensor grad = grad_.has_value() ? *grad_ : at::Tensor();
   if (with_grad)
     TORCH_CHECK(grad.device().is_cpu() && grad.is_contiguous() && grad.scalar_type() == lt.scalar_type() &&
                     grad.sizes() == at::IntArrayRef({C, V}),
@@ -294,7 +297,7 @@ void accumulate(const at::Tensor& out, const at::Tensor& part, bool overwrite) {
 }  // namespace
 
 TORCH_LIBRARY(hrm_ce, m) {
-  m.def("ce_chunk_t(Tensor(a!) logits_t, Tensor targets, Tensor(b!) grad, bool with_grad) -> Tensor[]");
+  m.def("ce_chunk_t(Tensor(a!) logits_t, Tensor targets, Tensor(b!)? grad, bool with_grad) -> Tensor[]");
   m.def("accumulate(Tensor(a!) out, Tensor part, bool overwrite) -> ()");
 }
 

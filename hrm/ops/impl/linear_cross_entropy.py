@@ -268,7 +268,7 @@ def _ce_chunk_cpu(logits_t: Tensor, targets: Tensor, grad: Tensor | None, with_g
     32; the other columns are padding), with ``with_grad`` the gradient written over them as
     ``g^T`` and into ``grad [C, V]`` as ``g`` (zero in the padding)."""
     cpp_extension.load()  # built on first use, then a cached no-op
-    loss, pred = torch.ops.hrm_ce.ce_chunk_t(logits_t, targets, grad if with_grad else logits_t, with_grad)
+    loss, pred = torch.ops.hrm_ce.ce_chunk_t(logits_t, targets, grad, with_grad)
     return loss, pred
 
 
@@ -316,21 +316,22 @@ def _add_slab_cpu(out: Tensor, part: Tensor, first: bool) -> None:
         _add_slab(out, part, first)
 
 
-def _accumulate_dw(dw: Tensor, g: Tensor, x: Tensor, first: bool) -> None:
-    """``dw (+)= g^T x`` with ``g [C, V]``, ``x [C, d]`` in the head's dtype and ``dw [V, d]`` in
-    its own (fp32 for 16-bit products): same dtype in one GEMM; else slab by slab, with the
-    product accumulated in fp32 by cuBLAS on a GPU and rounded to the head's dtype elsewhere,
-    then added to its slab."""
-    if dw.dtype == g.dtype:
+def _accumulate_dw(dw: Tensor, g_t: Tensor, x: Tensor, first: bool, add_slab: Callable = _add_slab) -> None:
+    """``dw (+)= g_t x`` with ``g_t [V, C]`` (the chunk's gradient transposed: a view of a
+    row-major ``g``, or the cpu loop's own ``g^T``), ``x [C, d]`` in the head's dtype and
+    ``dw [V, d]`` in its own (fp32 for 16-bit products): same dtype in one GEMM; else slab by
+    slab, with the product accumulated in fp32 by cuBLAS on a GPU and rounded to the head's
+    dtype elsewhere, then added to its slab by ``add_slab``."""
+    if dw.dtype == g_t.dtype:
         if first:
-            torch.mm(g.t(), x, out=dw)
+            torch.mm(g_t, x, out=dw)
         else:
-            dw.addmm_(g.t(), x)
+            dw.addmm_(g_t, x)
         return
     for v0 in range(0, dw.shape[0], _DW_SLAB_ROWS):
-        gs = g[:, v0 : v0 + _DW_SLAB_ROWS].t()
+        gs = g_t[v0 : v0 + _DW_SLAB_ROWS]
         part = torch.mm(gs, x, out_dtype=dw.dtype) if dw.is_cuda else torch.mm(gs, x)
-        _add_slab(dw[v0 : v0 + _DW_SLAB_ROWS], part, first)
+        add_slab(dw[v0 : v0 + _DW_SLAB_ROWS], part, first)
 
 
 def _loop_buffers(z: Tensor, weight: Tensor, labels: Tensor, with_grad: bool) -> tuple[Tensor, ...]:
@@ -395,7 +396,7 @@ def linear_cross_entropy_chunked(
         pred[r] = pred_rows.to(pred.dtype)
         if with_grad:
             dz[r] = (logits @ w)[:n]  # [C, d]
-            _accumulate_dw(dw, logits, x, start == 0)
+            _accumulate_dw(dw, logits.t(), x, start == 0)
     return _loop_result(loss, pred, dz, dw, weight, S, with_grad)
 
 
@@ -425,22 +426,8 @@ def linear_cross_entropy_chunked_cpu(
         pred[r] = pred_rows.to(pred.dtype)
         if with_grad:
             dz[r] = (g @ w)[:n]  # [n, d]
-            _accumulate_dw_t(dw, logits_t, x, start == 0)
+            _accumulate_dw(dw, logits_t, x, start == 0, _add_slab_cpu)
     return _loop_result(loss, pred, dz, dw, weight, S, with_grad)
-
-
-def _accumulate_dw_t(dw: Tensor, g_t: Tensor, x: Tensor, first: bool) -> None:
-    """``dw (+)= g_t x`` with ``g_t [V, C]``, ``x [C, d]``: as :func:`_accumulate_dw` with the
-    gradient's transpose as a row-major operand; bf16 products land in fp32 slabs through
-    ``hrm_ce::accumulate`` (one pass)."""
-    if dw.dtype == g_t.dtype:
-        if first:
-            torch.mm(g_t, x, out=dw)
-        else:
-            dw.addmm_(g_t, x)
-        return
-    for v0 in range(0, dw.shape[0], _DW_SLAB_ROWS):
-        _add_slab_cpu(dw[v0 : v0 + _DW_SLAB_ROWS], torch.mm(g_t[v0 : v0 + _DW_SLAB_ROWS], x), first)
 
 
 def _define_op(name: str, loop: Callable[..., tuple[Tensor, Tensor, Tensor, Tensor]]):
