@@ -129,6 +129,17 @@ inline void transpose16(__m512i r[16]) {
   }
 }
 
+#if defined(__AVX512BW__)
+// A word row of 16-bit pairs (a0 b0 a1 b1 ... a15 b15) split into (a0 .. a15 | b0 .. b15): after
+// a transpose16 of 16 rows of pairs, one column's 16 entries in the low 256 bits, the next
+// column's in the high.
+inline __m512i split_pairs(__m512i x) {
+  const __m512i idx = _mm512_set_epi16(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1, 30, 28, 26, 24, 22,
+                                       20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+  return _mm512_permutexvar_epi16(idx, x);
+}
+#endif
+
 // o[w * ldo + i] = word w of row i, for w, i < 16, row i of the source at a + i * lda bytes.
 inline void transpose16(const void* a, int64_t lda, uint32_t* o, int64_t ldo) {
   __m512i r[16];

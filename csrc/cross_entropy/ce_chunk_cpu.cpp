@@ -27,10 +27,9 @@ using namespace hrm_cpu;
 // product is then W z^T, which streams the weight once (z W^T re-reads it for each block of
 // rows), and the dW product reads g^T as a row-major operand (oneDNN runs g^T z from a
 // transposed view of g well below its row-major speed); dz = g W takes the row-major g that
-// pass 2 also writes. Columns from
-// n = targets.size(0) on are padding (zero rows of the product); C is a multiple of kCols.
-// Both passes walk the vocabulary in tiles of kTile rows, each tile whole (C contiguous
-// entries per row):
+// pass 2 also writes. Columns from n = targets.size(0) on are padding (zero rows of the
+// product); C is a multiple of kCols. Both passes walk the vocabulary in tiles of kTile rows,
+// each tile whole (C contiguous entries per row):
 //   1. per column, online over the tiles: m = max, pred = its first index, s = sum exp2((x - m)
 //      log2 e) (rescaled by exp2((m_old - m) log2 e) when a tile raises m; one exp per logit
 //      plus one per tile and column), over parts of kPartTiles tiles in parallel, the parts'
@@ -82,6 +81,12 @@ inline void put_line(void* p, __m512i x, bool stream) {
 }
 #endif
 
+template <class E>
+inline void store_block_scalar(const E* t, int64_t rows, E* grad, int64_t V, int64_t v0) {
+  for (int64_t c = 0; c < kCols; ++c)
+    for (int64_t j = 0; j < rows; ++j) grad[c * V + v0 + j] = t[j * kCols + c];
+}
+
 inline void store_block(const float* t, int64_t rows, float* grad, int64_t V, int64_t v0, bool stream) {
 #if defined(__AVX512F__)
   if (rows == kTile) {
@@ -95,8 +100,7 @@ inline void store_block(const float* t, int64_t rows, float* grad, int64_t V, in
     return;
   }
 #endif
-  for (int64_t c = 0; c < kCols; ++c)
-    for (int64_t j = 0; j < rows; ++j) grad[c * V + v0 + j] = t[j * kCols + c];
+  store_block_scalar(t, rows, grad, V, v0);
 }
 
 inline void store_block(const bf16* t, int64_t rows, bf16* grad, int64_t V, int64_t v0, bool stream) {
@@ -104,26 +108,23 @@ inline void store_block(const bf16* t, int64_t rows, bf16* grad, int64_t V, int6
   if (rows == kTile) {
     static_assert(kCols == 32 && kTile == 32, "two 16-row halves of 16 words");
     // word w of a row is the pair of columns (2w, 2w + 1): after a half's transpose, r[w]
-    // holds that pair for its 16 rows, split into column 2w's 16 entries (low 256 bits) and
-    // column 2w + 1's; the two halves' parts then join into one line per column
-    const __m512i split = _mm512_set_epi16(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1, 30, 28, 26,
-                                           24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+    // holds that pair for its 16 rows, split_pairs gives column 2w's 16 entries (low 256
+    // bits) and column 2w + 1's; the two halves' parts then join into one line per column
     __m512i lo[16], r[16];
     for (int j = 0; j < 16; ++j) r[j] = _mm512_loadu_si512(t + j * kCols);
     transpose16(r);
-    for (int w = 0; w < 16; ++w) lo[w] = _mm512_permutexvar_epi16(split, r[w]);
+    for (int w = 0; w < 16; ++w) lo[w] = split_pairs(r[w]);
     for (int j = 0; j < 16; ++j) r[j] = _mm512_loadu_si512(t + (16 + j) * kCols);
     transpose16(r);
     for (int w = 0; w < 16; ++w) {
-      const __m512i hi = _mm512_permutexvar_epi16(split, r[w]);
+      const __m512i hi = split_pairs(r[w]);
       put_line(grad + (2 * w) * V + v0, _mm512_shuffle_i64x2(lo[w], hi, 0x44), stream);
       put_line(grad + (2 * w + 1) * V + v0, _mm512_shuffle_i64x2(lo[w], hi, 0xEE), stream);
     }
     return;
   }
 #endif
-  for (int64_t c = 0; c < kCols; ++c)
-    for (int64_t j = 0; j < rows; ++j) grad[c * V + v0 + j] = t[j * kCols + c];
+  store_block_scalar(t, rows, grad, V, v0);
 }
 
 // The running max, its first index and the sum of exp2((x - max) log2 e) of KB column vectors

@@ -458,14 +458,12 @@ void store_transposed(const E* s, int64_t lds, int64_t n, E* dst) {
   if constexpr (R == 16 && std::is_same_v<E, bf16>) {
     // 32 tokens at a time: 16 rows of 16 words (token pairs) transposed, then each word row
     // (the pairs (t, t + 1) of the 16 rows) split into token t's 16 entries and t + 1's
-    const __m512i split = _mm512_set_epi16(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1, 30, 28, 26,
-                                           24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
     for (int64_t c = 0; c < n; c += 32) {
       __m512i r[16];
       for (int m = 0; m < 16; ++m) r[m] = _mm512_loadu_si512(s + m * lds + c);
       transpose16(r);
       for (int w = 0; w < 16 && c + 2 * w < n; ++w) {
-        const __m512i x = _mm512_permutexvar_epi16(split, r[w]);
+        const __m512i x = split_pairs(r[w]);
         E* o = dst + (c + 2 * w) * 16;
         if (c + 2 * w + 1 < n) _mm512_storeu_si512(o, x);
         else _mm512_mask_storeu_epi16(o, 0xFFFF, x);  // the last token alone

@@ -46,6 +46,10 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+# What the cpu backend's C++ kernels store (their math is fp32): other dtypes take a fallback.
+CPU_KERNEL_DTYPES = (torch.float32, torch.bfloat16)
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype norms, RoPE, losses and optimizer math compute in: fp32, or fp64 for fp64 inputs."""
     return torch.float64 if dtype == torch.float64 else torch.float32

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from hrm.ops import cpp_extension
+from hrm.ops.common import CPU_KERNEL_DTYPES
 from hrm.ops.dispatch import get_impl, register, unavailable_reason
 
 
@@ -39,14 +40,11 @@ class _EmbeddingIndexAdd(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> tuple[None, Tensor, None]:
         (ids,) = ctx.saved_tensors
         rows = grad.reshape(-1, grad.shape[-1])
-        if rows.device.type == "cpu" and rows.dtype in _CPU_DTYPES:
+        if rows.device.type == "cpu" and rows.dtype in CPU_KERNEL_DTYPES:
             dw = _embedding_backward_cpu(ids.reshape(-1), rows, ctx.num_rows, ctx.scale)
             return None, dw.to(ctx.dtype), None
         dw = rows.new_zeros(ctx.num_rows, rows.shape[1])
         return None, dw.index_add_(0, ids.reshape(-1), rows, alpha=ctx.scale), None
-
-
-_CPU_DTYPES = (torch.float32, torch.bfloat16)
 
 
 @torch.library.custom_op("hrm::embedding_cpu_backward", mutates_args=())

@@ -39,6 +39,7 @@ from torch import Tensor
 
 from hrm.ops import cpp_extension
 from hrm.ops.common import (
+    CPU_KERNEL_DTYPES,
     TILE_ELEMS,
     TRITON_TYPES,
     TileTarget,
@@ -259,9 +260,6 @@ def _ce_chunk_compile(logits: Tensor, targets: Tensor, with_grad: bool) -> tuple
 
 
 # -- cpu backend: the chunk's loss and gradient in C++ -----------------------------------------
-_CPU_DTYPES = (torch.float32, torch.bfloat16)
-
-
 def _ce_chunk_cpu(logits_t: Tensor, targets: Tensor, grad: Tensor | None, with_grad: bool) -> tuple[Tensor, Tensor]:
     """``hrm_ce::ce_chunk_t`` (``csrc/cross_entropy/ce_chunk_cpu.cpp``): the loss and argmax of
     the ``n = len(targets)`` first columns of the transposed logits ``[V, C]`` (C a multiple of
@@ -377,10 +375,9 @@ def linear_cross_entropy_chunked(
     """``(loss_sum, pred, dz, dW)`` (the gradients are empty without ``with_grad``) over the
     supervised ``rows``; ``ce_chunk(logits, targets, with_grad) -> (loss_rows, pred_rows,
     dlogits)``, where ``dlogits`` is ``logits`` overwritten with their gradient; dW gathers in
-    :func:`_accumulate_dw`. The matmuls run in z's dtype,
-    on CPUs over whole buckets of rows (:func:`_product_rows`); every buffer is allocated
-    once per call and reused by the chunks. Reads nothing back to the host: the loop's length
-    is ``rows``'s size."""
+    :func:`_accumulate_dw`. The matmuls run in z's dtype, on CPUs over whole buckets of rows
+    (:func:`_product_rows`); every buffer is allocated once per call and reused by the chunks.
+    Reads nothing back to the host: the loop's length is ``rows``'s size."""
     w, loss, pred, dz, dw = _loop_buffers(z, weight, labels, with_grad)
     V, S = w.shape[0], rows.shape[0]
     logits_buf = z.new_empty(_product_rows(min(chunk_rows, S), z.device), V)
@@ -408,7 +405,7 @@ def linear_cross_entropy_chunked_cpu(
     turns them into ``g^T`` in place and ``g [m, V]`` beside them; then ``dz = g W`` and the dW
     slabs ``g^T x`` take row-major operands. fp32 and bf16 products on a CPU; other dtypes run
     the generic loop with the compile backend's chunk."""
-    if z.dtype not in _CPU_DTYPES or z.device.type != "cpu":
+    if z.dtype not in CPU_KERNEL_DTYPES or z.device.type != "cpu":
         return linear_cross_entropy_chunked(z, weight, labels, rows, chunk_rows, _ce_chunk_compile, with_grad)
     w, loss, pred, dz, dw = _loop_buffers(z, weight, labels, with_grad)
     V, S = w.shape[0], rows.shape[0]
