@@ -430,22 +430,29 @@ Packed<E> pack_tokens(const at::Tensor& x, int64_t Dp) {
   const U* src = reinterpret_cast<const U*>(xe.data_ptr<E>());
   U* dst = reinterpret_cast<U*>(buf.data_ptr<E>());
   std::fill(dst + H * Tk * Dp * P, dst + buf.numel(), U(0));
-  at::parallel_for(0, H * Tk, 256 / P, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t h = i / Tk, t = i % Tk * P;
-      const U* a = src + t * s0 + h * s1;
-      U* b = dst + i * Dp * P;
-      if constexpr (P == 1) {
-        std::copy(a, a + D, b);
-      } else {
-        uint32_t* w = reinterpret_cast<uint32_t*>(b);
-        if (t + 1 < T)
-          for (int64_t d = 0; d < D; ++d) w[d] = a[d] | (uint32_t)a[d + s0] << 16;
-        else
-          for (int64_t d = 0; d < D; ++d) w[d] = a[d];  // T odd: the pair's second token is zero
+  // Token-major: each step reads the P tokens' rows of every head (adjacent in the model's
+  // [T, H, D] views) and appends one row to each head's panel, so that reads and writes stream.
+  // The rows lie s0 apart (a page holds a token or two), beyond the hardware prefetchers: the
+  // rows 16 tokens ahead are fetched by hand.
+  at::parallel_for(0, Tk, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i)
+      for (int64_t h = 0; h < H; ++h) {
+        const int64_t t = i * P;
+        if (t + 16 < T) prefetch<0>(src + (t + 16) * s0 + h * s1, D * sizeof(E));
+        if (P == 2 && t + 17 < T) prefetch<0>(src + (t + 17) * s0 + h * s1, D * sizeof(E));
+        const U* a = src + t * s0 + h * s1;
+        U* b = dst + (h * Tk + i) * Dp * P;
+        if constexpr (P == 1) {
+          std::copy(a, a + D, b);
+        } else {
+          uint32_t* w = reinterpret_cast<uint32_t*>(b);
+          if (t + 1 < T)
+            for (int64_t d = 0; d < D; ++d) w[d] = a[d] | (uint32_t)a[d + s0] << 16;
+          else
+            for (int64_t d = 0; d < D; ++d) w[d] = a[d];  // T odd: the pair's second token is zero
+        }
+        std::fill(b + D * P, b + Dp * P, U(0));
       }
-      std::fill(b + D * P, b + Dp * P, U(0));
-    }
   });
   return {buf, buf.data_ptr<E>(), Tk * Dp * P, Dp * P, P};
 }
@@ -489,9 +496,11 @@ Packed<E> pack_cols(const at::Tensor& x, int64_t Dp) {
   at::Tensor out = at::empty({H, Dk, ld, P}, x.options().dtype(kType<E>));
   const E* src = xe.data_ptr<E>();
   uint32_t* dst = reinterpret_cast<uint32_t*>(out.data_ptr<E>());
-  at::parallel_for(0, H * nb, 4, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t h = i / nb, t0 = i % nb * tb, t1 = std::min(t0 + tb, T);
+  at::parallel_for(0, nb * H, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {  // token-major: a block's heads one after the other
+      const int64_t h = i % H, t0 = i / H * tb, t1 = std::min(t0 + tb, T);
+      // the head's rows of the next block, fetched by hand (as in pack_tokens)
+      for (int64_t t = t1; t < std::min(t1 + tb, T); ++t) prefetch<0>(src + t * s0 + h * s1, D * sizeof(E));
       const E* a = src + h * s1;         // token t's row at a + t * s0
       uint32_t* o = dst + h * Dk * ld;  // word w of token t at o[w * ld + t]
       int64_t w = 0;
