@@ -119,6 +119,32 @@ def test_loop_rows_are_the_rows_hrm_train_packs():
     assert all(r.input_ids.shape == (TINY.tokens,) and 0 < r.num_supervised < r.num_tokens for r in rows)
 
 
+def test_loop_runs_alternate_and_pool_their_steps(monkeypatch):
+    """Each backend's ``hrm train`` runs ``rounds`` times in the order torch, cpu, cpu, torch
+    (a machine that drifts favours neither); a row counts every timed step of its runs, and a
+    backend whose run fails gets an error row and no more runs."""
+    assert suites.loop_order(["torch", "cpu"], 1) == ["torch", "cpu"]
+    assert suites.loop_order(["torch", "cpu"], 3) == ["torch", "cpu", "cpu", "torch", "torch", "cpu"]
+    calls = []
+    step_seconds = {"torch": iter([[4.0, 2.0], [3.0, 3.0]]), "cpu": iter([[1.0, 1.0], [0.5, 0.5]])}
+
+    def once(bench, backend, precision, steps, timeout):
+        calls.append(backend)
+        if backend == "broken":
+            raise RuntimeError("no such backend")
+        return next(step_seconds[backend]), 100.0, 1000.0, "hrm train (2 threads), backend " + backend
+
+    monkeypatch.setattr(suites, "_loop_once", once)
+    rows = suites.run_loop("tiny", TINY, ["torch", "cpu", "broken"], precision="fp32", steps=4, rounds=2)
+    assert calls == ["torch", "cpu", "broken", "cpu", "torch"]
+    torch_row, cpu_row, broken = rows
+    assert (torch_row.seconds, torch_row.seconds_min, torch_row.seconds_max) == (3.0, 2.0, 4.0)
+    assert torch_row.extra["run_seconds"] == [3.0, 3.0] and cpu_row.extra["run_seconds"] == [1.0, 0.5]
+    assert cpu_row.seconds == 0.75 and (cpu_row.tokens, cpu_row.flops) == (100, 1000.0)
+    assert cpu_row.extra["threads"] == 2 and cpu_row.extra["resolved_backend"] == "cpu"
+    assert broken.seconds != broken.seconds and broken.extra["error"] == "no such backend"
+
+
 def test_loop_throughput_counts_only_steps_after_warm_up():
     records = [
         {"step": 1, "tokens": 100, "tokens_per_s": 10.0, "flops": 1000},  # warm-up: 10 s

@@ -64,6 +64,7 @@ def run_bench(
     plots: bool = True,
     precision: str = "auto",
     loop_steps: int = suites.LOOP_STEPS,
+    loop_rounds: int | None = None,
 ) -> dict[str, Path]:
     """Run ``suite`` (``ops``, ``train``, ``all`` = both, or ``generate``) and write
     ``OUT/<device-slug>.{json,md,png}``.
@@ -76,7 +77,8 @@ def run_bench(
     overrides the op shapes (``quick`` shrinks them otherwise). Each train step is timed
     after its first step (which compiles) and ``train_warmup`` more, at ``precision``
     (``auto``: what ``hrm train`` picks on this device); then ``hrm train`` itself runs
-    ``loop_steps`` steps on the reference and the fastest backend (0: not at all).
+    ``loop_steps`` steps on the reference and the fastest backend (0: not at all), ``loop_rounds``
+    times each in alternating order (default :data:`~hrm.bench.suites.LOOP_ROUNDS`, 1 with ``quick``).
     """
     if isinstance(config, str):
         if config not in BENCH_CONFIGS:
@@ -105,6 +107,7 @@ def run_bench(
             backends=backends,
             precision=train_precision,
             loop_steps=loop_steps,
+            loop_rounds=loop_rounds or (1 if quick else suites.LOOP_ROUNDS),
         )
     if suite == "generate":
         rows += run_generate(reps=reps, device=device)

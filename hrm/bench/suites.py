@@ -66,6 +66,7 @@ OP_MIN_TIME = 0.2  # seconds of timed calls per op, mode and backend at least: s
 COMPILED_REFERENCE = "torch+compile"
 LOOP_STEPS = 10  # `hrm train` steps per loop row: LOOP_WARMUP untimed, the rest timed
 LOOP_WARMUP = 2  # the first compiles (and the second may recompile for another packing)
+LOOP_ROUNDS = 2  # `hrm train` runs per loop row, in the order torch, cpu, cpu, torch (loop_order)
 
 # Targets of the train step (the issue's): fastest CPU backend vs the reference and vs
 # torch.compile of the reference, its MFU and its peak memory relative to the reference.
@@ -638,14 +639,15 @@ def run_train(
     timeout: float | None = None,
     precision: str = "auto",
     loop_steps: int = LOOP_STEPS,
+    loop_rounds: int = LOOP_ROUNDS,
 ) -> list[Row]:
     """One ``step`` row per variant at this process's thread count (a failed variant's row has
     ``seconds`` NaN and the error in ``extra``), every variant at ``precision`` resolved once
     here (``auto``: as ``hrm train`` picks). On a CPU with more than one thread, ``step, 1
     thread`` rows for the reference and the fastest fused backend. With ``loop_steps``, for the
     same two: ``step, loop rows`` rows (the bench step on the rows the loop times,
-    :func:`loop_rows`) and ``loop`` rows (:func:`run_loop`), each with ``extra["loop_vs_step"]``:
-    its tokens/s over its backend's step on the same rows."""
+    :func:`loop_rows`) and ``loop`` rows (:func:`run_loop`, ``loop_rounds`` runs of each), each
+    with ``extra["loop_vs_step"]``: its tokens/s over its backend's step on the same rows."""
     device = torch.device(device)
     precision = resolve_precision(precision, device)
     dtype = DTYPE_NAMES[precision]
@@ -724,7 +726,9 @@ def run_train(
             )
         )
     if loop_steps:
-        for row in run_loop(name, bench, compared, precision=precision, steps=loop_steps, timeout=timeout):
+        for row in run_loop(
+            name, bench, compared, precision=precision, steps=loop_steps, rounds=loop_rounds, timeout=timeout
+        ):
             step = results.get((row.backend, LOOP_ROWS), {})
             if row.seconds == row.seconds and "seconds" in step:
                 row.extra["loop_vs_step"] = (row.tokens / row.seconds) / (step["tokens"] / step["seconds"])
@@ -792,6 +796,37 @@ def loop_throughput(records: list[dict], warmup: int = LOOP_WARMUP) -> tuple[lis
     return seconds, tokens / len(timed), flops / len(timed)
 
 
+def loop_order(backends: list[str], rounds: int) -> list[str]:
+    """The runs of :func:`run_loop` in order: ``rounds`` passes over ``backends``, every other
+    pass reversed (``torch, cpu, cpu, torch``), so that a machine whose speed drifts during
+    the bench (the 2-core VMs this project measures on drift by 10% within minutes) favours
+    neither backend."""
+    return [b for r in range(rounds) for b in (backends if r % 2 == 0 else backends[::-1])]
+
+
+def _loop_once(
+    bench: BenchConfig, backend: str, precision: str, steps: int, timeout: float | None
+) -> tuple[list[float], float, float, str]:
+    """One ``hrm train`` run of :func:`loop_command` at the default thread count
+    (``OMP_NUM_THREADS`` unset): :func:`loop_throughput` of its ``metrics.jsonl``, and its stderr."""
+    from hrm.training.metrics import read_metrics
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    with tempfile.TemporaryDirectory() as tmp:
+        done = subprocess.run(
+            loop_command(bench, backend, precision, Path(tmp) / "run", steps),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env,
+        )
+        if done.returncode != 0:
+            lines = [ln for ln in done.stderr.strip().splitlines() if ln.strip()]
+            raise RuntimeError(lines[-1] if lines else f"exit code {done.returncode}")
+        records = read_metrics(Path(tmp) / "run" / "metrics.jsonl")
+        return (*loop_throughput(records, min(LOOP_WARMUP, steps - 1)), done.stderr)
+
+
 def run_loop(
     name: str,
     bench: BenchConfig,
@@ -799,39 +834,34 @@ def run_loop(
     *,
     precision: str,
     steps: int = LOOP_STEPS,
+    rounds: int = LOOP_ROUNDS,
     timeout: float | None = None,
 ) -> list[Row]:
     """One ``mode="loop"`` row per backend: :func:`loop_command` run as its own process at the
-    default thread count (``OMP_NUM_THREADS`` unset, as a user runs it), timed from its own
-    ``metrics.jsonl`` over the steps after warm-up. Backends run one after the other, each
-    alone on the machine."""
-    from hrm.training.metrics import read_metrics
-
+    default thread count (as a user runs it), ``rounds`` times per backend in the order of
+    :func:`loop_order`, each process alone on the machine; timed from its own
+    ``metrics.jsonl`` over the steps after warm-up, every timed step of every run counted
+    (``extra["run_seconds"]``: each run's mean step)."""
+    runs: dict[str, list[tuple[list[float], float, float, str]]] = {b: [] for b in backends}
+    errors: dict[str, str] = {}
+    for backend in loop_order(backends, rounds):
+        if backend not in errors:
+            try:
+                runs[backend].append(_loop_once(bench, backend, precision, steps, timeout))
+            except (subprocess.TimeoutExpired, RuntimeError, ValueError, OSError) as e:
+                errors[backend] = str(e)
     rows = []
-    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    shape = f"hrm train, T={bench.tokens} bp={bench.bp_steps}" + (f", {rounds} runs" if rounds > 1 else "")
+    dtype = DTYPE_NAMES[precision]
     for backend in backends:
         extra: dict = {"precision": PRECISION_NAMES[precision], "bp_steps": bench.bp_steps, "steps": steps}
-        shape = f"hrm train, T={bench.tokens} bp={bench.bp_steps}"
-        dtype = DTYPE_NAMES[precision]
-        with tempfile.TemporaryDirectory() as tmp:
-            try:
-                done = subprocess.run(
-                    loop_command(bench, backend, precision, Path(tmp) / "run", steps),
-                    capture_output=True,
-                    text=True,
-                    timeout=timeout,
-                    env=env,
-                )
-                if done.returncode != 0:
-                    lines = [ln for ln in done.stderr.strip().splitlines() if ln.strip()]
-                    raise RuntimeError(lines[-1] if lines else f"exit code {done.returncode}")
-                records = read_metrics(Path(tmp) / "run" / "metrics.jsonl")
-                each, tokens, flops = loop_throughput(records, min(LOOP_WARMUP, steps - 1))
-            except (subprocess.TimeoutExpired, RuntimeError, ValueError, OSError) as e:
-                extra["error"] = str(e)
-                rows.append(Row("train", name, backend, "loop", shape, dtype, float("nan"), extra=extra))
-                continue
-        banner = re.search(r"\((\d+) threads\).*, backend (\w+)", done.stderr)
+        if backend in errors:
+            extra["error"] = errors[backend]
+            rows.append(Row("train", name, backend, "loop", shape, dtype, float("nan"), extra=extra))
+            continue
+        each = [s for r in runs[backend] for s in r[0]]
+        extra.update(runs=rounds, run_seconds=[sum(r[0]) / len(r[0]) for r in runs[backend]])
+        banner = re.search(r"\((\d+) threads\).*, backend (\w+)", runs[backend][0][3])
         if banner:
             extra.update(threads=int(banner[1]), resolved_backend=banner[2])
         rows.append(
@@ -843,8 +873,8 @@ def run_loop(
                 shape,
                 dtype,
                 sum(each) / len(each),  # the mean: tokens/s over all timed steps
-                flops=flops,
-                tokens=round(tokens),
+                flops=sum(r[2] for r in runs[backend]) / rounds,
+                tokens=round(sum(r[1] for r in runs[backend]) / rounds),
                 extra=extra,
                 seconds_min=min(each),
                 seconds_max=max(each),
