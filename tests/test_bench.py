@@ -132,7 +132,7 @@ def test_loop_runs_alternate_and_pool_their_steps(monkeypatch):
         calls.append(backend)
         if backend == "broken":
             raise RuntimeError("no such backend")
-        return next(step_seconds[backend]), 100.0, 1000.0, "hrm train (2 threads), backend " + backend
+        return suites.LoopRun(next(step_seconds[backend]), 100.0, 1000.0, "hrm train (2 threads), backend " + backend)
 
     monkeypatch.setattr(suites, "_loop_once", once)
     rows = suites.run_loop("tiny", TINY, ["torch", "cpu", "broken"], precision="fp32", steps=4, rounds=2)

@@ -134,6 +134,15 @@ inline void prefetch(const void* p, int64_t bytes) {
 }
 
 
+// Starts fetching rows [t0, t1) of x, s0 entries apart, bytes each: the packing passes read
+// the model's [T, H, D] views, whose rows lie a page or more apart (a page holds a token or
+// two), beyond the hardware prefetchers.
+template <class U>
+inline void prefetch_rows(const U* x, int64_t t0, int64_t t1, int64_t s0, int64_t bytes) {
+  for (int64_t t = t0; t < t1; ++t) prefetch<0>(x + t * s0, bytes);
+}
+constexpr int64_t kPackAhead = 16;  // tokens the pack_tokens pass fetches ahead
+
 // C[m][0:NVB*VW] = sum_{r < nr} a[m][r] * b[r * ldb + 0:NVB*VW] (fp32 FMAs).
 template <int NVB>
 inline void tile(const float* const* a, const float* b, int64_t ldb, int64_t nr, float* c, int64_t ldc) {
@@ -431,15 +440,13 @@ Packed<E> pack_tokens(const at::Tensor& x, int64_t Dp) {
   U* dst = reinterpret_cast<U*>(buf.data_ptr<E>());
   std::fill(dst + H * Tk * Dp * P, dst + buf.numel(), U(0));
   // Token-major: each step reads the P tokens' rows of every head (adjacent in the model's
-  // [T, H, D] views) and appends one row to each head's panel, so that reads and writes stream.
-  // The rows lie s0 apart (a page holds a token or two), beyond the hardware prefetchers: the
-  // rows 16 tokens ahead are fetched by hand.
+  // [T, H, D] views) and appends one row to each head's panel, so that reads and writes
+  // stream; the rows kPackAhead tokens on are fetched by hand (prefetch_rows).
   at::parallel_for(0, Tk, 64, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i)
       for (int64_t h = 0; h < H; ++h) {
-        const int64_t t = i * P;
-        if (t + 16 < T) prefetch<0>(src + (t + 16) * s0 + h * s1, D * sizeof(E));
-        if (P == 2 && t + 17 < T) prefetch<0>(src + (t + 17) * s0 + h * s1, D * sizeof(E));
+        const int64_t t = i * P, ahead = t + kPackAhead;
+        prefetch_rows(src + h * s1, ahead, std::min(ahead + P, T), s0, D * sizeof(E));
         const U* a = src + t * s0 + h * s1;
         U* b = dst + (h * Tk + i) * Dp * P;
         if constexpr (P == 1) {
@@ -499,8 +506,7 @@ Packed<E> pack_cols(const at::Tensor& x, int64_t Dp) {
   at::parallel_for(0, nb * H, 4, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {  // token-major: a block's heads one after the other
       const int64_t h = i % H, t0 = i / H * tb, t1 = std::min(t0 + tb, T);
-      // the head's rows of the next block, fetched by hand (as in pack_tokens)
-      for (int64_t t = t1; t < std::min(t1 + tb, T); ++t) prefetch<0>(src + t * s0 + h * s1, D * sizeof(E));
+      prefetch_rows(src + h * s1, t1, std::min(t1 + tb, T), s0, D * sizeof(E));  // the head's next block
       const E* a = src + h * s1;         // token t's row at a + t * s0
       uint32_t* o = dst + h * Dk * ld;  // word w of token t at o[w * ld + t]
       int64_t w = 0;

@@ -36,7 +36,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -804,11 +804,18 @@ def loop_order(backends: list[str], rounds: int) -> list[str]:
     return [b for r in range(rounds) for b in (backends if r % 2 == 0 else backends[::-1])]
 
 
-def _loop_once(
-    bench: BenchConfig, backend: str, precision: str, steps: int, timeout: float | None
-) -> tuple[list[float], float, float, str]:
+class LoopRun(NamedTuple):
+    """One ``hrm train`` run of the loop case: :func:`loop_throughput` of its metrics, its stderr."""
+
+    seconds: list[float]  # each timed step's
+    tokens: float  # per timed step
+    flops: float  # per timed step
+    stderr: str
+
+
+def _loop_once(bench: BenchConfig, backend: str, precision: str, steps: int, timeout: float | None) -> LoopRun:
     """One ``hrm train`` run of :func:`loop_command` at the default thread count
-    (``OMP_NUM_THREADS`` unset): :func:`loop_throughput` of its ``metrics.jsonl``, and its stderr."""
+    (``OMP_NUM_THREADS`` unset), timed from its ``metrics.jsonl``."""
     from hrm.training.metrics import read_metrics
 
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
@@ -824,7 +831,7 @@ def _loop_once(
             lines = [ln for ln in done.stderr.strip().splitlines() if ln.strip()]
             raise RuntimeError(lines[-1] if lines else f"exit code {done.returncode}")
         records = read_metrics(Path(tmp) / "run" / "metrics.jsonl")
-        return (*loop_throughput(records, min(LOOP_WARMUP, steps - 1)), done.stderr)
+        return LoopRun(*loop_throughput(records, min(LOOP_WARMUP, steps - 1)), done.stderr)
 
 
 def run_loop(
@@ -842,7 +849,7 @@ def run_loop(
     :func:`loop_order`, each process alone on the machine; timed from its own
     ``metrics.jsonl`` over the steps after warm-up, every timed step of every run counted
     (``extra["run_seconds"]``: each run's mean step)."""
-    runs: dict[str, list[tuple[list[float], float, float, str]]] = {b: [] for b in backends}
+    runs: dict[str, list[LoopRun]] = {b: [] for b in backends}
     errors: dict[str, str] = {}
     for backend in loop_order(backends, rounds):
         if backend not in errors:
@@ -859,9 +866,9 @@ def run_loop(
             extra["error"] = errors[backend]
             rows.append(Row("train", name, backend, "loop", shape, dtype, float("nan"), extra=extra))
             continue
-        each = [s for r in runs[backend] for s in r[0]]
-        extra.update(runs=rounds, run_seconds=[sum(r[0]) / len(r[0]) for r in runs[backend]])
-        banner = re.search(r"\((\d+) threads\).*, backend (\w+)", runs[backend][0][3])
+        each = [s for r in runs[backend] for s in r.seconds]
+        extra.update(runs=rounds, run_seconds=[sum(r.seconds) / len(r.seconds) for r in runs[backend]])
+        banner = re.search(r"\((\d+) threads\).*, backend (\w+)", runs[backend][0].stderr)
         if banner:
             extra.update(threads=int(banner[1]), resolved_backend=banner[2])
         rows.append(
@@ -873,8 +880,8 @@ def run_loop(
                 shape,
                 dtype,
                 sum(each) / len(each),  # the mean: tokens/s over all timed steps
-                flops=sum(r[2] for r in runs[backend]) / rounds,
-                tokens=round(sum(r[1] for r in runs[backend]) / rounds),
+                flops=sum(r.flops for r in runs[backend]) / rounds,
+                tokens=round(sum(r.tokens for r in runs[backend]) / rounds),
                 extra=extra,
                 seconds_min=min(each),
                 seconds_max=max(each),
