@@ -305,22 +305,28 @@ def test_ema_math_buffers_and_key_order():
     assert ema.num_updates == 4
 
 
+def _twin_runs(backend: str) -> list[tuple[nn.Module, AdamAtan2, EMA]]:
+    """Two copies of one tiny model, each with its optimizer on ``backend`` and its EMA: the
+    fused run first, the run it must equal second."""
+    torch.manual_seed(0)
+    first = HRMText(get_preset("tiny"))
+    runs = []
+    for model in (first, copy.deepcopy(first)):
+        optimizer = AdamAtan2(param_groups(model, 0.1), lr=1e-2, betas=BETAS, backend=backend)
+        runs.append((model, optimizer, EMA(model, decay=0.9)))
+    return runs
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_ema_fused_into_the_step_equals_a_step_then_an_update(backend):
     """``AdamAtan2.step(ema=ema)`` moves the averages of the stepped parameters in the
     optimizer's pass and leaves the rest (a parameter without a gradient, the buffers) to
     ``ema.update``: the same averages, optimizer state and weights as a step followed by an
     update, over steps whose EMA decay changes (its warm-up)."""
-    torch.manual_seed(0)
-    fused_model = HRMText(get_preset("tiny"))
-    split_model = copy.deepcopy(fused_model)
-    runs = []
-    for model in (fused_model, split_model):
-        optimizer = AdamAtan2(param_groups(model, 0.1), lr=1e-2, betas=BETAS, backend=backend)
-        runs.append((model, optimizer, EMA(model, decay=0.9)))
+    runs = _twin_runs(backend)
     for step in range(3):
         g = torch.Generator().manual_seed(step)
-        grads = {n: torch.randn(p.shape, generator=g) for n, p in fused_model.named_parameters()}
+        grads = {n: torch.randn(p.shape, generator=g) for n, p in runs[0][0].named_parameters()}
         for fused, (model, optimizer, ema) in zip((True, False), runs):
             for n, p in model.named_parameters():
                 p.grad = None if n == "embed_tokens.weight" else grads[n].clone()  # one without a gradient
@@ -341,6 +347,34 @@ def test_ema_fused_into_the_step_equals_a_step_then_an_update(backend):
         torch.testing.assert_close(fused_model.state_dict()[k], v, **tol, msg=k)
     moved = fused_ema.state_dict()["embed_tokens.weight"] - fused_model.embed_tokens.weight
     assert moved.abs().max() == 0  # never stepped: its average stays on it
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grad_scale_is_the_step_on_scaled_gradients(backend):
+    """``AdamAtan2.step(grad_scale=s)`` (gradient clipping fused into the step) is the step on
+    gradients multiplied by ``s`` beforehand, bit for bit: the same fp32 product, made in the
+    step's read of the gradient; the gradients themselves are left as they are. Over steps
+    whose factor changes (one of them 1), with an EMA on the fused backends' EMA kernel too."""
+    runs = _twin_runs(backend)
+    for step, factor in enumerate((0.37, 1.0, 0.011)):
+        g = torch.Generator().manual_seed(step)
+        grads = {n: torch.randn(p.shape, generator=g) for n, p in runs[0][0].named_parameters()}
+        scale = torch.tensor(factor)
+        for fused, (model, optimizer, ema) in zip((True, False), runs):
+            for n, p in model.named_parameters():
+                p.grad = grads[n].clone() if fused else grads[n] * scale
+            if fused:
+                optimizer.step(ema=ema if step else None, grad_scale=scale)
+                assert all(torch.equal(p.grad, grads[n]) for n, p in model.named_parameters())
+            else:
+                optimizer.step(ema=ema if step else None)
+    (fused_model, fused_opt, fused_ema), (scaled_model, scaled_opt, scaled_ema) = runs
+    for k, v in scaled_model.state_dict().items():
+        assert torch.equal(fused_model.state_dict()[k], v), k
+    for k, v in scaled_ema.state_dict().items():
+        assert torch.equal(fused_ema.state_dict()[k], v), k
+    for sa, sb in zip(fused_opt.state.values(), scaled_opt.state.values()):
+        assert torch.equal(sa["exp_avg"], sb["exp_avg"]) and torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
 
 
 @NEEDS_CPU
@@ -375,21 +409,17 @@ def test_cpu_step_on_edge_values():
     assert torch.equal(got[0][:8], decayed)  # zero moments: no update
 
 
-def test_adam_atan2_rejects_an_ema_list_of_another_length():
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"ema_avgs": _params(0)[:1], "ema_weight": 0.5}, "one average per parameter"),  # an EMA list of another length
+        ({"grad_scale": torch.ones(2)}, "one-element tensor"),
+    ],
+)
+def test_adam_atan2_rejects_bad_arguments(bad, message):
     params = _params(0)
-    with pytest.raises(ValueError, match="one average per parameter"):
-        adam_atan2_(
-            params,
-            params,
-            params,
-            params,
-            [1] * len(params),
-            lr=1e-3,
-            betas=BETAS,
-            weight_decay=0.0,
-            ema_avgs=params[:1],
-            ema_weight=0.5,
-        )
+    with pytest.raises(ValueError, match=message):
+        adam_atan2_(params, params, params, params, [1] * len(params), lr=1e-3, betas=BETAS, weight_decay=0.0, **bad)
 
 
 def test_ema_decay_reaches_its_ceiling():

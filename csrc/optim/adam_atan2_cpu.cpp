@@ -1,6 +1,7 @@
 // One Adam-atan2 step on one fp32 tensor, in place, in one pass over memory (the `cpu`
 // backend of hrm/ops/impl/adam_atan2.py, which calls it per parameter):
 //
+//   g = s g                       (with a gradient scale s: gradient clipping's factor)
 //   m = lerp(m, g, w1)            v = b2 v + w2 g^2
 //   p = decay p - lr atan2(m / bc1, sqrt(v / bc2))
 //   e = lerp(e, p, ema_w)         (with an EMA average e)
@@ -79,14 +80,20 @@ void check(const at::Tensor& t, const at::Tensor& p, const char* name) {
               "adam_atan2_step: ", name, " must be a contiguous fp32 CPU tensor of the parameter's size");
 }
 
-// scalars: [1 - b1, b2, 1 - b2, 1 - lr wd, lr, 1 - b1^t, 1 - b2^t] (+ [ema_w] with an EMA).
+// scalars: [1 - b1, b2, 1 - b2, 1 - lr wd, lr, 1 - b1^t, 1 - b2^t] (+ [ema_w] with an EMA);
+// grad_scale: a one-element fp32 CPU tensor (the gradient is read as grad_scale * g) or none.
 void adam_atan2_step(const at::Tensor& p, const at::Tensor& g, const at::Tensor& m, const at::Tensor& v,
-                     const std::optional<at::Tensor>& e, at::ArrayRef<double> scalars) {
+                     const std::optional<at::Tensor>& e, const std::optional<at::Tensor>& grad_scale,
+                     at::ArrayRef<double> scalars) {
   check(p, p, "the parameter");
   check(g, p, "the gradient");
   check(m, p, "exp_avg");
   check(v, p, "exp_avg_sq");
   if (e) check(*e, p, "the EMA average");
+  TORCH_CHECK(!grad_scale || (grad_scale->device().is_cpu() && grad_scale->scalar_type() == at::kFloat &&
+                              grad_scale->numel() == 1),
+              "adam_atan2_step: grad_scale must be a one-element fp32 CPU tensor");
+  const float gs = grad_scale ? *grad_scale->data_ptr<float>() : 1.0f;  // g * 1 is g, bit for bit
   TORCH_CHECK(scalars.size() == (e ? 8u : 7u), "adam_atan2_step: expected ", e ? 8 : 7, " scalars, got ",
               scalars.size());
   const float w1 = scalars[0], b2 = scalars[1], w2 = scalars[2], decay = scalars[3], lr = scalars[4];
@@ -99,7 +106,7 @@ void adam_atan2_step(const at::Tensor& p, const at::Tensor& g, const at::Tensor&
   at::parallel_for(0, p.numel(), kGrain, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; i += VW) {
       const int64_t n = std::min<int64_t>(VW, i1 - i);
-      const vec gv = load_n(gp + i, n);
+      const vec gv = load_n(gp + i, n) * gs;
       const vec mv = lerp(load_n(mp + i, n), gv, w1);
       const vec vv = load_n(vp + i, n) * b2 + w2 * gv * gv;
       const vec pv = load_n(pp + i, n) * decay - lr * atan2_nonneg_x(mv / bc1, vsqrt(vv / bc2));
@@ -114,7 +121,8 @@ void adam_atan2_step(const at::Tensor& p, const at::Tensor& g, const at::Tensor&
 }  // namespace
 
 TORCH_LIBRARY(hrm_opt, m) {
-  m.def("adam_atan2_step(Tensor(a!) p, Tensor g, Tensor(b!) m, Tensor(c!) v, Tensor(d!)? e, float[] scalars) -> ()");
+  m.def("adam_atan2_step(Tensor(a!) p, Tensor g, Tensor(b!) m, Tensor(c!) v, Tensor(d!)? e, Tensor? grad_scale, "
+        "float[] scalars) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(hrm_opt, CPU, m) { m.impl("adam_atan2_step", &adam_atan2_step); }

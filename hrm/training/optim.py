@@ -74,10 +74,13 @@ class AdamAtan2(torch.optim.Optimizer):
         super().__init__(params, {"lr": lr, "betas": tuple(betas), "weight_decay": weight_decay})
 
     @torch.no_grad()
-    def step(self, closure=None, *, ema: EMA | None = None):
+    def step(self, closure=None, *, ema: EMA | None = None, grad_scale: torch.Tensor | None = None):
         """One update of every parameter with a gradient. With ``ema``, also its update
         (:meth:`EMA.update`): the averages of the stepped parameters move in the optimizer's own
-        pass over them (one read of each new parameter fewer), the rest in ``ema.update``."""
+        pass over them (one read of each new parameter fewer), the rest in ``ema.update``. With
+        ``grad_scale`` (a one-element tensor on the parameters' device, e.g. the factor of
+        :func:`hrm.training.loop.clip_grad_norm`) the update takes ``grad_scale * p.grad``, in
+        the same pass; the gradients are not changed."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -105,6 +108,7 @@ class AdamAtan2(torch.optim.Optimizer):
                 backend=self.backend,
                 ema_avgs=None if ema is None else [local(ema.average_of(p)) for p in params],
                 ema_weight=weight,
+                grad_scale=grad_scale,
             )
             stepped += params
         if ema is not None:
