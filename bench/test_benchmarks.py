@@ -1,5 +1,6 @@
 """pytest-benchmark suites over the same cases as ``hrm bench``: every fused op (forward,
-backward alone, forward + backward; the forward alone for generation's decode attention)
+backward alone, forward + backward; the forward alone for generation's decode attention and
+gradient clipping's norm)
 and the train step, on every available backend, the ``torch`` reference included, each
 test recording its parity error next to its timing
 (``extra_info``) and failing when the error exceeds the case's tolerance.
@@ -36,8 +37,9 @@ OPS = [
     "prefixlm_attention",
     "linear_cross_entropy",
     "decode_attention",
+    "global_norm",
 ]
-INFERENCE_ONLY = {"decode_attention"}  # no backward: the forward alone
+INFERENCE_ONLY = {"decode_attention", "global_norm"}  # no backward: the forward alone
 
 
 @pytest.fixture(scope="session")

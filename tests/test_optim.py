@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from hrm import ops
 from hrm.config import get_preset
 from hrm.errors import BackendUnavailable
 from hrm.model import HRMText
@@ -375,6 +376,33 @@ def test_grad_scale_is_the_step_on_scaled_gradients(backend):
         assert torch.equal(fused_ema.state_dict()[k], v), k
     for sa, sb in zip(fused_opt.state.values(), scaled_opt.state.values()):
         assert torch.equal(sa["exp_avg"], sb["exp_avg"]) and torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
+
+
+@NEEDS_CPU
+def test_cpu_global_norm_is_the_fp64_norm_whatever_the_thread_count():
+    """``global_norm`` on the cpu backend: within fp32 rounding of the fp64 norm over tensors of
+    odd sizes (empty, one element, past a chunk of 65536, the model's largest), the same bits on
+    one thread and two; torch's per-tensor norms (the reference) land farther off on the large
+    tensor. Inputs the kernel does not take (bf16, a transposed view) run on the reference."""
+    g = torch.Generator().manual_seed(0)
+    shapes = [(32000, 256), (1536, 256), (7,), (1,), (0,), (65537,), (3, 5, 2)]
+    tensors = [torch.randn(shape, generator=g) * 10.0 ** (i % 3 - 1) for i, shape in enumerate(shapes)]
+    exact = torch.cat([t.double().flatten() for t in tensors]).norm()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ops.global_norm(tensors, backend="cpu")
+        torch.set_num_threads(2)
+        two = ops.global_norm(tensors, backend="cpu")
+    finally:
+        torch.set_num_threads(threads)
+    assert one.dtype == torch.float32 and one.dim() == 0 and torch.equal(one, two)
+    assert abs(one.double() - exact) <= 1e-7 * exact
+    reference = ops.global_norm(tensors, backend="torch")
+    assert abs(reference.double() - exact) >= abs(one.double() - exact)
+    others = [tensors[0].bfloat16(), tensors[1].t()]
+    assert torch.equal(ops.global_norm(others, backend="cpu"), ops.global_norm(others, backend="torch"))
+    assert ops.global_norm([], backend="cpu").item() == 0.0
 
 
 @NEEDS_CPU

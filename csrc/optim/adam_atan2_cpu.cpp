@@ -12,16 +12,23 @@
 // |err| about 1 ulp), then pi/2 - r where |y| > x, and y's sign. atan2(+-0, 0) = +-0, as
 // torch's; NaN in gives NaN out.
 //
+// Also the global L2 norm of a list of fp32 tensors (the gradient clipping's norm): squares
+// summed over fixed chunks of kNormChunk elements (fp32 lanes over kNormBlock elements, then
+// fp64), the chunk sums added in order, so the result does not depend on the thread count.
+//
 // Built at first use by hrm/ops/cpp_extension.py (-O3 -march=native -fopenmp); registers
-// hrm_opt::adam_atan2_step.
+// hrm_opt::adam_atan2_step and hrm_opt::global_norm.
 
 #include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
+#include <ATen/ops/scalar_tensor.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <optional>
+#include <vector>
 
 #include "../common/cpu_vec.h"
 
@@ -118,11 +125,47 @@ void adam_atan2_step(const at::Tensor& p, const at::Tensor& g, const at::Tensor&
   });
 }
 
+constexpr int64_t kNormBlock = 16 * VW;  // elements summed in fp32 lanes before going to fp64
+constexpr int64_t kNormChunk = 1 << 16;  // elements per work item (and per partial sum)
+
+// sqrt(sum of x^2 over every element of xs), fp32 0-d, each x a contiguous fp32 CPU tensor.
+at::Tensor global_norm(at::TensorList xs) {
+  std::vector<int64_t> first{0};  // the first chunk of each tensor
+  for (const at::Tensor& x : xs) {
+    TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous(),
+                "global_norm: every tensor must be a contiguous fp32 CPU tensor");
+    first.push_back(first.back() + (x.numel() + kNormChunk - 1) / kNormChunk);
+  }
+  std::vector<double> part(first.back(), 0.0);
+  at::parallel_for(0, first.back(), 1, [&](int64_t c0, int64_t c1) {
+    size_t i = std::upper_bound(first.begin(), first.end(), c0) - first.begin() - 1;
+    for (int64_t c = c0; c < c1; ++c) {
+      while (first[i + 1] <= c) ++i;
+      const float* x = xs[i].data_ptr<float>();
+      const int64_t begin = (c - first[i]) * kNormChunk, end = std::min(begin + kNormChunk, xs[i].numel());
+      double sum = 0.0;
+      for (int64_t b = begin; b < end; b += kNormBlock) {
+        vec acc = splat(0.0f);
+        for (int64_t j = b; j < std::min(b + kNormBlock, end); j += VW) {
+          const vec v = load_n(x + j, std::min<int64_t>(VW, end - j));
+          acc += v * v;
+        }
+        for (int l = 0; l < VW; ++l) sum += acc[l];
+      }
+      part[c] = sum;
+    }
+  });
+  double total = 0.0;
+  for (const double p : part) total += p;
+  return at::scalar_tensor(std::sqrt(total), at::TensorOptions().dtype(at::kFloat));
+}
+
 }  // namespace
 
 TORCH_LIBRARY(hrm_opt, m) {
   m.def("adam_atan2_step(Tensor(a!) p, Tensor g, Tensor(b!) m, Tensor(c!) v, Tensor(d!)? e, Tensor? grad_scale, "
         "float[] scalars) -> ()");
+  m.def("global_norm(Tensor[] xs) -> Tensor", &global_norm);
 }
 
 TORCH_LIBRARY_IMPL(hrm_opt, CPU, m) { m.impl("adam_atan2_step", &adam_atan2_step); }

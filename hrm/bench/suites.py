@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import math
 import os
 import re
 import resource
@@ -133,6 +134,9 @@ def op_cases(bench: BenchConfig, device: torch.device | str = "cpu") -> list[OpC
     def rand(*shape, scale=1.0):
         return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(device).requires_grad_()
 
+    with torch.device("meta"):
+        param_shapes = [tuple(p.shape) for p in HRMText(cfg).parameters()]
+    param_values = sum(math.prod(s) for s in param_shapes)
     f32 = 4
     return [
         # The backward writes the whole dense table (zeros where no token points).
@@ -208,6 +212,17 @@ def op_cases(bench: BenchConfig, device: torch.device | str = "cpu") -> list[OpC
             note=LINEAR_CE_NOTE,
         ),
         decode_attention_case(H, hd, device),
+        # Gradient clipping's norm over every parameter's gradient: one read of each. The
+        # tolerance is the reference's: torch's fp32 norm of a table of 8M values is ~2e-4 off.
+        OpCase(
+            "global_norm",
+            f"{len(param_shapes)} tensors, {param_values} values",
+            lambda: [rand(*shape) for shape in param_shapes],
+            lambda *ts, backend: ops.global_norm([t.detach() for t in ts], backend=backend),
+            fwd_bytes=param_values * f32,
+            tolerance=1e-3,
+            inference_only=True,
+        ),
     ]
 
 

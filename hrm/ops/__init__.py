@@ -9,6 +9,7 @@ from hrm.ops.impl.adam_atan2 import adam_atan2_
 from hrm.ops.impl.cross_entropy import IGNORE_INDEX, cross_entropy
 from hrm.ops.impl.decode_attention import decode_attention
 from hrm.ops.impl.embedding import embedding
+from hrm.ops.impl.global_norm import global_norm
 from hrm.ops.impl.linear_cross_entropy import linear_cross_entropy, supervised_rows
 from hrm.ops.impl.magicnorm_transition import magicnorm_transition
 from hrm.ops.impl.prefixlm_attention import AttentionPacking, allowed_pairs, prefixlm_attention, prepare_packing
@@ -27,6 +28,7 @@ __all__ = [
     "cross_entropy",
     "decode_attention",
     "embedding",
+    "global_norm",
     "linear_cross_entropy",
     "linear_dtype",
     "magicnorm_transition",

@@ -60,7 +60,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from hrm import profiling
+from hrm import ops, profiling
 from hrm.checkpoint import (
     LATEST_FILE,
     SHARDED_DIR,
@@ -204,16 +204,19 @@ def sync_context(net: torch.nn.Module, sync: bool):
     return nullcontext()
 
 
-def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> tuple[torch.Tensor, torch.Tensor]:
+def clip_grad_norm(
+    params: list[torch.nn.Parameter], max_norm: float, backend: str | None = "torch"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(norm, factor)`` of ``torch.nn.utils.clip_grad_norm_``, which multiplies the gradients by
     ``factor = min(max_norm / (norm + 1e-6), 1)``; here the gradients are left as they are and
     the optimizer step takes the factor (``AdamAtan2.step(grad_scale=factor)``), so that the
-    clipping costs no pass over the gradients of its own. The norm is over the whole gradients,
-    FSDP2's sharded ones too (DTensor norms are reduced across ranks); both stay on the device."""
+    clipping costs no pass over the gradients of its own. The norm is :func:`hrm.ops.global_norm`
+    on ``backend`` (``torch``: torch's own), over the whole gradients, FSDP2's sharded ones too
+    (DTensor norms are reduced across ranks); both stay on the device."""
     from torch.distributed.tensor import DTensor
 
     grads = [p.grad for p in params if p.grad is not None]
-    total = torch.nn.utils.get_total_norm(grads)
+    total = ops.global_norm(grads, backend=backend)
     if isinstance(total, DTensor):
         total = total.full_tensor()
     return total, torch.clamp(max_norm / (total + 1e-6), max=1.0).to(local(grads[0]).device)
@@ -735,7 +738,7 @@ def _train(
             step_loss += loss.detach()
         sums[-1] += sum(train_step_flops(model_cfg, RowWork.of(row), bp).total for row in mine.rows)
         reduce_unsynced_grads(net, env.world_size)
-        grad_norm, clip = clip_grad_norm(params, cfg.grad_clip or math.inf)
+        grad_norm, clip = clip_grad_norm(params, cfg.grad_clip or math.inf, model.backend)
         finite = torch.stack([step_loss.isfinite(), grad_norm.isfinite()])
         first_bad.copy_(torch.where((first_bad == 0) & ~finite, done, first_bad))
         with profiling.range("optimizer"):
