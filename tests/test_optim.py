@@ -382,8 +382,8 @@ def test_grad_scale_is_the_step_on_scaled_gradients(backend):
 def test_cpu_global_norm_is_the_fp64_norm_whatever_the_thread_count():
     """``global_norm`` on the cpu backend: within fp32 rounding of the fp64 norm over tensors of
     odd sizes (empty, one element, past a chunk of 65536, the model's largest), the same bits on
-    one thread and two; torch's per-tensor norms (the reference) land farther off on the large
-    tensor. Inputs the kernel does not take (bf16, a transposed view) run on the reference."""
+    one thread and two. Inputs the kernel does not take (bf16, a transposed view) run on the
+    reference."""
     g = torch.Generator().manual_seed(0)
     shapes = [(32000, 256), (1536, 256), (7,), (1,), (0,), (65537,), (3, 5, 2)]
     tensors = [torch.randn(shape, generator=g) * 10.0 ** (i % 3 - 1) for i, shape in enumerate(shapes)]
@@ -398,8 +398,6 @@ def test_cpu_global_norm_is_the_fp64_norm_whatever_the_thread_count():
         torch.set_num_threads(threads)
     assert one.dtype == torch.float32 and one.dim() == 0 and torch.equal(one, two)
     assert abs(one.double() - exact) <= 1e-7 * exact
-    reference = ops.global_norm(tensors, backend="torch")
-    assert abs(reference.double() - exact) >= abs(one.double() - exact)
     others = [tensors[0].bfloat16(), tensors[1].t()]
     assert torch.equal(ops.global_norm(others, backend="cpu"), ops.global_norm(others, backend="torch"))
     assert ops.global_norm([], backend="cpu").item() == 0.0
