@@ -16,7 +16,6 @@ from typing import Sequence
 
 import torch
 from torch import Tensor
-from torch.distributed.tensor import DTensor
 
 from hrm.ops import cpp_extension
 from hrm.ops.dispatch import get_impl, register
@@ -29,7 +28,8 @@ def global_norm_reference(tensors: list[Tensor]) -> Tensor:
 
 @register("global_norm", "cpu")
 def global_norm_cpu(tensors: list[Tensor]) -> Tensor:
-    """The C++ pass where every tensor is a plain fp32 contiguous CPU tensor, else the reference."""
+    """The C++ pass where every tensor is a plain fp32 contiguous CPU tensor (not a DTensor),
+    else the reference."""
     if not tensors or not all(
         type(t) is torch.Tensor and t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
         for t in tensors
@@ -42,10 +42,7 @@ def global_norm_cpu(tensors: list[Tensor]) -> Tensor:
 def global_norm(tensors: Sequence[Tensor], *, backend: str | None = None) -> Tensor:
     """``sqrt(sum of squares)`` over every element of ``tensors`` (fp32 0-d, on their device;
     DTensors: over the whole tensors)."""
-    tensors = list(tensors)
-    if any(isinstance(t, DTensor) for t in tensors):
-        return global_norm_reference(tensors)
-    return get_impl("global_norm", backend)(tensors)
+    return get_impl("global_norm", backend)(list(tensors))
 
 
 __all__ = ["global_norm"]
