@@ -186,8 +186,11 @@ def adam_atan2_compile(
                 values = _step_scalars(step, lr, betas, weight_decay, ema_weight if e is not None else None)
                 scalars[key] = _to_device(torch.tensor(values, dtype=dt), p.device)
             if p.device not in scales:
-                one = _to_device(torch.ones((), dtype=torch.float32), p.device)
-                scales[p.device] = one if grad_scale is None else grad_scale.to(p.device, torch.float32)
+                scales[p.device] = (
+                    _to_device(torch.ones((), dtype=torch.float32), p.device)
+                    if grad_scale is None
+                    else grad_scale.to(p.device, torch.float32)
+                )
             written = (p, m, v) if e is None else (p, m, v, e)
             flat = [_flat(t) for t in (p, g, *written[1:])]
             if e is None:

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from hrm.ops import cpp_extension
 from hrm.ops.dispatch import get_impl, register
+from hrm.ops.impl.adam_atan2 import _cpu_kernel_takes
 
 
 @register("global_norm", "torch")
@@ -30,10 +31,7 @@ def global_norm_reference(tensors: list[Tensor]) -> Tensor:
 def global_norm_cpu(tensors: list[Tensor]) -> Tensor:
     """The C++ pass where every tensor is a plain fp32 contiguous CPU tensor (not a DTensor),
     else the reference."""
-    if not tensors or not all(
-        type(t) is torch.Tensor and t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
-        for t in tensors
-    ):
+    if not tensors or not (all(type(t) is torch.Tensor for t in tensors) and _cpu_kernel_takes(*tensors)):
         return global_norm_reference(tensors)
     cpp_extension.load()  # built on first use, then a cached no-op
     return torch.ops.hrm_opt.global_norm([t.detach() for t in tensors])
