@@ -120,6 +120,42 @@ def test_bad_input_is_an_error_with_exit_code_2(tmp_path, capsys):
         assert main(["doctor", "--device", "cuda", "--out", str(tmp_path)]) == 2
 
 
+def test_section_timeout_caps_every_section_and_the_report_names_them(tmp_path):
+    report, paths = run_doctor(device="cpu", sections=["host_reads"], section_timeout=0.01, out=tmp_path)
+    assert [r["error"] for r in report["sections"]] == ["timed out after 0 s"] * 2  # device, host_reads
+    assert report["settings"]["complete"] and not report["passed"]
+    assert report["failures"] == [
+        "device: did not finish: timed out after 0 s",
+        "host_reads: did not finish: timed out after 0 s",
+    ]
+    assert json.loads(paths["json"].read_text()) == report
+    with pytest.raises(HrmError, match="positive number of seconds"):
+        run_doctor(device="cpu", section_timeout=0, out=tmp_path)
+
+
+def test_an_interrupted_run_leaves_the_report_of_the_sections_that_finished(tmp_path, monkeypatch):
+    import hrm.doctor.run as run_module
+
+    real, calls = run_module.run_section_processes, []
+
+    def interrupt_after_the_first(processes):
+        calls.append(processes)
+        if len(calls) > 1:
+            for p in processes:
+                p.kill()
+            raise KeyboardInterrupt
+        return real(processes)
+
+    monkeypatch.setattr(run_module, "run_section_processes", interrupt_after_the_first)
+    with pytest.raises(KeyboardInterrupt):
+        run_doctor(device="cpu", sections=["host_reads"], out=tmp_path)
+    report = json.loads((tmp_path / "doctor.json").read_text())
+    assert [r["section"] for r in report["sections"]] == ["device"] and report["sections"][0]["error"] is None
+    assert not report["settings"]["complete"] and not report["passed"]
+    assert report["failures"] == ["not run (interrupted): host_reads"]
+    assert "interrupted: partial report" in (tmp_path / "doctor.md").read_text()
+
+
 # -- end to end ------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_doctor_quick_end_to_end(tmp_path, capsys):

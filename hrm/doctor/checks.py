@@ -798,6 +798,8 @@ def run_section(spec: dict) -> object:
     device, quick, backends = torch.device(spec["device"]), spec["quick"], spec.get("backends")
     section = spec["section"]
     if device.type == "cuda":
+        if device.index is None:  # "cuda": the current device, named (set_device needs an index)
+            device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)  # graph capture and side streams use the current device
     if section == "device":
         return device_section(device)

@@ -27,6 +27,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         help=f"comma-separated subset of {', '.join(SECTIONS[1:])} (default: all; the device section always runs)",
     )
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if a CUDA device is visible, else cpu)")
+    p.add_argument(
+        "--section-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="cap each section process's timeout (default: 120 to 600 s by section); the report is "
+        "rewritten after every section, so an interrupted run keeps what finished",
+    )
     p.set_defaults(func=run_doctor)
 
 
@@ -43,6 +50,7 @@ def run_doctor(args: argparse.Namespace) -> int:
         out=args.out,
         backends=_names(args.backends),
         sections=_names(args.sections),
+        section_timeout=args.section_timeout,
     )
     print(paths["md"].read_text())
     print(f"hrm doctor: wrote {paths['json']} and {paths['md']}")

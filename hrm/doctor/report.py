@@ -47,6 +47,7 @@ def _device_table(info: dict, settings: dict) -> str:
     run = (
         f"{'quick' if settings['quick'] else 'full'}, {settings['seconds']:.0f} s, load average "
         f"{settings['load_average_before']:.1f} before / {settings['load_average_after']:.1f} after"
+        f"{'' if settings.get('complete', True) else ', interrupted: partial report'}"
     )
     rows.append(["run", run])
     return table(["", "value"], rows)

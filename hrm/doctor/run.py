@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import json
+import math
 import os
 import signal
 import subprocess
@@ -193,13 +194,21 @@ def run_doctor(
     out: str | os.PathLike = "doctor",
     backends: list[str] | None = None,
     sections: list[str] | None = None,
+    section_timeout: float | None = None,
 ) -> tuple[dict, dict[str, Path]]:
     """Run the selected sections (all by default; ``device`` always) on ``device`` and write
-    ``OUT/doctor.json`` and ``OUT/doctor.md``. Returns the report and the paths; the report's
-    ``failures`` name every failed check (none: ``passed`` is True)."""
+    ``OUT/doctor.json`` and ``OUT/doctor.md``, again after every section (an interrupted run
+    leaves what finished, ``settings.complete`` false). ``section_timeout`` caps each section
+    process's timeout (seconds; default: :data:`SECTION_TIMEOUT_S`). Returns the report and
+    the paths; the report's ``failures`` name every failed check (none: ``passed`` is True)."""
     dev = parse_device(device)
     backends = _subset(backends, BACKENDS, "backend")
     sections = _subset(sections, SECTIONS, "section")
+    if section_timeout is not None and not section_timeout > 0:
+        raise HrmError(f"--section-timeout must be a positive number of seconds, not {section_timeout}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "doctor.json", "md": out / "doctor.md"}
     started, load_before = time.perf_counter(), os.getloadavg()[0]
     base = {"device": str(dev), "quick": quick, "backends": backends}
     plan = ["device", *(s for s in SECTIONS[1:] if sections is None or s in sections)]
@@ -208,13 +217,43 @@ def run_doctor(
 
     def start(section: str, label: str, interpreter: bool = False, **extra: object) -> SectionProcess:
         print(f"hrm doctor: {label} ...", file=sys.stderr, flush=True)
-        return SectionProcess({**base, **extra, "section": section}, label, SECTION_TIMEOUT_S[section], interpreter)
+        timeout = min(SECTION_TIMEOUT_S[section], section_timeout or math.inf)
+        return SectionProcess({**base, **extra, "section": section}, label, timeout, interpreter)
+
+    def write(complete: bool) -> dict:
+        device_run = runs[0]
+        info = device_run.result["info"] if device_run.result else device_info(dev)
+        report = {
+            "device": info,
+            "backends": device_run.result["backends"] if device_run.result else [],
+            "settings": {
+                "device": str(dev),
+                "quick": quick,
+                "backends": backends,
+                "sections": plan,
+                "complete": complete,
+                "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+                "seconds": time.perf_counter() - started,
+                "load_average_before": load_before,
+                "load_average_after": os.getloadavg()[0],
+            },
+            "sections": [asdict(r) for r in runs],
+        }
+        report["failures"] = failures(report)
+        if not complete:
+            done = {r.section for r in runs}
+            report["failures"].append(f"not run (interrupted): {', '.join(s for s in plan if s not in done)}")
+        report["passed"] = not report["failures"]
+        paths["json"].write_text(json.dumps(report, indent=1))
+        paths["md"].write_text(markdown(report))
+        return report
 
     def wait(processes: list[SectionProcess]) -> None:
         for result in run_section_processes(processes):
             status = f"error: {result.error}" if result.error else "done"
             print(f"hrm doctor: {result.label}: {status} ({result.seconds:.0f} s)", file=sys.stderr, flush=True)
             runs.append(result)
+        write(complete=False)
 
     wait([start("device", "device")])
     device_run = runs[0]
@@ -236,27 +275,4 @@ def run_doctor(
             runs.append(SectionRun(section, section, 0.0, checks.run_section({**base, "section": section})))
         else:
             wait([start(section, section)])
-    info = device_run.result["info"] if device_run.result else device_info(dev)
-    report = {
-        "device": info,
-        "backends": table,
-        "settings": {
-            "device": str(dev),
-            "quick": quick,
-            "backends": backends,
-            "sections": plan,
-            "time": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "seconds": time.perf_counter() - started,
-            "load_average_before": load_before,
-            "load_average_after": os.getloadavg()[0],
-        },
-        "sections": [asdict(r) for r in runs],
-    }
-    report["failures"] = failures(report)
-    report["passed"] = not report["failures"]
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out / "doctor.json", "md": out / "doctor.md"}
-    paths["json"].write_text(json.dumps(report, indent=1))
-    paths["md"].write_text(markdown(report))
-    return report, paths
+    return write(complete=True), paths
