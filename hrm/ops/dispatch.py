@@ -137,9 +137,9 @@ def get_impl(op: str, backend: str | None) -> Callable:
     The model resolves ``auto`` once and passes the name to every op, so this is what makes
     ``auto`` = ``cpu`` keep the other ops on ``compile``."""
     impls = _IMPLS[op]
-    if backend in impls:
+    if backend in impls and _REASONS.get(backend, "") is None:  # probed and available: a dict read
         return impls[backend]
-    name = resolve_backend(backend)
+    name = resolve_backend(backend)  # probes once: loads libhrm_cuda, builds the C++ kernels
     for b in (name, *_FALLBACK[name]):
         if b in impls and unavailable_reason(b) is None:
             return impls[b]
