@@ -24,7 +24,8 @@ from hrm.ops.impl.prefixlm_attention import triton_kernels
 from hrm.training.optim import AdamAtan2
 
 CFG = ModelConfig(vocab_size=70, vocab_multiple=16, hidden_size=48, num_heads=3, n_layers=4)
-AVAILABLE = dispatch.available_backends()  # triton: under the interpreter without CUDA
+# Backends whose kernels take DEVICE's tensors (triton: under the interpreter without CUDA)
+AVAILABLE = [b for b in dispatch.available_backends() if not (DEVICE.type == "cuda" and b == "cpu")]
 
 
 def packed_batch(seed: int = 0):

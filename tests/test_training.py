@@ -126,6 +126,18 @@ def test_bad_input_is_one_line_and_exit_code_2(capsys, tmp_path, argv, message):
     assert len(err.strip().splitlines()) == 1 and err.startswith("hrm train: error: ") and message in err
 
 
+def test_cpu_backend_on_a_gpu_run_is_a_config_error(capsys, tmp_path, monkeypatch):
+    """On a machine with a GPU the run goes to cuda, where the cpu kernels cannot run: one
+    line before anything is read or written, not an error from inside the first step."""
+    from hrm.training import loop
+
+    monkeypatch.setattr(loop, "setup_distributed", lambda timeout_s: loop.Dist(0, 1, torch.device("cuda", 0)))
+    code, _, err = run_cli(capsys, "train", "--out", str(tmp_path / "run"), "--backend", "cpu")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "--backend cpu runs CPU tensors, and this run is on cuda:0" in err
+    assert not (tmp_path / "run").exists()
+
+
 def test_resume_without_checkpoint(capsys, tmp_path):
     code, _, err = run_cli(capsys, "train", "--resume", str(tmp_path))
     assert code == 2 and len(err.strip().splitlines()) == 1

@@ -434,6 +434,11 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | None = None) -> dict[str
     Backends.check(cfg.log_to)  # before anything slow
     env = setup_distributed(cfg.dist_timeout)
     try:
+        if cfg.backend == "cpu" and env.device.type != "cpu":
+            raise ConfigError(
+                f"--backend cpu runs CPU tensors, and this run is on {env.device} (a CUDA device is visible): "
+                "pick --backend auto, cuda, triton, compile or torch, or hide the GPU (CUDA_VISIBLE_DEVICES=)"
+            )
         if cfg.global_rows is None:
             cfg = cfg.replace(global_rows=env.world_size)  # recorded in the run's config and checkpoints
         if cfg.global_rows % env.world_size:
