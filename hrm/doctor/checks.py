@@ -21,7 +21,7 @@ Every row has a ``check`` (what was checked), a ``status`` (``PASS``, ``FAIL``, 
 - :func:`cuda_graph_section` (CUDA): forward + backward of that step captured in one CUDA
   graph and replayed; the replayed loss must equal the eager one.
 - :func:`cuda_kernels_section` (CUDA): the ``cuda`` backend's kernels (csrc/) timed against
-  the Triton versions, with their parity.
+  the Triton versions at preset B's width on 16K tokens, with their parity.
 - :func:`attention_timing_section`: PrefixLM attention on every backend next to SDPA,
   FlexAttention and FlashAttention's varlen kernel at the same useful work (causal packed
   sequences): ``4 * pairs * head_dim * heads`` FLOPs forward, 3.5x that forward + backward.
@@ -72,6 +72,9 @@ QUICK_OPS = BenchConfig(
 # The train step: the tiny preset on a CPU or with --quick, the benchmark config on a GPU.
 QUICK_TRAIN = BenchConfig(get_preset("tiny"), tokens=512, median_seq_len=64)
 CPU_TRAIN = BenchConfig(get_preset("tiny"), tokens=2048, median_seq_len=128)
+# The CUDA kernels' timing: preset B's width on 16K tokens. The bench config (256 wide) fits in
+# a GPU's L2 and times launches, not bandwidth or tensor cores (docs/gpu-runs.md).
+CUDA_KERNELS = BenchConfig(get_preset("B"), tokens=16384)
 # The long attention case: T * 4 * H * D = 9.8e9 elements of the fused buffer > 2**31.
 LONG_T, LONG_H, LONG_D, LONG_SEQ = 300_000, 64, 128, 4096
 
@@ -731,9 +734,10 @@ def cuda_kernel_cases(bench: BenchConfig, device: torch.device) -> list[tuple[su
 
 
 def cuda_kernels_section(device: torch.device, quick: bool, backends: list[str] | None = None) -> list[dict]:
-    """The ``cuda`` backend's kernels (csrc/, docs/cuda.md) next to ``triton`` at the benchmark
-    shapes: forward and forward + backward time, the rate, and the parity against the fp64
-    oracle (the parity section's rule); a ``cuda`` row passes when its parity does."""
+    """The ``cuda`` backend's kernels (csrc/, docs/cuda.md) next to ``triton`` at preset B's
+    width on 16K tokens (:data:`CUDA_KERNELS`; ``quick``: the small op shapes): forward and
+    forward + backward time, the rate, and the parity against the fp64 oracle (the parity
+    section's rule); a ``cuda`` row passes when its parity does."""
     name = "cuda kernels vs triton"
     if device.type != "cuda":
         return [{"check": name, "status": SKIP, "note": NEEDS_CUDA}]
@@ -743,7 +747,7 @@ def cuda_kernels_section(device: torch.device, quick: bool, backends: list[str] 
     from hrm.ops import cuda_extension
 
     rows = [{"check": "libhrm_cuda kernels", "value": cuda_extension.kernels(), "status": INFO, "note": ""}]
-    bench = QUICK_OPS if quick else BENCH_CONFIGS["bench"]
+    bench = QUICK_OPS if quick else CUDA_KERNELS
     for case, dtype, unit in cuda_kernel_cases(bench, device):
         inputs = case.inputs()
         times: dict[str, float] = {}
