@@ -119,3 +119,20 @@ def test_backend_dispatch():
     for name in missing:
         with pytest.raises(BackendUnavailable, match=f"backend '{name}' cannot run here"):
             ops.resolve_backend(name)
+
+
+def test_an_op_probes_its_backend_before_the_first_call(monkeypatch):
+    """The ``cuda`` backend loads ``libhrm_cuda.so`` in its probe: an op called with an explicit
+    backend before anything else asked about it must run the probe first (on the first H200 run
+    it did not, and ``torch.ops.hrm_cuda`` had no ops), and only once; an unavailable backend
+    is an error naming why, not a call into its kernels."""
+    probed = []
+    monkeypatch.setattr(dispatch, "_REASONS", {})
+    monkeypatch.setitem(dispatch._PROBES, "compile", [lambda: probed.append("compile")])
+    monkeypatch.setitem(dispatch._PROBES, "cpu", [lambda: "no kernels today"])
+    x = torch.randn(3, 8)
+    for _ in range(2):
+        torch.testing.assert_close(ops.rms_norm(x, backend="compile"), ops.rms_norm(x, backend="torch"))
+    assert probed == ["compile"]
+    with pytest.raises(BackendUnavailable, match="backend 'cpu' cannot run here: no kernels today"):
+        ops.rms_norm(x, backend="cpu")
