@@ -97,6 +97,20 @@ def test_cuda_only_sections_skip_on_cpu_with_a_reason(section):
     assert rows and all(r["status"] == checks.SKIP and r["note"] == checks.NEEDS_CUDA for r in rows)
 
 
+def test_a_section_on_cuda_sets_the_device_by_its_index(monkeypatch):
+    """``--device cuda`` (the default on a GPU) reaches the section as a bare ``cuda``, which
+    ``torch.cuda.set_device`` refuses (every section of the first H200 run failed so): the
+    section names the current device's index first, and its checks get that device."""
+    import torch._utils
+
+    set_to = []
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: set_to.append(torch._utils._get_device_index(d)))
+    monkeypatch.setattr(checks, "device_section", lambda device: {"device": str(device)})
+    assert checks.run_section({"section": "device", "device": "cuda", "quick": True}) == {"device": "cuda:0"}
+    assert set_to == [0]
+
+
 def test_sections_run_at_once_and_one_that_crashes_or_hangs_is_reported_not_raised():
     spec = {"section": "device", "device": "cpu", "quick": True, "backends": None}
     ok, crashed = run_section_processes(
