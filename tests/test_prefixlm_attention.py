@@ -5,6 +5,11 @@ Tolerance rule (flash-attention's): for the output and every gradient,
 ``max|kernel - fp64| <= K * max|torch reference in the same dtype - fp64| + FLOOR[dtype]``.
 """
 
+import os
+import shutil
+import subprocess
+import sys
+
 import pytest
 import torch
 from attention_oracle import (
@@ -446,6 +451,24 @@ def test_auto_uses_the_cpu_kernel_on_cpu():
 def test_cpu_probe_reports_a_missing_compiler(monkeypatch):
     monkeypatch.setenv("CXX", "no-such-compiler-hrm")
     assert "no C++ compiler" in cpp_extension.toolchain_missing()
+
+
+@pytest.mark.slow
+def test_a_build_lock_left_by_a_killed_build_does_not_hang_the_next_load(tmp_path):
+    """torch's extension build guards its directory with a plain ``lock`` file; a build killed
+    halfway leaves it, and every later load used to wait on it forever. The next load (in a
+    fresh process, on a copy of this machine's built cache) removes it and says so."""
+    cpp_extension.load()  # built (or cached) here first: the copy below needs no compile
+    built = cpp_extension._build_dir(cpp_extension.NAME, tuple(cpp_extension.CSRC / s for s in cpp_extension.SOURCES))
+    copy = tmp_path / "cache" / "extensions" / built.name
+    shutil.copytree(built, copy, ignore=shutil.ignore_patterns("lock", "*.flock"))
+    (copy / "lock").touch()  # what a killed build leaves
+    env = {**os.environ, "HRM_CACHE_DIR": str(tmp_path / "cache")}
+    code = "from hrm.ops import cpp_extension; cpp_extension.load(); print('loaded')"
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip() == "loaded", run.stderr
+    assert f"removing {copy / 'lock'}, left by a build that was interrupted" in run.stderr
+    assert not (copy / "lock").exists()
 
 
 def test_triton_on_cpu_tensors_needs_the_interpreter(monkeypatch):

@@ -5,7 +5,8 @@ sources must be present) and the build: every source of :data:`SOURCES` is compi
 ``-O3 -march=native -fopenmp`` into one library (``ninja`` compiles them side by side, one
 per core), in a cache directory keyed by everything the binary depends on (sources, shared
 headers, torch and Python versions, the CPU's flags), so a rebuild happens only when one of
-them changes. Each source registers its own ops (``TORCH_LIBRARY``); the op files call
+them changes; one process at a time builds there (:func:`_build_lock`, which also clears the
+lock file a killed build leaves). Each source registers its own ops (``TORCH_LIBRARY``); the op files call
 :func:`load` before their first call into the library. The ``ninja`` binary of the pip
 package is put on ``PATH`` for the duration of a build only.
 """
@@ -13,6 +14,7 @@ package is put on ``PATH`` for the duration of a build only.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import hashlib
 import os
@@ -112,6 +114,26 @@ def _build_dir(name: str, sources: tuple[Path, ...]) -> Path:
     return Path(root) / "extensions" / f"{name}-{key.hexdigest()[:16]}"
 
 
+@contextlib.contextmanager
+def _build_lock(build: Path) -> Iterator[None]:
+    """Hold this build directory for one process at a time, with a lock that ends with its
+    process (``flock``). ``torch.utils.cpp_extension`` guards a build with a plain ``lock``
+    file, which a build killed halfway (Ctrl-C, a timeout, the OOM killer) leaves behind, and
+    every later load then waits on it forever, silently. Holding the ``flock``, no other
+    process of ours is building here, so such a ``lock`` file is stale: it is removed."""
+    with open(build / "hrm-build.flock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"hrm: waiting for another process to finish building the C++ kernels in {build}", file=sys.stderr)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        stale = build / "lock"
+        if stale.exists():
+            print(f"hrm: removing {stale}, left by a build that was interrupted", file=sys.stderr)
+            stale.unlink(missing_ok=True)
+        yield  # the flock goes with the file's close, or with the process
+
+
 @functools.cache
 def load() -> None:
     """Build (or load from the cache) the library of :data:`SOURCES`; its ops register
@@ -133,7 +155,7 @@ def load() -> None:
             file=sys.stderr,
         )
     try:
-        with _build_environment():
+        with _build_lock(build), _build_environment():
             # -fopenmp: at::parallel_for is inline OpenMP in the headers; the library resolves
             # to the libgomp.so.1 that torch has already loaded, so there is one thread pool.
             cpp_extension.load(
