@@ -698,7 +698,7 @@ def attention_timing_section(device: torch.device, quick: bool, backends: list[s
 
 # -- the csrc/ CUDA kernels against Triton (CUDA) --------------------------------------------
 def cuda_kernel_cases(bench: BenchConfig, device: torch.device) -> list[tuple[suites.OpCase, torch.dtype, str]]:
-    """``(case, dtype, unit)``: the MagicNorm transition at the benchmark shape in fp32 and bf16
+    """``(case, dtype, unit)``: the MagicNorm transition at ``bench``'s shape in fp32 and bf16
     (rated in GB/s of its unavoidable traffic: 3 loads + 3 stores forward, 5 loads + 2
     stores backward) and the SwiGLU up-projection ``swiglu(x @ W^T)`` in bf16 (TFLOP/s:
     ``2 * T * d * 2I`` forward, 3x that forward + backward)."""
