@@ -71,8 +71,10 @@ def _expected_kernels() -> set[tuple[str, str]]:
         for t in ("float", "fp16_t", "bf16_t"):
             for vpt in (1, 2, 4, 8):
                 want |= {(f"transition_{d}_kernel<{t}, {vpt}>", arch) for d in ("fwd", "bwd")}
-    want |= {(f"swiglu_linear_kernel<{t}>", "sm_80") for t in ("bfloat16_t", "half_t")}
-    want |= {(f"swiglu_linear_kernel<{t}, ..., ..., ..., ..., ...>", "sm_90a") for t in ("bfloat16_t", "half_t")}
+    for t in ("bfloat16_t", "half_t"):
+        for bwd in ("false", "true"):  # the forward and the backward (d(gate_up)) instances
+            want.add((f"swiglu_linear_kernel<{t}, {bwd}>", "sm_80"))
+            want.add((f"swiglu_linear_kernel<{t}, {bwd}, ..., ..., ..., ..., ...>", "sm_90a"))
     return want
 
 
@@ -231,6 +233,13 @@ def _standin_bwd(dz, du, dn, z, n, rstd_h, rstd_u):
     return dh, dother
 
 
+def _standin_swiglu_bwd(x, w, dy):
+    """d(gate_up), refusing what ops.cpp refuses: a dy that is not contiguous and 16-byte aligned."""
+    if not (dy.is_contiguous() and cuda_extension.storage_aligned(dy)):
+        raise RuntimeError("hrm_cuda: dy must be a contiguous CUDA tensor, 16-byte aligned")
+    return sw._swiglu_backward_math(torch.nn.functional.linear(x, w), dy).contiguous()
+
+
 @pytest.fixture(scope="module")
 def standins():
     """``hrm_cuda`` ops defined from ops.cpp's schemas with CPU implementations that compute the
@@ -238,12 +247,19 @@ def standins():
     if cuda_extension.library_path() is not None and torch.version.cuda is not None:
         pytest.skip("the real libhrm_cuda.so is here: the GPU tests cover its Python side")
     schemas = _schemas()
-    assert set(schemas) == {"magicnorm_transition", "magicnorm_transition_backward", "swiglu_linear", "kernels"}
+    assert set(schemas) == {
+        "magicnorm_transition",
+        "magicnorm_transition_backward",
+        "swiglu_linear",
+        "swiglu_linear_backward",
+        "kernels",
+    }
     lib = torch.library.Library("hrm_cuda", "DEF")
     impls = {
         "magicnorm_transition": _standin_fwd,
         "magicnorm_transition_backward": _standin_bwd,
         "swiglu_linear": lambda x, w: sw.swiglu_linear_reference(x, w).contiguous(),
+        "swiglu_linear_backward": _standin_swiglu_bwd,
     }
     for name, schema in schemas.items():
         lib.define(schema)
@@ -265,6 +281,8 @@ def test_python_side_opcheck(standins):
     torch.library.opcheck(torch.ops.hrm_cuda.magicnorm_transition_backward.default, bwd_args)
     x2, w = torch.randn(2, 7, 24, requires_grad=True), torch.randn(2 * 40, 24, requires_grad=True)
     torch.library.opcheck(torch.ops.hrm_cuda.swiglu_linear.default, (x2, w))
+    bwd_args = (x2.detach(), w.detach(), torch.randn(2, 7, 40))  # a backward: no autograd of its own
+    torch.library.opcheck(torch.ops.hrm_cuda.swiglu_linear_backward.default, bwd_args)
     assert cuda_extension.kernels() == "cpu stand-in"
 
 
@@ -288,12 +306,18 @@ def test_python_side_transition_autograd(standins, present):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
 
 
-def test_python_side_swiglu_linear_autograd(standins):
-    """The backward of ``hrm_cuda::swiglu_linear`` (recomputed gate_up, torch GEMMs) against
-    autograd through the reference, for a 3-d input."""
+@pytest.mark.parametrize("dy_layout", ["contiguous", "unaligned", "strided"])
+def test_python_side_swiglu_linear_autograd(standins, dy_layout):
+    """The backward of ``hrm_cuda::swiglu_linear`` (d(gate_up) from the backward op, then the two
+    torch GEMMs) against autograd through the reference, for a 3-d input; an upstream gradient
+    the kernel cannot read (a view 8 bytes into its storage, a transposed one) is copied first."""
     x = torch.randn(2, 7, 24, dtype=torch.float64, requires_grad=True)
     w = torch.randn(2 * 40, 24, dtype=torch.float64, requires_grad=True)
-    dy = torch.randn(2, 7, 40, dtype=torch.float64)
+    dy = {
+        "contiguous": lambda: torch.randn(2, 7, 40, dtype=torch.float64),
+        "unaligned": lambda: torch.randn(2 * 7 * 40 + 1, dtype=torch.float64)[1:].view(2, 7, 40),
+        "strided": lambda: torch.randn(40, 7, 2, dtype=torch.float64).permute(2, 1, 0),
+    }[dy_layout]()
     got = _grads([torch.ops.hrm_cuda.swiglu_linear(x, w)], [x, w], [dy])
     want = _grads([sw.swiglu_linear_reference(x, w)], [x, w], [dy])
     for g, ref in zip(got, want):

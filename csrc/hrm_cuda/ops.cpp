@@ -6,6 +6,8 @@
 //   magicnorm_transition(x, delta, other, eps) -> (z, u, n, rstd_h, rstd_u)
 //   magicnorm_transition_backward(dz?, du?, dn?, z, n, rstd_h, rstd_u) -> (dh, dother)
 //   swiglu_linear(x, weight) -> y = silu(x W_g^T) * (x W_u^T), weight [2I, K] = [gate | up]
+//   swiglu_linear_backward(x, weight, dy) -> d(gate_up) [..., 2I]: the product recomputed, the
+//       SwiGLU's gradient in its epilogue (dx and dW are then two GEMMs, in hrm/ops/impl/swiglu.py)
 //   kernels() -> the kernels this build holds, e.g. "magicnorm_transition swiglu_linear_sm80"
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -99,7 +101,8 @@ std::tuple<at::Tensor, at::Tensor> transition_bwd(const std::optional<at::Tensor
   return {dh, dother};
 }
 
-at::Tensor swiglu_linear(const at::Tensor& x, const at::Tensor& weight) {
+// The checks of swiglu_linear and its backward; returns (M, K, I).
+std::tuple<int64_t, int64_t, int64_t> swiglu_linear_sizes(const at::Tensor& x, const at::Tensor& weight) {
   check_aligned(x, "x");
   check_aligned(weight, "weight");
   TORCH_CHECK(x.scalar_type() == weight.scalar_type() &&
@@ -110,29 +113,57 @@ at::Tensor swiglu_linear(const at::Tensor& x, const at::Tensor& weight) {
   const int64_t k = x.size(-1), inter = weight.size(0) / 2, m = x.numel() / std::max<int64_t>(k, 1);
   TORCH_CHECK(k % 8 == 0 && inter % 8 == 0, "hrm_cuda: swiglu_linear needs K and I multiples of 8");
   TORCH_CHECK(m <= 0x7fffffff && inter * k <= 0x7fffffffLL * 8, "hrm_cuda: problem too large");
+  return {m, k, inter};
+}
+
+// Launches the forward or the backward kernel of the device's architecture.
+void launch_swiglu_linear(const SwigluLinearArgs& a, bool backward, int device) {
+  int major = 0;
+  check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), "device query");
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+#if defined(HRM_SWIGLU_SM90)
+  if (major == 9) {
+    check_cuda(backward ? swiglu_linear_bwd_sm90(a, stream) : swiglu_linear_sm90(a, stream), "swiglu_linear (sm_90a)");
+    return;
+  }
+#endif
+#if defined(HRM_SWIGLU_SM80)
+  if (major == 8) {
+    check_cuda(backward ? swiglu_linear_bwd_sm80(a, stream) : swiglu_linear_sm80(a, stream), "swiglu_linear (sm_80)");
+    return;
+  }
+#endif
+  int minor = 0;
+  check_cuda(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device), "device query");
+  TORCH_CHECK(false, "hrm_cuda: this build has no swiglu_linear kernel for sm_", major, minor,
+              " (HRM_CUDA_ARCHS at build time; see kernels())");
+}
+
+at::Tensor swiglu_linear(const at::Tensor& x, const at::Tensor& weight) {
+  const auto [m, k, inter] = swiglu_linear_sizes(x, weight);
   const c10::cuda::CUDAGuard guard(x.device());
   auto shape = x.sizes().vec();
   shape.back() = inter;
   auto y = at::empty(shape, x.options());
   SwigluLinearArgs a{dtype_of(x), x.data_ptr(), weight.data_ptr(), y.data_ptr(), int(m), int(k), int(inter)};
-  int major = 0, minor = 0;
-  check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, x.get_device()), "device query");
-  check_cuda(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, x.get_device()), "device query");
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-#if defined(HRM_SWIGLU_SM90)
-  if (major == 9) {
-    check_cuda(swiglu_linear_sm90(a, stream), "swiglu_linear (sm_90a)");
-    return y;
-  }
-#endif
-#if defined(HRM_SWIGLU_SM80)
-  if (major == 8) {
-    check_cuda(swiglu_linear_sm80(a, stream), "swiglu_linear (sm_80)");
-    return y;
-  }
-#endif
-  TORCH_CHECK(false, "hrm_cuda: this build has no swiglu_linear kernel for sm_", major, minor,
-              " (HRM_CUDA_ARCHS at build time; see kernels())");
+  launch_swiglu_linear(a, false, x.get_device());
+  return y;
+}
+
+at::Tensor swiglu_linear_backward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& dy) {
+  const auto [m, k, inter] = swiglu_linear_sizes(x, weight);
+  check_aligned(dy, "dy");
+  auto shape = x.sizes().vec();
+  shape.back() = inter;
+  TORCH_CHECK(dy.sizes() == at::IntArrayRef(shape) && dy.scalar_type() == x.scalar_type(),
+              "hrm_cuda: dy must have swiglu_linear's output shape and x's dtype");
+  const c10::cuda::CUDAGuard guard(x.device());
+  shape.back() = 2 * inter;
+  auto dgu = at::empty(shape, x.options());
+  SwigluLinearArgs a{dtype_of(x), x.data_ptr(), weight.data_ptr(), dgu.data_ptr(), int(m), int(k), int(inter),
+                     dy.data_ptr()};
+  launch_swiglu_linear(a, true, x.get_device());
+  return dgu;
 }
 
 std::string kernels() {
@@ -154,6 +185,7 @@ TORCH_LIBRARY(hrm_cuda, m) {
   m.def("magicnorm_transition_backward(Tensor? dz, Tensor? du, Tensor? dn, Tensor z, Tensor n, Tensor rstd_h, "
         "Tensor rstd_u) -> (Tensor, Tensor)");
   m.def("swiglu_linear(Tensor x, Tensor weight) -> Tensor");
+  m.def("swiglu_linear_backward(Tensor x, Tensor weight, Tensor dy) -> Tensor");
   m.def("kernels() -> str", &hrm::kernels);
 }
 
@@ -161,4 +193,5 @@ TORCH_LIBRARY_IMPL(hrm_cuda, CUDA, m) {
   m.impl("magicnorm_transition", &hrm::transition_fwd);
   m.impl("magicnorm_transition_backward", &hrm::transition_bwd);
   m.impl("swiglu_linear", &hrm::swiglu_linear);
+  m.impl("swiglu_linear_backward", &hrm::swiglu_linear_backward);
 }

@@ -8,13 +8,15 @@
 // tiles with 128-bit cp.async (zero-filled past the M, I and K edges) into a 3-stage ring of
 // swizzled shared-memory buffers, reads them with ldmatrix and accumulates two fp32
 // accumulators, gate and up, of one register layout. The epilogue applies hrm::swiglu to each
-// pair in registers and stores y predicated on the edges. Compiled and resource-checked only
-// without a GPU (docs/cuda.md).
+// pair in registers and stores y predicated on the edges; the backward instance (kBackward)
+// reads dy's element instead and stores hrm::swiglu_grad's pair into d(gate_up) = [dg | du]
+// (swiglu_linear.h, swiglu_linear_epilogue.cuh). Compiled and resource-checked only without a
+// GPU (docs/cuda.md).
 #include "swiglu_linear.h"
 
 #include <cute/tensor.hpp>
 
-#include "../common/hrm_cuda_math.h"
+#include "swiglu_linear_epilogue.cuh"
 
 namespace hrm {
 namespace {
@@ -62,9 +64,11 @@ __device__ __forceinline__ void load_tile(const Copy& copy_op, const GT& tg, con
   }
 }
 
-template <class T>
+// y = swiglu(x W^T) ([M, N]); with kBackward, y = d(gate_up) ([M, 2N]) from dy ([M, N]).
+template <class T, bool kBackward>
 __global__ void __launch_bounds__(kThreads)
-    swiglu_linear_kernel(int M, int N, int K, const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y) {
+    swiglu_linear_kernel(int M, int N, int K, const T* __restrict__ x, const T* __restrict__ w,
+                         const T* __restrict__ dy, T* __restrict__ y) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   using C = Config<T>;
   extern __shared__ char smem_raw[];
@@ -99,7 +103,9 @@ __global__ void __launch_bounds__(kThreads)
 
   typename C::Mma mma;
   auto thr_mma = mma.get_slice(threadIdx.x);
-  Tensor mY = make_tensor(make_gmem_ptr(y), make_shape(M, N), make_stride(int64_t(N), Int<1>{}));
+  // The output's (m, n): y, or the dg half of d(gate_up)'s rows (the du half is N further on).
+  const int64_t ldy = kBackward ? 2 * int64_t(N) : int64_t(N);
+  Tensor mY = make_tensor(make_gmem_ptr(y), make_shape(M, N), make_stride(ldy, Int<1>{}));
   Tensor gY = local_tile(mY, tiler, cta, Step<_1, _1, X>{});
   Tensor cY = local_tile(make_identity_tensor(make_shape(M, N)), tiler, cta, Step<_1, _1, X>{});
   Tensor tCgY = thr_mma.partition_C(gY);
@@ -155,35 +161,39 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
 
-  CUTE_UNROLL
-  for (int i = 0; i < size(acc_g); ++i) {
-    if (elem_less(tCcY(i), make_coord(M, N))) tCgY(i) = T(swiglu(acc_g(i), acc_u(i)));
-  }
+  swiglu_linear_epilogue<kBackward>(thr_mma, tiler, cta, M, N, y, dy, acc_g, acc_u, tCcY, tCgY);
 #endif
 }
 
-template <class T>
+template <class T, bool kBackward>
 cudaError_t launch(const SwigluLinearArgs& a, cudaStream_t stream) {
-  auto* kernel = &swiglu_linear_kernel<T>;
+  auto* kernel = &swiglu_linear_kernel<T, kBackward>;
   const int smem = int(sizeof(SharedStorage<T>));  // 3 x (128 + 2 x 64) x 32 x 2 = 48 KiB
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
   dim3 grid((a.m + kBM - 1) / kBM, (a.intermediate + kBN - 1) / kBN);
   kernel<<<grid, kThreads, smem, stream>>>(a.m, a.intermediate, a.k, static_cast<const T*>(a.x),
-                                           static_cast<const T*>(a.w), static_cast<T*>(a.y));
+                                           static_cast<const T*>(a.w), static_cast<const T*>(a.dy),
+                                           static_cast<T*>(a.y));
   return cudaGetLastError();
+}
+
+template <bool kBackward>
+cudaError_t dispatch(const SwigluLinearArgs& a, cudaStream_t stream) {
+  if (a.k % 8 || a.intermediate % 8 || a.m < 0 || (kBackward && a.dy == nullptr)) return cudaErrorInvalidValue;
+  if (a.m == 0 || a.intermediate == 0) return cudaSuccess;
+  switch (a.dtype) {
+    case DType::kBFloat16: return launch<cute::bfloat16_t, kBackward>(a, stream);
+    case DType::kFloat16: return launch<cute::half_t, kBackward>(a, stream);
+    default: return cudaErrorInvalidValue;
+  }
 }
 
 }  // namespace
 
-cudaError_t swiglu_linear_sm80(const SwigluLinearArgs& a, cudaStream_t stream) {
-  if (a.k % 8 || a.intermediate % 8 || a.m < 0) return cudaErrorInvalidValue;
-  if (a.m == 0 || a.intermediate == 0) return cudaSuccess;
-  switch (a.dtype) {
-    case DType::kBFloat16: return launch<cute::bfloat16_t>(a, stream);
-    case DType::kFloat16: return launch<cute::half_t>(a, stream);
-    default: return cudaErrorInvalidValue;
-  }
+cudaError_t swiglu_linear_sm80(const SwigluLinearArgs& a, cudaStream_t stream) { return dispatch<false>(a, stream); }
+cudaError_t swiglu_linear_bwd_sm80(const SwigluLinearArgs& a, cudaStream_t stream) {
+  return dispatch<true>(a, stream);
 }
 
 }  // namespace hrm

@@ -12,7 +12,9 @@
 //   the tile and issues per k step two WGMMAs (64 x BN x BK each) into its two fp32
 //   accumulators, gate and up, which share one register layout;
 // - the epilogue (consumers) applies hrm::swiglu to each (gate, up) pair in registers and stores
-//   y, predicated on the M and I edges (TMA zero-fills out-of-range rows and the K tail).
+//   y, predicated on the M and I edges (TMA zero-fills out-of-range rows and the K tail); the
+//   backward instance (kBackward) reads dy's element instead and stores hrm::swiglu_grad's pair
+//   into d(gate_up) = [dg | du] (see swiglu_linear.h).
 // The weight is the model's [gate | up] weight unchanged (see swiglu_linear.h). Without a GPU
 // this file is compiled and resource-checked only (docs/cuda.md).
 #include "swiglu_linear.h"
@@ -23,7 +25,7 @@
 #include <cutlass/cutlass.h>
 #include <cutlass/device_kernel.h>
 
-#include "../common/hrm_cuda_math.h"
+#include "swiglu_linear_epilogue.cuh"
 
 namespace hrm {
 namespace {
@@ -44,11 +46,12 @@ struct SharedStorage {
   uint64_t empty[kStages];
 };
 
-template <class T, class SmemLayoutA, class SmemLayoutB, class TmaA, class TmaB, class TiledMma>
+// Y = swiglu(x W^T) ([M, N]); with kBackward, Y = d(gate_up) ([M, 2N]) from DY ([M, N]).
+template <class T, bool kBackward, class SmemLayoutA, class SmemLayoutB, class TmaA, class TmaB, class TiledMma>
 __global__ void __launch_bounds__(kThreads, 1)
     swiglu_linear_kernel(int M, int N, int K, CUTLASS_GRID_CONSTANT TmaA const tma_a,
                          CUTLASS_GRID_CONSTANT TmaB const tma_gate, CUTLASS_GRID_CONSTANT TmaB const tma_up,
-                         T* __restrict__ Y, TiledMma mma) {
+                         const T* __restrict__ DY, T* __restrict__ Y, TiledMma mma) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   using Barrier = cutlass::arch::ClusterTransactionBarrier;
   extern __shared__ __align__(1024) char smem_raw[];
@@ -105,7 +108,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     Tensor tCrG = thr.make_fragment_B(tCsG);
     Tensor tCrU = thr.make_fragment_B(tCsU);
 
-    Tensor mY = make_tensor(make_gmem_ptr(Y), make_shape(M, N), make_stride(int64_t(N), Int<1>{}));
+    // The output's (m, n): y, or the dg half of d(gate_up)'s rows (the du half is N further on).
+    const int64_t ldy = kBackward ? 2 * int64_t(N) : int64_t(N);
+    Tensor mY = make_tensor(make_gmem_ptr(Y), make_shape(M, N), make_stride(ldy, Int<1>{}));
     Tensor gY = local_tile(mY, tiler, cta, Step<_1, _1, X>{});  // (BM, BN)
     Tensor cY = local_tile(make_identity_tensor(make_shape(M, N)), tiler, cta, Step<_1, _1, X>{});
     Tensor tCgY = thr.partition_C(gY);
@@ -130,15 +135,12 @@ __global__ void __launch_bounds__(kThreads, 1)
       Barrier::arrive(&smem.empty[s]);
     }
 
-    CUTE_UNROLL
-    for (int i = 0; i < size(acc_g); ++i) {
-      if (elem_less(tCcY(i), make_coord(M, N))) tCgY(i) = T(swiglu(acc_g(i), acc_u(i)));
-    }
+    swiglu_linear_epilogue<kBackward>(thr, tiler, cta, M, N, Y, DY, acc_g, acc_u, tCcY, tCgY);
   }
 #endif
 }
 
-template <class T>
+template <class T, bool kBackward>
 cudaError_t launch(const SwigluLinearArgs& a, cudaStream_t stream) {
   const int M = a.m, N = a.intermediate, K = a.k;
   const T* x = static_cast<const T*>(a.x);
@@ -158,26 +160,33 @@ cudaError_t launch(const SwigluLinearArgs& a, cudaStream_t stream) {
   // 4 stages x (128 + 2 x 128) x 64 x 2 bytes = 192 KiB of dynamic shared memory (ptxas reports
   // only static shared memory; the resource report adds this figure, see docs/cuda.md).
   static_assert(sizeof(Storage) <= 227 * 1024, "over sm_90's shared memory per block");
-  auto* kernel = &swiglu_linear_kernel<T, decltype(sA), decltype(sB), decltype(tma_a), decltype(tma_g),
-                                       decltype(mma)>;
+  auto* kernel = &swiglu_linear_kernel<T, kBackward, decltype(sA), decltype(sB), decltype(tma_a),
+                                       decltype(tma_g), decltype(mma)>;
   const int smem = int(sizeof(Storage));
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
   dim3 grid((M + kBM - 1) / kBM, (N + kBN - 1) / kBN);
-  kernel<<<grid, kThreads, smem, stream>>>(M, N, K, tma_a, tma_g, tma_u, static_cast<T*>(a.y), mma);
+  kernel<<<grid, kThreads, smem, stream>>>(M, N, K, tma_a, tma_g, tma_u, static_cast<const T*>(a.dy),
+                                           static_cast<T*>(a.y), mma);
   return cudaGetLastError();
+}
+
+template <bool kBackward>
+cudaError_t dispatch(const SwigluLinearArgs& a, cudaStream_t stream) {
+  if (a.k % 8 || a.intermediate % 8 || a.m < 0 || (kBackward && a.dy == nullptr)) return cudaErrorInvalidValue;
+  if (a.m == 0 || a.intermediate == 0) return cudaSuccess;
+  switch (a.dtype) {
+    case DType::kBFloat16: return launch<cute::bfloat16_t, kBackward>(a, stream);
+    case DType::kFloat16: return launch<cute::half_t, kBackward>(a, stream);
+    default: return cudaErrorInvalidValue;
+  }
 }
 
 }  // namespace
 
-cudaError_t swiglu_linear_sm90(const SwigluLinearArgs& a, cudaStream_t stream) {
-  if (a.k % 8 || a.intermediate % 8 || a.m < 0) return cudaErrorInvalidValue;
-  if (a.m == 0 || a.intermediate == 0) return cudaSuccess;
-  switch (a.dtype) {
-    case DType::kBFloat16: return launch<cute::bfloat16_t>(a, stream);
-    case DType::kFloat16: return launch<cute::half_t>(a, stream);
-    default: return cudaErrorInvalidValue;
-  }
+cudaError_t swiglu_linear_sm90(const SwigluLinearArgs& a, cudaStream_t stream) { return dispatch<false>(a, stream); }
+cudaError_t swiglu_linear_bwd_sm90(const SwigluLinearArgs& a, cudaStream_t stream) {
+  return dispatch<true>(a, stream);
 }
 
 }  // namespace hrm

@@ -16,9 +16,10 @@ fp32 and bf16; other dtypes run on ``compile``).
 ``swiglu_linear(x, weight)`` is the up-projection and the activation in one op,
 ``swiglu(x @ weight.T)`` for the fused ``[gate | up]`` weight (``[2I, K]``). Its ``cuda``
 backend is a GEMM with the SwiGLU in the epilogue (csrc/swiglu_linear), so the ``[T, 2I]``
-product never reaches memory; its backward recomputes ``gate_up`` with a torch matmul and
-runs the SwiGLU gradient and the two weight/input GEMMs as torch ops. The other backends
-run ``F.linear`` and then their ``swiglu``.
+product never reaches memory; its backward runs the same GEMM again with the SwiGLU's
+gradient in the epilogue (``hrm_cuda::swiglu_linear_backward``: ``d(gate_up)`` in one
+launch, from the fp32 accumulators), then ``dx`` and ``dW`` as two torch GEMMs. The other
+backends run ``F.linear`` and then their ``swiglu``.
 """
 
 from __future__ import annotations
@@ -326,20 +327,28 @@ def cuda_swiglu_linear_takes(x: Tensor, weight: Tensor) -> bool:
 
 @cuda_extension.on_load
 def _register_cuda_swiglu_linear() -> None:
-    """Fake and autograd of ``hrm_cuda::swiglu_linear`` (csrc/hrm_cuda/ops.cpp). The backward
-    is torch ops: recompute ``gate_up = x W^T``, the SwiGLU gradient in fp32, then
-    ``dx = d(gate_up) W`` and ``dW = d(gate_up)^T x``."""
+    """Fakes and autograd of ``hrm_cuda::swiglu_linear`` and ``swiglu_linear_backward``
+    (csrc/hrm_cuda/ops.cpp). The backward: ``d(gate_up)`` from the backward kernel (the
+    product recomputed, the SwiGLU gradient in its epilogue), then ``dx = d(gate_up) W`` and
+    ``dW = d(gate_up)^T x``."""
 
     @torch.library.register_fake("hrm_cuda::swiglu_linear")
     def _(x, weight):
         return x.new_empty(*x.shape[:-1], weight.shape[0] // 2)
+
+    @torch.library.register_fake("hrm_cuda::swiglu_linear_backward")
+    def _(x, weight, dy):
+        return x.new_empty(*x.shape[:-1], weight.shape[0])
 
     def setup(ctx, inputs, output):
         ctx.save_for_backward(*inputs)
 
     def backward(ctx, dy):
         x, weight = ctx.saved_tensors
-        dgu = _swiglu_backward_math(F.linear(x, weight), dy)
+        dy = dy.to(x.dtype).contiguous()
+        if not cuda_extension.storage_aligned(dy):  # a view at an odd offset: the kernel reads 16 B at a time
+            dy = dy.clone()
+        dgu = torch.ops.hrm_cuda.swiglu_linear_backward(x, weight, dy)
         dx = dgu @ weight
         dw = dgu.reshape(-1, dgu.shape[-1]).T @ x.reshape(-1, x.shape[-1])
         return dx, dw
