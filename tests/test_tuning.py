@@ -223,7 +223,12 @@ class FakeCase(Case):
     def static(self, configs):
         return [("needs 200000 B of shared memory" if c["block_m"] == 32 else None) for c in configs]
 
+    def precompile(self, configs, log=None):
+        self.log.append(("precompile", [c["block_m"] for c in configs]))
+        return len(configs)
+
     def check(self, config):
+        self.log.append(("check", config["block_m"]))
         return config["block_m"] != 48  # a wrong-but-fastest candidate
 
     def time(self, config):
@@ -239,12 +244,18 @@ def test_tune_writes_after_each_bucket_and_resumes(tmp_path):
     space = lambda k, b: _cands(4)
 
     def make_case(k, b):
-        if len(log) >= 2:  # interrupted after the first bucket (two timed: 32 pruned, 48 wrong)
+        if log:  # interrupted after the first bucket
             raise KeyboardInterrupt
         return FakeCase(log, (k.name, b.key))
 
     with pytest.raises(KeyboardInterrupt):
         tune([FWD], buckets, path, device, make_case, space=space, progress=False)
+    # what the static report leaves (32 pruned) is compiled first, then checked; what passes
+    # the check is timed (48 computes a wrong result)
+    bucket = (FWD.name, "hd64-bf16")
+    assert log == [("precompile", [16, 48, 64])] + [
+        e for m in (16, 48, 64) for e in [("check", m)] + ([(bucket, m)] if m != 48 else [])
+    ]
     saved = tt.load_table(path)
     assert list(saved["kernels"][FWD.name]["buckets"]) == ["hd64-bf16"]  # written before the interruption
     e = saved["kernels"][FWD.name]["buckets"]["hd64-bf16"]
@@ -264,6 +275,91 @@ def test_tune_writes_after_each_bucket_and_resumes(tmp_path):
     assert set(table["kernels"][FWD.name]["buckets"]) == {"hd64-bf16", "hd128-bf16"}
     assert table["kernels"][FWD.name]["source_hash"] == source_hash(FWD)
     assert tt.load_table(path) == table
+
+
+class _FakeJit:  # stands in for a triton JITFunction: precompile only passes it through
+    def __init__(self, name):
+        self.name = name
+
+
+def test_precompile_records_launches_then_compiles_each_kernel_once_on_the_pool(monkeypatch):
+    """hrm.tuning.precompile with Triton's ``JITFunction._do_compile`` stubbed: while the
+    launches run, a compile is recorded and the launch skipped (no kernel comes back); then
+    each distinct (kernel, device, key) compiles once, with warmup=True, on pool threads; a
+    launch that raises or a kernel that fails to compile is left to the first real launch."""
+    pytest.importorskip("triton")
+    import threading
+
+    from triton.runtime.jit import JITFunction
+
+    from hrm.tuning import precompile as pc
+
+    monkeypatch.setattr("hrm.ops.common.interpreting", lambda: False)
+    compiled, threads = [], set()
+
+    def fake_compile(self, key, signature, device, constexprs, options, attrs, warmup):
+        if key == "broken":
+            raise RuntimeError("does not compile")
+        compiled.append((self.name, key, warmup))
+        threads.add(threading.current_thread().name)
+        return object()
+
+    monkeypatch.setattr(JITFunction, "_do_compile", fake_compile)
+    fwd, bwd = _FakeJit("fwd"), _FakeJit("bwd")
+    seen = []
+
+    def launch(fn, *keys):
+        def run():
+            for key in keys:  # what JITFunction.run does on a cache miss
+                seen.append(JITFunction._do_compile(fn, key, "sig", 0, {}, None, {}, False))
+
+        return run
+
+    def raises():
+        raise ValueError("a candidate that cannot launch")
+
+    launches = [launch(fwd, "a"), raises, launch(bwd, "a", "b"), launch(fwd, "a"), launch(fwd, "broken")]
+    lines = []
+    assert pc.precompile(launches, workers=2, log=lines.append) == 3
+    assert seen == [None] * 5 and JITFunction._do_compile is fake_compile  # recorded, then restored
+    assert sorted(compiled) == [("bwd", "a", True), ("bwd", "b", True), ("fwd", "a", True)]
+    assert threading.current_thread().name not in threads
+    assert lines and lines[0].startswith("precompiled 3 kernels in ")
+
+
+def test_precompile_runs_nothing_under_the_interpreter():
+    from hrm.tuning.precompile import precompile
+
+    if not tk.interpreting():
+        pytest.skip("checks the interpreter's no-op")
+    ran = []
+    assert precompile([lambda: ran.append(1)]) == 0 and ran == []
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compiles real kernels for the GPU here")
+def test_precompiled_candidates_launch_without_compiling():
+    """On a GPU: after an attention case's precompile, checking its candidates compiles
+    nothing more (each JIT kernel's cache holds what the checks launch)."""
+    from triton.runtime.jit import JITFunction
+
+    configs = [
+        {"block_m": 32, "block_n": 64, "num_warps": 4, "num_stages": 2},
+        {"block_m": 64, "block_n": 32, "num_warps": 4, "num_stages": 3},
+    ]
+    case = AttentionCase(DKDV, Bucket(64, "bf16"), torch.device("cuda"), tokens=2048, heads=2)
+    assert case.precompile(configs) >= len(configs)
+    original, calls = JITFunction._do_compile, []
+
+    def counting(self, *args):
+        calls.append(self)
+        return original(self, *args)
+
+    JITFunction._do_compile = counting
+    try:
+        assert all(case.check(c) for c in configs)
+    finally:
+        JITFunction._do_compile = original
+    assert calls == []
 
 
 @pytest.mark.skipif(not tk.interpreting(), reason="runs the kernels under the Triton interpreter")

@@ -5,8 +5,9 @@ however fast), time the survivors and keep the fastest, with the runner-up.
 :func:`select` is the decision for one (kernel, bucket) and takes its three steps as
 functions (``static``, ``check``, ``time``), so that tests drive it with an injected timer;
 :func:`tune` loops over kernels and buckets, writing the table after every bucket and
-skipping buckets already in it (resumable). The GPU side (:class:`AttentionCase`) times
-with ``triton.testing.do_bench`` medians.
+skipping buckets already in it (resumable); before a bucket's checks it has the case compile
+the surviving candidates' kernels on a thread pool (:mod:`hrm.tuning.precompile`). The GPU
+side (:class:`AttentionCase`) times with ``triton.testing.do_bench`` medians.
 """
 
 from __future__ import annotations
@@ -73,6 +74,11 @@ class Case:
     def static(self, configs: list[dict]) -> list[str | None]:  # one problem (or None) per config
         raise NotImplementedError
 
+    def precompile(self, configs: list[dict], log: Callable[[str], None] | None = None) -> int:
+        """Compile the kernels ``configs`` will launch ahead of their checks (a speed-up only);
+        returns how many compiled."""
+        return 0
+
     def check(self, config: dict) -> bool:
         raise NotImplementedError
 
@@ -116,6 +122,7 @@ def tune(
         case = make_case(k, b)
         cands = space(k, b)
         problems = dict(zip(map(_key, cands), case.static(cands)))
+        case.precompile([c for c in cands if not problems[_key(c)]], log)
         result = select(cands, lambda c, problems=problems: problems[_key(c)], case.check, case.time)
         if result is None:
             log(f"{k.name} {b.key}: no candidate survived; the heuristic default stays")
@@ -238,6 +245,12 @@ class AttentionCase(Case):
         cap = self.capability[0] * 10 + self.capability[1]  # the device's own target, its arch's limits
         rows = compile_report([aot_spec(self.kernel, self.bucket, c, cap) for c in configs], (cap,))
         return [annotate(r, self.arch)["problem"] for r in rows]
+
+    def precompile(self, configs: list[dict], log: Callable[[str], None] | None = None) -> int:
+        from hrm.tuning.precompile import precompile
+
+        self._setup()
+        return precompile([lambda c=c: self._run(c)[0]() for c in configs], log=log)
 
     def check(self, config: dict) -> bool:
         _, outputs = self._run(config)
@@ -372,6 +385,12 @@ class RowCase(Case):
         cap = self.capability[0] * 10 + self.capability[1]
         rows = compile_report([row_aot_spec(self.kernel, self.bucket, c, cap) for c in configs], (cap,))
         return [annotate(r, self.arch)["problem"] for r in rows]
+
+    def precompile(self, configs: list[dict], log: Callable[[str], None] | None = None) -> int:
+        from hrm.tuning.precompile import precompile
+
+        self._setup()
+        return precompile([self._forced(self._outputs, c) for c in configs], log=log)
 
     def check(self, config: dict) -> bool:
         self._setup()
