@@ -55,29 +55,31 @@ def _cfg(fwd, dq, dkdv) -> AttentionConfig:
 # shared memory per block (hrm.ops.arch.ARCHS; tests/test_prefixlm_attention_aot.py). They
 # were chosen to compile, not timed: `hrm tune` measures better ones per device (hrm.tuning).
 # fp32 inputs use exact fp32 dots (tf32 only if torch.backends.cuda.matmul.allow_tf32),
-# which need far smaller tiles. Head dims below 64 use the 64 row.
+# which need far smaller tiles. Head dims below 64 use the 64 row. Every row is also spill-free
+# under Triton 3.6 (torch 2.11's), where six earlier fp32 ones spilled (up to 2848 B: sm_80's
+# 4-warp dkdv at head dim 64; docs/tuning.md).
 _SM80_CONFIGS = {
     (64, "16bit"): _cfg((128, 64, 8, 3), (64, 64, 4, 2), (32, 64, 4, 2)),
     (128, "16bit"): _cfg((128, 32, 8, 2), (64, 64, 8, 2), (64, 64, 8, 2)),
-    (64, "fp32"): _cfg((32, 32, 4, 2), (64, 32, 8, 2), (32, 32, 4, 2)),
-    (128, "fp32"): _cfg((32, 32, 8, 1), (16, 32, 4, 2), (32, 32, 8, 2)),
+    (64, "fp32"): _cfg((32, 32, 8, 2), (64, 32, 8, 2), (32, 32, 8, 2)),
+    (128, "fp32"): _cfg((32, 32, 8, 1), (16, 32, 8, 2), (32, 32, 8, 2)),
 }
 _SM90_CONFIGS = {
     (64, "16bit"): _cfg((128, 64, 4, 3), (64, 64, 4, 2), (64, 64, 4, 2)),
     (128, "16bit"): _cfg((128, 64, 8, 2), (64, 64, 8, 2), (64, 64, 8, 2)),
     (64, "fp32"): _cfg((32, 16, 4, 2), (64, 32, 8, 2), (32, 16, 4, 2)),
-    (128, "fp32"): _cfg((16, 16, 4, 1), (32, 32, 8, 2), (16, 16, 4, 1)),
+    (128, "fp32"): _cfg((16, 16, 4, 1), (32, 32, 8, 3), (16, 16, 4, 1)),
 }
 # The 99 KB parts (sm_86, sm_89, sm_120): sm_80's 16-bit rows (the largest needs 73 KB of
 # shared memory, 74752 B for dkdv head dim 128; sm_90a's, sized for 227 KB parts, need up to
 # 97 KB, 99328 B, at the edge of the 99 KB per block these parts allow); their fp32
 # rows spill on these targets (ptxas allocates differently from sm_80), so fp32 takes smaller
-# tiles, spill-free on all three (the largest, dkdv head dim 64 on sm_120, at 250 registers).
+# tiles, spill-free on all three.
 _SM99KB_CONFIGS = {
     (64, "16bit"): _SM80_CONFIGS[(64, "16bit")],
     (128, "16bit"): _SM80_CONFIGS[(128, "16bit")],
-    (64, "fp32"): _cfg((32, 16, 4, 2), (64, 32, 8, 2), (16, 32, 4, 2)),
-    (128, "fp32"): _cfg((16, 16, 4, 1), (16, 16, 4, 2), (16, 16, 4, 1)),
+    (64, "fp32"): _cfg((32, 16, 4, 2), (64, 32, 8, 2), (16, 32, 8, 2)),
+    (128, "fp32"): _cfg((16, 16, 4, 2), (16, 16, 4, 2), (16, 16, 4, 1)),
 }
 # Head dim 256 is not in the spill check (no preset uses it): small tiles, chosen by hand.
 for _table in (_SM80_CONFIGS, _SM90_CONFIGS, _SM99KB_CONFIGS):
