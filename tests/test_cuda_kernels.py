@@ -412,6 +412,17 @@ def test_gpu_swiglu_linear_parity(dtype, shape):
     check_against_oracle(lambda x, w, backend: ops.swiglu_linear(x, w, backend=backend), [x, w], "cuda", dtype)
 
 
+@needs_gpu
+def test_gpu_swiglu_linear_takes_no_rows():
+    """No rows: an empty output, forward and backward (the backward kernel's dy has no storage)."""
+    x = torch.zeros(0, 64, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(2 * 48, 64, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    y = ops.swiglu_linear(x, w, backend="cuda")
+    assert y.shape == (0, 48)
+    y.sum().backward()
+    assert x.grad.shape == (0, 64) and torch.equal(w.grad, torch.zeros_like(w))
+
+
 @pytest.mark.skipif(shutil.which("compute-sanitizer") is None, reason="compute-sanitizer is not installed")
 @needs_gpu
 def test_gpu_kernels_under_compute_sanitizer():

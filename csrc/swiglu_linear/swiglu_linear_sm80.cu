@@ -180,8 +180,9 @@ cudaError_t launch(const SwigluLinearArgs& a, cudaStream_t stream) {
 
 template <bool kBackward>
 cudaError_t dispatch(const SwigluLinearArgs& a, cudaStream_t stream) {
-  if (a.k % 8 || a.intermediate % 8 || a.m < 0 || (kBackward && a.dy == nullptr)) return cudaErrorInvalidValue;
-  if (a.m == 0 || a.intermediate == 0) return cudaSuccess;
+  if (a.k % 8 || a.intermediate % 8 || a.m < 0) return cudaErrorInvalidValue;
+  if (a.m == 0 || a.intermediate == 0) return cudaSuccess;  // an empty dy may have no storage
+  if (kBackward && a.dy == nullptr) return cudaErrorInvalidValue;
   switch (a.dtype) {
     case DType::kBFloat16: return launch<cute::bfloat16_t, kBackward>(a, stream);
     case DType::kFloat16: return launch<cute::half_t, kBackward>(a, stream);
