@@ -1,4 +1,5 @@
-// The epilogue the SwiGLU GEMMs share (swiglu_linear_sm80.cu, swiglu_linear_sm90.cu): each
+// What the SwiGLU GEMMs share (swiglu_linear_sm80.cu, swiglu_linear_sm90.cu): the launchers'
+// argument checks and dtype dispatch, and the epilogue. In the epilogue each
 // thread holds its part of the BM x BN tile's gate and up accumulators in one register layout
 // (acc_g, acc_u), at the coordinates tCcY of the [M, N] output, and stores
 //     forward:  y[m, n] = swiglu(g, u)                      (tCgY: y, rows N apart)
@@ -10,8 +11,23 @@
 #include <cute/tensor.hpp>
 
 #include "../common/hrm_cuda_math.h"
+#include "swiglu_linear.h"
 
 namespace hrm {
+
+// cudaErrorInvalidValue for arguments the kernels do not take; nothing to do without rows or
+// columns (an empty dy may then have no storage); else launch(T{}) for the dtype's CuTe type.
+template <bool kBackward, class Launch>
+cudaError_t dispatch_swiglu_linear(const SwigluLinearArgs& a, Launch launch) {
+  if (a.k % 8 || a.intermediate % 8 || a.m < 0) return cudaErrorInvalidValue;
+  if (a.m == 0 || a.intermediate == 0) return cudaSuccess;
+  if (kBackward && a.dy == nullptr) return cudaErrorInvalidValue;
+  switch (a.dtype) {
+    case DType::kBFloat16: return launch(cute::bfloat16_t{});
+    case DType::kFloat16: return launch(cute::half_t{});
+    default: return cudaErrorInvalidValue;
+  }
+}
 
 template <bool kBackward, class T, class ThrMma, class Tiler, class Cta, class Acc, class CTensor, class YTensor>
 __device__ __forceinline__ void swiglu_linear_epilogue(const ThrMma& thr, const Tiler& tiler, const Cta& cta, int M,

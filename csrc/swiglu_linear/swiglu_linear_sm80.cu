@@ -178,23 +178,13 @@ cudaError_t launch(const SwigluLinearArgs& a, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-template <bool kBackward>
-cudaError_t dispatch(const SwigluLinearArgs& a, cudaStream_t stream) {
-  if (a.k % 8 || a.intermediate % 8 || a.m < 0) return cudaErrorInvalidValue;
-  if (a.m == 0 || a.intermediate == 0) return cudaSuccess;  // an empty dy may have no storage
-  if (kBackward && a.dy == nullptr) return cudaErrorInvalidValue;
-  switch (a.dtype) {
-    case DType::kBFloat16: return launch<cute::bfloat16_t, kBackward>(a, stream);
-    case DType::kFloat16: return launch<cute::half_t, kBackward>(a, stream);
-    default: return cudaErrorInvalidValue;
-  }
-}
-
 }  // namespace
 
-cudaError_t swiglu_linear_sm80(const SwigluLinearArgs& a, cudaStream_t stream) { return dispatch<false>(a, stream); }
+cudaError_t swiglu_linear_sm80(const SwigluLinearArgs& a, cudaStream_t stream) {
+  return dispatch_swiglu_linear<false>(a, [&](auto t) { return launch<decltype(t), false>(a, stream); });
+}
 cudaError_t swiglu_linear_bwd_sm80(const SwigluLinearArgs& a, cudaStream_t stream) {
-  return dispatch<true>(a, stream);
+  return dispatch_swiglu_linear<true>(a, [&](auto t) { return launch<decltype(t), true>(a, stream); });
 }
 
 }  // namespace hrm
