@@ -286,6 +286,29 @@ def test_embedding_cpu_backward_is_index_add_bit_for_bit():
     assert torch.equal(w.grad, torch.zeros(V, d).index_add_(0, ids, up, alpha=1.3))
 
 
+@needs_cpu_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_embedding_cpu_forward_is_the_reference_bit_for_bit(dtype):
+    """The C++ gather scales in fp32 and rounds once, as ``F.embedding`` then the multiply do:
+    the same bits, at a width that is not a multiple of any vector and with 2-d ids."""
+    g = torch.Generator().manual_seed(2)
+    V, d = 50, 37
+    ids = torch.randint(0, V, (3, 11), generator=g)
+    w = torch.randn(V, d, generator=g).to(dtype)
+    got = ops.embedding(ids, w, 1.3, backend="cpu")
+    assert got.dtype == dtype and got.shape == (3, 11, d)
+    assert torch.equal(got, ops.embedding(ids, w, 1.3, backend="torch"))
+
+
+@needs_cpu_kernel
+def test_embedding_cpu_rejects_ids_outside_the_table():
+    w = torch.randn(10, 4, requires_grad=True)
+    with pytest.raises(RuntimeError, match=r"id 10 of token 2 is outside \[0, 10\)"):
+        ops.embedding(torch.tensor([0, 9, 10]), w, 1.0, backend="cpu")
+    with pytest.raises(RuntimeError, match=r"id -1 of token 0 is outside \[0, 10\)"):
+        torch.ops.hrm_ew.embedding_bwd(torch.tensor([-1]), torch.randn(1, 4), 10, 1.0)
+
+
 def _lce(labels, chunk_rows):
     return lambda z, w, backend: ops.linear_cross_entropy(z, w, labels, chunk_rows=chunk_rows, backend=backend)
 
@@ -617,7 +640,7 @@ def test_custom_op_registrations(case):
 @needs_cpu_kernel
 def test_cpu_loss_and_embedding_custom_op_registrations():
     """The cpu backend's loss loop (transposed logits, C++ chunk) and the embedding's C++
-    backward as custom ops: schema, fakes and autograd."""
+    forward and backward as custom ops: schema, fakes and autograd."""
     T, d, V = 9, 12, 40
     x, w = torch.randn(T, d, requires_grad=True), torch.randn(V, d, requires_grad=True)
     labels = _labels(T, V).cpu()
@@ -625,6 +648,8 @@ def test_cpu_loss_and_embedding_custom_op_registrations():
     torch.library.opcheck(torch.ops.hrm.linear_cross_entropy_cpu, (x.bfloat16(), w, labels, None, 4, True))
     ids = torch.randint(0, V, (T,))
     torch.library.opcheck(torch.ops.hrm.embedding_cpu_backward, (ids, torch.randn(T, d), V, 1.5))
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.library.opcheck(torch.ops.hrm.embedding_cpu_forward, (ids, torch.randn(V, d, dtype=dtype), 1.5))
 
 
 @needs_cpu_kernel

@@ -1,9 +1,9 @@
 // Memory-bound activations of the `cpu` backend, one pass over memory each: the SwiGLU
 // (forward and backward), the split of the fused [gate | q | k | v] projection with RoPE on
-// q and k (forward and backward), and the embedding table's gradient.
+// q and k (forward and backward), and the scaled embedding lookup and its table's gradient.
 //
 // Built at first use by hrm/ops/cpp_extension.py (-O3 -march=native -fopenmp); registers
-// hrm_ew::swiglu_fwd, swiglu_bwd, split_rope_fwd, split_rope_bwd, embedding_bwd.
+// hrm_ew::swiglu_fwd, swiglu_bwd, split_rope_fwd, split_rope_bwd, embedding_fwd, embedding_bwd.
 // hrm/ops/impl/swiglu.py, split_rope.py and embedding.py call them for fp32 and bf16 tensors
 // on a CPU.
 //
@@ -221,6 +221,48 @@ at::Tensor split_rope_bwd(const at::Tensor& dgate, const at::Tensor& dq, const a
   return dx;
 }
 
+void check_ids(const int64_t* ids, int64_t T, int64_t num_rows, const char* op) {
+  for (int64_t t = 0; t < T; ++t)
+    TORCH_CHECK(ids[t] >= 0 && ids[t] < num_rows, op, ": id ", ids[t], " of token ", t, " is outside [0, ", num_rows,
+                ")");
+}
+
+// The scaled lookup out_t = scale * W[ids_t] in one pass (a gather, then a multiply, made
+// two): the product in fp32, stored in W's dtype (bf16 rounds to nearest even), as
+// `F.embedding(ids, W) * scale` computes it.
+template <typename E>
+void embedding_fwd_rows(const int64_t* ids, const E* w, E* out, int64_t T, int64_t d, float scale) {
+  at::parallel_for(0, T, kGrain, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const E* src = w + ids[t] * d;
+      E* o = out + t * d;
+      for (int64_t j = 0; j < d; j += VW) {
+        const int64_t n = std::min<int64_t>(VW, d - j);
+        store_n(o + j, load_n(src + j, n) * scale, n);
+      }
+    }
+  });
+}
+
+at::Tensor embedding_fwd(const at::Tensor& ids_in, const at::Tensor& weight_in, double scale) {
+  TORCH_CHECK(ids_in.device().is_cpu() && weight_in.device().is_cpu(), "embedding_fwd: CPU tensors");
+  TORCH_CHECK(weight_in.dim() == 2, "embedding_fwd: the table must be [V, d], got ", weight_in.sizes());
+  TORCH_CHECK(weight_in.scalar_type() == at::kFloat || weight_in.scalar_type() == at::kBFloat16,
+              "embedding_fwd: an fp32 or bf16 table, got ", weight_in.scalar_type());
+  const at::Tensor ids = ids_in.to(at::kLong).contiguous().view(-1), weight = weight_in.contiguous();
+  const int64_t T = ids.numel(), V = weight.size(0), d = weight.size(1);
+  const int64_t* ip = ids.data_ptr<int64_t>();
+  check_ids(ip, T, V, "embedding_fwd");
+  std::vector<int64_t> shape(ids_in.sizes().begin(), ids_in.sizes().end());
+  shape.push_back(d);
+  at::Tensor out = at::empty(shape, weight.options());
+  if (weight.scalar_type() == at::kFloat)
+    embedding_fwd_rows(ip, weight.data_ptr<float>(), out.data_ptr<float>(), T, d, (float)scale);
+  else
+    embedding_fwd_rows(ip, weight.data_ptr<bf16>(), out.data_ptr<bf16>(), T, d, (float)scale);
+  return out;
+}
+
 // The embedding table's gradient dW [V, d] (fp32) of out_t = scale * W[ids_t]:
 //     dW_i = sum over t with ids_t = i, in token order, of scale * grad_t   (0 for the others)
 // written once, row by row, instead of zeros plus an index_add_ (a pass of W's size fewer;
@@ -245,6 +287,9 @@ void embedding_bwd_rows(const int64_t* ids, const E* grad, float* dw, int64_t T,
 #if defined(__AVX512F__)
         if (reinterpret_cast<uintptr_t>(o) % 64 == 0)
           for (; j + VW <= d; j += VW) _mm512_stream_ps(o + j, _mm512_setzero_ps());
+#elif defined(__AVX2__)
+        if (reinterpret_cast<uintptr_t>(o) % 32 == 0)
+          for (; j + VW <= d; j += VW) _mm256_stream_ps(o + j, _mm256_setzero_ps());
 #endif
         std::fill(o + j, o + d, 0.0f);
         continue;
@@ -257,7 +302,7 @@ void embedding_bwd_rows(const int64_t* ids, const E* grad, float* dw, int64_t T,
       }
     }
   });
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
   _mm_sfence();  // the streaming stores are visible before the op returns
 #endif
 }
@@ -271,9 +316,7 @@ at::Tensor embedding_bwd(const at::Tensor& ids_in, const at::Tensor& grad_in, in
   const at::Tensor ids = ids_in.to(at::kLong).contiguous().view(-1), grad = grad_in.contiguous();
   const int64_t T = grad.size(0), d = grad.size(1);
   const int64_t* ip = ids.data_ptr<int64_t>();
-  for (int64_t t = 0; t < T; ++t)
-    TORCH_CHECK(ip[t] >= 0 && ip[t] < num_rows, "embedding_bwd: id ", ip[t], " of token ", t, " is outside [0, ",
-                num_rows, ")");
+  check_ids(ip, T, num_rows, "embedding_bwd");
   at::Tensor dw = at::empty({num_rows, d}, grad.options().dtype(at::kFloat));
   if (grad.scalar_type() == at::kFloat)
     embedding_bwd_rows(ip, grad.data_ptr<float>(), dw.data_ptr<float>(), T, num_rows, d, (float)scale);
@@ -289,6 +332,7 @@ TORCH_LIBRARY(hrm_ew, m) {
   m.def("swiglu_bwd(Tensor gate_up, Tensor dy) -> Tensor");
   m.def("split_rope_fwd(Tensor gqkv, Tensor cos, Tensor sin) -> Tensor[]");
   m.def("split_rope_bwd(Tensor dgate, Tensor dq, Tensor dk, Tensor dv, Tensor cos, Tensor sin) -> Tensor");
+  m.def("embedding_fwd(Tensor ids, Tensor weight, float scale) -> Tensor");
   m.def("embedding_bwd(Tensor ids, Tensor grad, int num_rows, float scale) -> Tensor");
 }
 
@@ -297,5 +341,6 @@ TORCH_LIBRARY_IMPL(hrm_ew, CPU, m) {
   m.impl("swiglu_bwd", &swiglu_bwd);
   m.impl("split_rope_fwd", &split_rope_fwd);
   m.impl("split_rope_bwd", &split_rope_bwd);
+  m.impl("embedding_fwd", &embedding_fwd);
   m.impl("embedding_bwd", &embedding_bwd);
 }

@@ -3,12 +3,14 @@
 The gradient of the table is dense, as ``nn.Embedding`` gives it:
 ``dW_i = scale * sum_{t : ids_t = i} dout_t`` (rows of tokens that do not occur are 0).
 
-Backends: ``torch`` (the reference: ``F.embedding``, then the scale) and ``cpu`` (the same
-forward; the backward sums each row's tokens in token order, so it is deterministic: on a CPU
-tensor ``hrm_ew::embedding_bwd`` (``csrc/elementwise``) writes the table's gradient once, row
-by row, the rows of tokens that do not occur as streaming zeros, where zeros plus an
-``index_add_`` made two passes of the table's size; for other dtypes, or where the C++
-kernels cannot be built, that ``index_add_``).
+Backends: ``torch`` (the reference: ``F.embedding``, then the scale) and ``cpu``. On a CPU
+tensor of fp32 or bf16, ``cpu`` runs two kernels of ``csrc/elementwise``:
+``hrm_ew::embedding_fwd`` gathers and scales the rows in one pass (the reference makes two),
+and ``hrm_ew::embedding_bwd`` writes the table's gradient once, row by row, the rows of
+tokens that do not occur as streaming zeros, where zeros plus an ``index_add_`` made two
+passes of the table's size. The backward sums each row's tokens in token order, so it is
+deterministic. For other dtypes, or where the C++ kernels cannot be built, the reference's
+forward and that ``index_add_``.
 Other backends use the reference.
 """
 
@@ -34,6 +36,8 @@ class _EmbeddingIndexAdd(torch.autograd.Function):
     def forward(ctx, ids: Tensor, weight: Tensor, scale: float) -> Tensor:
         ctx.save_for_backward(ids)
         ctx.scale, ctx.num_rows, ctx.dtype = scale, weight.shape[0], weight.dtype
+        if weight.device.type == "cpu" and weight.dtype in CPU_KERNEL_DTYPES:
+            return _embedding_forward_cpu(ids, weight, scale)
         return weight.index_select(0, ids.reshape(-1)).view(*ids.shape, weight.shape[1]) * scale
 
     @staticmethod
@@ -45,6 +49,22 @@ class _EmbeddingIndexAdd(torch.autograd.Function):
             return None, dw.to(ctx.dtype), None
         dw = rows.new_zeros(ctx.num_rows, rows.shape[1])
         return None, dw.index_add_(0, ids.reshape(-1), rows, alpha=ctx.scale), None
+
+
+@torch.library.custom_op("hrm::embedding_cpu_forward", mutates_args=())
+def _embedding_forward_cpu(ids: Tensor, weight: Tensor, scale: float) -> Tensor:
+    """``scale * weight[ids]`` in ``weight``'s dtype (opaque to ``torch.compile``):
+    ``hrm_ew::embedding_fwd`` where the C++ kernels can be built, else the reference's
+    gather then multiply (the same bits)."""
+    if unavailable_reason("cpu") is None:
+        cpp_extension.load()
+        return torch.ops.hrm_ew.embedding_fwd(ids, weight, scale)
+    return F.embedding(ids, weight) * scale
+
+
+@_embedding_forward_cpu.register_fake
+def _(ids, weight, scale):
+    return weight.new_empty(*ids.shape, weight.shape[1])
 
 
 @torch.library.custom_op("hrm::embedding_cpu_backward", mutates_args=())
