@@ -35,6 +35,7 @@ OPS = [
     "swiglu",
     "split_rope",
     "prefixlm_attention",
+    "swiglu_linear",
     "linear_cross_entropy",
     "decode_attention",
     "global_norm",

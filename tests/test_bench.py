@@ -12,7 +12,7 @@ import torch
 
 from hrm import cli
 from hrm.bench import suites
-from hrm.bench.report import charts, plural, read_results
+from hrm.bench.report import charts, derive, plural, read_results
 from hrm.bench.run import run_bench
 from hrm.config import BENCH_CONFIGS, BenchConfig, ModelConfig
 from hrm.errors import ConfigError
@@ -55,11 +55,14 @@ def test_writes_results_table_and_plot(results):
 
 
 def test_op_rows_for_every_backend_within_tolerance(results):
-    _, (_, _, rows, _) = results
+    """Every op in fp32, and in bf16 as well where the run's precision is bf16 (but the ops that
+    stay fp32 under autocast)."""
+    _, (_, _, rows, settings) = results
     op_rows = [r for r in rows if r.suite == "ops"]
+    assert {r.dtype for r in op_rows} == ({"float32", "bfloat16"} if settings["precision"] == "bf16" else {"float32"})
     for case in suites.op_cases(TINY):
         for backend in suites.bench_backends(case.name):
-            got = {r.mode: r for r in op_rows if r.name == case.name and r.backend == backend}
+            got = {r.mode: r for r in op_rows if r.name == case.name and r.backend == backend and r.dtype == "float32"}
             modes = {"forward"} if case.inference_only else {"forward", "backward", "full"}
             assert set(got) == modes, (case.name, backend)
             for r in got.values():
@@ -299,10 +302,42 @@ def test_one_chart_per_suite_with_a_label_per_bar(results):
     assert [c.xlabel for c in both] == ["speedup (x)", "tokens/s"]
     train = [r for r in rows if r.suite == "train"]
     assert len(set(both[1].labels)) == len(both[1].labels) == len(train)  # step, 1-thread and loop bars apart
-    ops_only = charts([r for r in rows if r.suite == "ops"])
-    full = [r for r in rows if r.suite == "ops" and r.mode == "full"]
+    ops_only = charts([r for r in rows if r.suite == "ops" and r.dtype == "float32"])
+    full = [r for r in rows if r.suite == "ops" and r.mode == "full" and r.dtype == "float32"]
     assert len(ops_only) == 1 and ops_only[0].labels == [f"{r.name} ({r.backend})" for r in full]
     assert len(set(ops_only[0].labels)) == len(full) and all(v > 0 for v in ops_only[0].values)
+
+
+def test_op_rows_in_bf16_next_to_fp32():
+    """The ops suite in bf16 (what a bf16 run adds): a row per op that autocast runs in bf16,
+    with the reference's own bf16 error (times REF_FACTOR, plus the floor) as its tolerance,
+    the bytes of 2-byte elements, its speedup over the reference in the same dtype, and charts
+    whose labels say which dtype each bar is."""
+    backends = [b for b in ("torch", "cpu") if b in suites.bench_backends()]
+    rows = suites.run_ops(TINY, reps=1, min_time=0.0, backends=backends, dtypes=(torch.float32, torch.bfloat16))
+    derive(rows, {"matmul_gflops_float32": 1.0, "matmul_gflops_bfloat16": 1.0, "copy_gbps": 1.0})
+    by = {(r.name, r.mode, r.backend, r.dtype): r for r in rows if r.suite == "ops"}
+    cases = suites.op_cases(TINY)
+    assert {c.name for c in cases if c.fp32_only} == {"embedding", "global_norm"}
+    for case in cases:
+        for backend in backends:
+            if backend not in suites.bench_backends(case.name):
+                continue
+            fp32, bf16 = (
+                by.get((case.name, "forward", backend, "float32")),
+                by.get((case.name, "forward", backend, "bfloat16")),
+            )
+            assert fp32 is not None, (case.name, backend)
+            if case.fp32_only:
+                assert bf16 is None, case.name
+                continue
+            assert bf16 is not None, (case.name, backend)
+            assert bf16.parity <= bf16.tolerance and bf16.tolerance >= suites.LOW_PRECISION_FLOOR[torch.bfloat16]
+            assert bf16.tolerance > fp32.tolerance and bf16.speedup is not None, case.name
+            if case.name in ("rms_norm", "swiglu", "magicnorm_transition"):  # all of their traffic is in the op's dtype
+                assert bf16.bytes == fp32.bytes / 2, case.name
+    labels = charts(rows)[0].labels
+    assert "swiglu_linear (torch, bfloat16)" in labels and "swiglu_linear (torch, float32)" in labels
 
 
 def test_plural():

@@ -42,7 +42,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         default="auto",
         choices=["auto", "fp32", "bf16"],
         help="train-step precision (default auto: what hrm train picks here, bf16 autocast on GPUs with "
-        "bf16 tensor cores and on CPUs with AMX-BF16, fp32 elsewhere)",
+        "bf16 tensor cores and on CPUs with AMX-BF16, fp32 elsewhere); at bf16 the ops suite times every "
+        "op in bf16 as well as in fp32",
     )
     p.add_argument("--out", default="bench/results", help="results directory (default: bench/results)")
     p.set_defaults(func=run_bench)

@@ -38,8 +38,8 @@ class Row:
     tokens_per_s: float | None = None
 
     @property
-    def key(self) -> tuple[str, str, str]:
-        return self.suite, self.name, self.mode
+    def key(self) -> tuple[str, str, str, str]:
+        return self.suite, self.name, self.mode, self.dtype
 
 
 def derive(rows: list[Row], peaks: dict[str, float], reference: str = "torch") -> list[Row]:
@@ -213,11 +213,12 @@ def charts(rows: list[Row]) -> list[Chart]:
     out = []
     ops = [r for r in rows if r.suite == "ops" and r.speedup is not None and r.mode == "full"]
     if ops:
+        dtypes = len({r.dtype for r in ops}) > 1  # then each label names its row's
         out.append(
             Chart(
                 "ops: speedup over the torch reference, forward + backward (median; lines: fastest-slowest)",
                 "speedup (x)",
-                [f"{r.name} ({r.backend})" for r in ops],
+                [f"{r.name} ({r.backend}{', ' + r.dtype if dtypes else ''})" for r in ops],
                 [r.speedup for r in ops],
                 [span(r, lambda t, r=r: r.speedup * r.seconds / t) for r in ops],
             )

@@ -76,7 +76,8 @@ def run_bench(
     ``config`` names a :data:`~hrm.config.BENCH_CONFIGS` entry (or is one); ``ops_config``
     overrides the op shapes (``quick`` shrinks them otherwise). Each train step is timed
     after its first step (which compiles) and ``train_warmup`` more, at ``precision``
-    (``auto``: what ``hrm train`` picks on this device); then ``hrm train`` itself runs
+    (``auto``: what ``hrm train`` picks on this device; at bf16 the ops are timed in bf16 too,
+    beside fp32); then ``hrm train`` itself runs
     ``loop_steps`` steps on the reference and the fastest backend (0: not at all), ``loop_rounds``
     times each in alternating order (default :data:`~hrm.bench.suites.LOOP_ROUNDS`, 1 with ``quick``).
     """
@@ -92,11 +93,18 @@ def run_bench(
     started = time.perf_counter()
     info = device_info(device)
     train_precision = resolve_precision(precision, device)
-    peaks = measure_peaks(device, quick, bf16=suite in ("train", "all") and train_precision == "bf16")
+    peaks = measure_peaks(device, quick, bf16=suite != "generate" and train_precision == "bf16")
     rows: list[Row] = []
     if suite in ("ops", "all"):
         op_bench = ops_config or (quick_ops_config(bench) if quick else bench)
-        rows += suites.run_ops(op_bench, reps=reps, device=device, backends=backends, min_time=op_min_time)
+        rows += suites.run_ops(
+            op_bench,
+            reps=reps,
+            device=device,
+            backends=backends,
+            min_time=op_min_time,
+            dtypes=(torch.float32, torch.bfloat16) if train_precision == "bf16" else (torch.float32,),
+        )
     if suite in ("train", "all"):
         rows += suites.run_train(
             name,

@@ -1,10 +1,14 @@
 """The benchmark suites behind ``hrm bench``: every op, and the end-to-end train step.
 
-``ops``: each fused op at the shapes of a benchmark config (:data:`hrm.config.BENCH_CONFIGS`,
-fp32), forward (no grad), backward alone and forward + backward, on every backend that
+``ops``: each fused op at the shapes of a benchmark config (:data:`hrm.config.BENCH_CONFIGS`),
+forward (no grad), backward alone and forward + backward, on every backend that
 implements it here, next to the ``torch`` reference timed in the same run; each row
 carries the op's useful FLOPs / unavoidable bytes and the max error of its outputs and
-gradients against the fp64 oracle (relative to the oracle's largest magnitude).
+gradients against the fp64 oracle (relative to the oracle's largest magnitude). Every op is
+timed in fp32, and where the run's precision is bf16 (a GPU with bf16 tensor cores, a CPU
+with AMX-BF16) also in bf16, the dtype its matmuls and activations take under the train
+step's autocast; the ops that stay fp32 there (the embedding's fp32 table, the gradients'
+norm) only in fp32.
 
 ``train``: one optimizer step of the config under one precision for every variant (``auto``
 as ``hrm train`` resolves it: bf16 autocast with fp32 master weights where the device has
@@ -57,6 +61,10 @@ from hrm.training.optim import AdamAtan2
 
 OP_TOLERANCE = 1e-5  # fp32 vs the fp64 oracle, relative to its largest magnitude
 ATTENTION_TOLERANCE = 1e-4  # a softmax over up to a few hundred keys
+# Low precision: a backend's error may be REF_FACTOR x the torch reference's own error in
+# that dtype plus a floor (tests/test_fused_ops.py); fp32 uses each op's fixed tolerance.
+REF_FACTOR = 2.0
+LOW_PRECISION_FLOOR = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 # relative first-step loss difference to the reference: bf16 autocast rounds through 8 recurrent
 # stack calls; fp32 differs only in summation order
 LOSS_TOLERANCE = {"bf16": 2e-2, "fp32": 1e-4}
@@ -109,9 +117,10 @@ class OpCase:
     fwd_flops: float = 0.0
     full_flops: float = 0.0  # forward + backward
     bwd_flops: float = 0.0  # the backward alone (0 where backends split the work differently)
-    tolerance: float = OP_TOLERANCE
+    tolerance: float = OP_TOLERANCE  # in fp32 (low precision: :func:`op_tolerance`)
     note: str = ""  # shown under the report's table (where an op's costs sit in another mode)
     inference_only: bool = False  # no backward: only the forward is timed
+    fp32_only: bool = False  # fp32 under the train step's bf16 autocast too: not timed in bf16
 
 
 LINEAR_CE_NOTE = (
@@ -120,8 +129,11 @@ LINEAR_CE_NOTE = (
 )
 
 
-def op_cases(bench: BenchConfig, device: torch.device | str = "cpu") -> list[OpCase]:
-    """One case per public fused op at the config's shapes (one packed row of ``bench.tokens``)."""
+def op_cases(
+    bench: BenchConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> list[OpCase]:
+    """One case per public fused op at the config's shapes (one packed row of ``bench.tokens``);
+    ``dtype`` is the one its rows are timed in (the unavoidable bytes depend on it)."""
     device = torch.device(device)
     cfg, T = bench.model, bench.tokens
     d, I, H, hd, V = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.head_dim, cfg.padded_vocab_size
@@ -137,9 +149,10 @@ def op_cases(bench: BenchConfig, device: torch.device | str = "cpu") -> list[OpC
     with torch.device("meta"):
         param_shapes = [tuple(p.shape) for p in HRMText(cfg).parameters()]
     param_values = sum(math.prod(s) for s in param_shapes)
-    f32 = 4
+    f32, e = 4, dtype.itemsize
     return [
-        # The backward writes the whole dense table (zeros where no token points).
+        # The backward writes the whole dense table (zeros where no token points). The table is
+        # an fp32 master weight under bf16 autocast, which leaves the lookup in fp32.
         OpCase(
             "embedding",
             f"{T} ids into {V}x{d}",
@@ -147,46 +160,47 @@ def op_cases(bench: BenchConfig, device: torch.device | str = "cpu") -> list[OpC
             lambda w, backend: ops.embedding(batch.input_ids, w, cfg.embed_std**-1, backend=backend),
             2 * T * d * f32,
             (T + V) * d * f32,
+            fp32_only=True,
         ),
         OpCase(
             "rms_norm",
             f"{T}x{d}",
             lambda: [rand(T, d)],
             lambda x, backend: ops.rms_norm(x, backend=backend),
-            2 * T * d * f32,
-            3 * T * d * f32,
+            2 * T * d * e,
+            3 * T * d * e,
         ),
         OpCase(
             "add_rms_norm",
             f"{T}x{d}",
             lambda: [rand(T, d), rand(T, d)],
             lambda x, r, backend: ops.add_rms_norm(x, r, backend=backend),
-            4 * T * d * f32,
-            4 * T * d * f32,
+            4 * T * d * e,
+            4 * T * d * e,
         ),
         OpCase(
             "magicnorm_transition",
             f"{T}x{d}",
             lambda: [rand(T, d), rand(T, d), rand(T, d)],
             lambda x, dl, o, backend: ops.magicnorm_transition(x, dl, o, backend=backend),
-            6 * T * d * f32,
-            7 * T * d * f32,
+            6 * T * d * e,
+            7 * T * d * e,
         ),
         OpCase(
             "swiglu",
             f"{T}x2x{I}",
             lambda: [rand(T, 2 * I)],
             lambda gu, backend: ops.swiglu(gu, backend=backend),
-            3 * T * I * f32,
-            5 * T * I * f32,
+            3 * T * I * e,
+            5 * T * I * e,
         ),
         OpCase(
             "split_rope",
             f"{T}x4x{H}x{hd}",
             lambda: [rand(T, 4 * H, hd)],
             lambda x, backend: ops.split_rope(x, cos, sin, backend=backend),
-            (8 * T * d + 2 * T * hd) * f32,
-            (8 * T * d + 2 * T * hd) * f32,
+            8 * T * d * e + 2 * T * hd * f32,  # cos and sin are fp32
+            8 * T * d * e + 2 * T * hd * f32,
         ),
         # Useful work only: 4 * pairs * hd per head forward; forward + backward 3.5x that
         # (flash-attention's convention: the backward is 2.5 forwards, recomputation included).
@@ -200,6 +214,17 @@ def op_cases(bench: BenchConfig, device: torch.device | str = "cpu") -> list[OpC
             bwd_flops=10.0 * pairs * hd * H,
             tolerance=ATTENTION_TOLERANCE,
         ),
+        # The up-projection with the SwiGLU in one op (the cuda backend's GEMM of
+        # csrc/swiglu_linear, bf16/fp16 only; the others a GEMM then the activation).
+        OpCase(
+            "swiglu_linear",
+            f"{T}x{d} @ {d}x2x{I}",
+            lambda: [rand(T, d), rand(2 * I, d, scale=d**-0.5)],
+            lambda x, w, backend: ops.swiglu_linear(x, w, backend=backend),
+            fwd_flops=2 * T * d * 2 * I,
+            full_flops=6 * T * d * 2 * I,
+            bwd_flops=4 * T * d * 2 * I,
+        ),
         # The fused backends compute the gradients in the forward that needs them (the
         # reference in its backward): only the forward and the full rows count FLOPs.
         OpCase(
@@ -211,9 +236,10 @@ def op_cases(bench: BenchConfig, device: torch.device | str = "cpu") -> list[OpC
             full_flops=6 * S * d * V,
             note=LINEAR_CE_NOTE,
         ),
-        decode_attention_case(H, hd, device),
+        decode_attention_case(H, hd, device, dtype),
         # Gradient clipping's norm over every parameter's gradient: one read of each. The
         # tolerance is the reference's: torch's fp32 norm of a table of 8M values is ~2e-4 off.
+        # The gradients are the fp32 master weights' under bf16 autocast too.
         OpCase(
             "global_norm",
             f"{len(param_shapes)} tensors, {param_values} values",
@@ -222,11 +248,14 @@ def op_cases(bench: BenchConfig, device: torch.device | str = "cpu") -> list[OpC
             fwd_bytes=param_values * f32,
             tolerance=1e-3,
             inference_only=True,
+            fp32_only=True,
         ),
     ]
 
 
-def decode_attention_case(H: int, hd: int, device: torch.device | str = "cpu") -> OpCase:
+def decode_attention_case(
+    H: int, hd: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> OpCase:
     """One decode step's attention (generation; inference only): 8 sequences at different
     positions of a 256-position cache, the first and last positions included. The caches are
     made once per dtype: each call writes its new key and value at the same positions and
@@ -248,14 +277,16 @@ def decode_attention_case(H: int, hd: int, device: torch.device | str = "cpu") -
     def inputs() -> list:
         return [torch.randn(B, H, hd, generator=g, dtype=torch.float64).to(device).requires_grad_() for _ in range(4)]
 
-    f32 = 4
     visible = int((pos + 1).sum())
     return OpCase(
         "decode_attention",
         f"{B}x{H}x{hd} over {S} cached",
         inputs,
         call,
-        fwd_bytes=(2 * visible + 7 * B) * H * hd * f32,  # the visible keys and values; q, k, v, gate, out, writes
+        fwd_bytes=(2 * visible + 7 * B)
+        * H
+        * hd
+        * dtype.itemsize,  # the visible keys and values; q, k, v, gate, out, writes
         tolerance=ATTENTION_TOLERANCE,
         inference_only=True,
     )
@@ -283,6 +314,15 @@ def op_parity(case: OpCase, inputs: list, backend: str, dtype: torch.dtype = tor
     )
 
 
+def op_tolerance(case: OpCase, inputs: list, dtype: torch.dtype) -> float:
+    """The largest parity error a backend's row may have: the case's own in fp32; in fp16 and
+    bf16, :data:`REF_FACTOR` times the ``torch`` reference's own error in that dtype plus a
+    floor (rounding, not the kernels, sets the error there)."""
+    if dtype == torch.float32:
+        return case.tolerance
+    return REF_FACTOR * op_parity(case, inputs, "torch", dtype) + LOW_PRECISION_FLOOR[dtype]
+
+
 def _backward_times(
     forward: Callable[[], list], leaves: list, reps: int, device: torch.device, min_time: float = 0.0
 ) -> list[float]:
@@ -304,18 +344,19 @@ def _backward_times(
 
 @dataclass
 class OpRun:
-    """What is timed of one op case on one backend, on fp32 copies of the case's inputs."""
+    """What is timed of one op case on one backend, on copies of the case's inputs in the
+    row's dtype."""
 
     inputs: list  # the case's fp64 inputs (for the parity check)
-    leaves: list[torch.Tensor]  # the fp32 inputs that take gradients
+    leaves: list[torch.Tensor]  # the inputs that take gradients, in the row's dtype
     forward: Callable[[], None]  # without gradients
     forward_with_grad: Callable[[], list]  # returns the float outputs
     full: Callable[[], None]  # forward + backward
 
 
-def op_run(case: OpCase, backend: str) -> OpRun:
+def op_run(case: OpCase, backend: str, dtype: torch.dtype = torch.float32) -> OpRun:
     inputs = case.inputs()
-    xs = [x.detach().float().requires_grad_() if torch.is_tensor(x) and x.requires_grad else x for x in inputs]
+    xs = [x.detach().to(dtype).requires_grad_() if torch.is_tensor(x) and x.requires_grad else x for x in inputs]
     leaves = [x for x in xs if torch.is_tensor(x) and x.requires_grad]
 
     def forward() -> None:
@@ -333,23 +374,30 @@ def op_run(case: OpCase, backend: str) -> OpRun:
 
 
 def bench_op(
-    case: OpCase, backend: str, reps: int, device: torch.device | str = "cpu", min_time: float = OP_MIN_TIME
+    case: OpCase,
+    backend: str,
+    reps: int,
+    device: torch.device | str = "cpu",
+    min_time: float = OP_MIN_TIME,
+    dtype: torch.dtype = torch.float32,
+    tolerance: float | None = None,
 ) -> list[Row]:
     """Forward without gradients, backward alone, and forward + backward of ``case`` on ``backend``
-    (only the forward for an ``inference_only`` case). (The fused linear cross-entropy computes
+    in ``dtype`` (only the forward for an ``inference_only`` case), with the parity error and its
+    ``tolerance`` (default :func:`op_tolerance`). (The fused linear cross-entropy computes
     its gradients during a forward that needs them, so its backward alone is only the scaling;
     compare its full rows.)"""
     device = torch.device(device)
-    run = op_run(case, backend)
+    run = op_run(case, backend, dtype)
     t_fwd = spread(measure_all(run.forward, device=device, warmup=1, reps=reps, min_time=min_time))
     common = dict(
         suite="ops",
         name=case.name,
         backend=backend,
         shape=case.shape,
-        dtype="float32",
-        parity=op_parity(case, run.inputs, backend),
-        tolerance=case.tolerance,
+        dtype=str(dtype).removeprefix("torch."),
+        parity=op_parity(case, run.inputs, backend, dtype),
+        tolerance=op_tolerance(case, run.inputs, dtype) if tolerance is None else tolerance,
     )
 
     def times(t: tuple[float, float, float]) -> dict:
@@ -447,19 +495,46 @@ def run_ops(
     device: torch.device | str = "cpu",
     backends: list[str] | None = None,
     min_time: float = OP_MIN_TIME,
+    dtypes: tuple[torch.dtype, ...] = (torch.float32,),
+    progress: bool = True,
 ) -> list[Row]:
+    """Every op case in each of ``dtypes`` (but ``fp32_only`` ones in fp32 only) on each of
+    ``backends`` (default: all that implement it here), then the Adam-atan2 step (fp32), with a
+    progress bar on stderr (one tick per op, backend and dtype)."""
+    from tqdm import tqdm
+
+    work = []  # (case, backend, dtype, tolerance), case by case
+    for dtype in dtypes:
+        for case in op_cases(bench, device, dtype):
+            chosen = [b for b in bench_backends(case.name) if backends is None or b in backends]
+            if chosen and not (case.fp32_only and dtype != torch.float32):
+                work += [(case, b, dtype) for b in chosen]
+    adam = [b for b in bench_backends("adam_atan2") if backends is None or b in backends]
     rows: list[Row] = []
-    for case in op_cases(bench, device):
-        for backend in bench_backends(case.name):
-            if backends is None or backend in backends:
-                rows += bench_op(case, backend, reps, device, min_time)
-    for backend in bench_backends("adam_atan2"):
-        if backends is None or backend in backends:
+    tolerances: dict[tuple[str, torch.dtype], float] = {}
+    with tqdm(total=len(work) + len(adam), desc="hrm bench ops", unit="op", disable=not progress) as bar:
+        for case, backend, dtype in work:
+            bar.set_postfix_str(f"{case.name} {backend} {str(dtype).removeprefix('torch.')}")
+            if (case.name, dtype) not in tolerances:  # in low precision it times the reference's own error
+                tolerances[case.name, dtype] = (
+                    case.tolerance if dtype == torch.float32 else op_tolerance(case, case.inputs(), dtype)
+                )
+            rows += bench_op(case, backend, reps, device, min_time, dtype, tolerances[case.name, dtype])
+            bar.update()
+        for backend in adam:
+            bar.set_postfix_str(f"adam_atan2 {backend}")
             rows += bench_adam_atan2(bench, backend, reps, device, min_time)
+            bar.update()
     return rows
 
 
 # -- train step ------------------------------------------------------------------------------------
+def _say(message: str) -> None:
+    """A progress line on stderr: the train suite runs each variant as a process of its own,
+    for up to minutes each."""
+    print(f"hrm bench: {message}", file=sys.stderr, flush=True)
+
+
 def train_flops(cfg: ModelConfig, batch: PackedBatch, bp_steps: int) -> float:
     """Useful FLOPs of one train step (:func:`hrm.flops.train_step_flops`, the accounting the
     training loop logs): every stack call forward (real tokens, allowed attention pairs),
@@ -674,24 +749,31 @@ def run_train(
         "warmup": warmup,
         "threads": torch.get_num_threads(),
     }
-    idle = _run_child({**base, "variant": None}, timeout) if device.type == "cpu" else {}
+    idle = {}
+    if device.type == "cpu":
+        _say("train: an idle process's resident memory")
+        idle = _run_child({**base, "variant": None}, timeout)
     variants = {label: (backend, compiled) for label, backend, compiled in train_variants(backends)}
-    results = {
-        (label, "step"): _run_child({**base, "variant": label, "backend": backend, "compiled": compiled}, timeout)
-        for label, (backend, compiled) in variants.items()
-    }
+    results = {}
+    for i, (label, (backend, compiled)) in enumerate(variants.items()):
+        _say(f"train step {i + 1}/{len(variants)}: {label}")
+        results[label, "step"] = _run_child(
+            {**base, "variant": label, "backend": backend, "compiled": compiled}, timeout
+        )
     # the reference and the fastest fused backend: again on one core, and in the training loop
     compared = list(dict.fromkeys(["torch", *_fastest(results)[:1]])) if "torch" in variants else []
     if device.type == "cpu" and base["threads"] > 1:
         for label in compared:
             backend, compiled = variants[label]
             spec = {**base, "threads": 1, "variant": label, "backend": backend, "compiled": compiled}
+            _say(f"train step at 1 thread: {label}")
             results[label, ONE_THREAD] = _run_child(spec, timeout)
     if loop_steps:  # the bench step on the loop's own rows: what the loop rows are compared with
         compared = compared or _fastest(results)[:1]
         for label in compared:
             backend, compiled = variants[label]
             spec = {**base, "variant": label, "backend": backend, "compiled": compiled, "loop_steps": loop_steps}
+            _say(f"train step on hrm train's rows: {label}")
             results[label, LOOP_ROWS] = _run_child(spec, timeout)
     rows = []
     shape_notes = {ONE_THREAD: ", 1 thread", LOOP_ROWS: f", hrm train's rows {LOOP_WARMUP + 1}-{loop_steps}"}
@@ -866,8 +948,10 @@ def run_loop(
     (``extra["run_seconds"]``: each run's mean step)."""
     runs: dict[str, list[LoopRun]] = {b: [] for b in backends}
     errors: dict[str, str] = {}
-    for backend in loop_order(backends, rounds):
+    order = loop_order(backends, rounds)
+    for i, backend in enumerate(order):
         if backend not in errors:
+            _say(f"hrm train {i + 1}/{len(order)}: backend {backend}, {steps} steps")
             try:
                 runs[backend].append(_loop_once(bench, backend, precision, steps, timeout))
             except (subprocess.TimeoutExpired, RuntimeError, ValueError, OSError) as e:
