@@ -91,6 +91,20 @@ def test_op_parity_runs_in_the_given_dtype():
     assert fp32 < 1e-5 and 1e-3 < bf16 < 5e-2
 
 
+def test_cuda_kernel_cases_are_the_bench_cases_in_their_dtypes():
+    """The cuda_kernels section times the bench's own cases: the transition in fp32 and bf16
+    (its bytes in that dtype's elements), the SwiGLU GEMM in bf16, the one dtype its kernel takes."""
+    got = checks.cuda_kernel_cases(checks.QUICK_OPS, torch.device("cpu"))
+    assert [(c.name, dtype, unit) for c, dtype, unit in got] == [
+        ("magicnorm_transition", torch.float32, "GB/s"),
+        ("magicnorm_transition", torch.bfloat16, "GB/s"),
+        ("swiglu_linear", torch.bfloat16, "TFLOP/s"),
+    ]
+    assert got[0][0].fwd_bytes == 2 * got[1][0].fwd_bytes
+    cfg, T = checks.QUICK_OPS.model, checks.QUICK_OPS.tokens
+    assert got[2][0].fwd_flops == 2 * T * cfg.hidden_size * 2 * cfg.intermediate_size
+
+
 @pytest.mark.parametrize("section", CUDA_ONLY)
 def test_cuda_only_sections_skip_on_cpu_with_a_reason(section):
     rows = checks.run_section({"section": section, "device": "cpu", "quick": True, "backends": None})

@@ -688,38 +688,16 @@ def attention_timing_section(device: torch.device, quick: bool, backends: list[s
 
 # -- the csrc/ CUDA kernels against Triton (CUDA) --------------------------------------------
 def cuda_kernel_cases(bench: BenchConfig, device: torch.device) -> list[tuple[suites.OpCase, torch.dtype, str]]:
-    """``(case, dtype, unit)``: the MagicNorm transition at ``bench``'s shape in fp32 and bf16
-    (rated in GB/s of its unavoidable traffic: 3 loads + 3 stores forward, 5 loads + 2
-    stores backward) and the SwiGLU up-projection ``swiglu(x @ W^T)`` in bf16 (TFLOP/s:
-    ``2 * T * d * 2I`` forward, 3x that forward + backward)."""
-    cfg, T = bench.model, bench.tokens
-    d, I = cfg.hidden_size, cfg.intermediate_size
-    g = torch.Generator().manual_seed(3)
-
-    def rand(*shape: int, scale: float = 1.0) -> torch.Tensor:
-        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(device).requires_grad_()
-
+    """``(case, dtype, unit)``: the bench's cases (:func:`hrm.bench.suites.op_cases`) of the
+    MagicNorm transition at ``bench``'s shape in fp32 and bf16 (rated in GB/s of its unavoidable
+    traffic: 3 loads + 3 stores forward, 5 loads + 2 stores backward) and of the SwiGLU
+    up-projection ``swiglu(x @ W^T)`` in bf16 (TFLOP/s: ``2 * T * d * 2I`` forward, 3x that
+    forward + backward)."""
     out = []
     for dtype in (torch.float32, torch.bfloat16):
-        size = torch.finfo(dtype).bits // 8
-        case = suites.OpCase(
-            "magicnorm_transition",
-            f"{T}x{d}",
-            lambda: [rand(T, d, scale=2), rand(T, d), rand(T, d)],
-            lambda x, dl, o, backend: ops.magicnorm_transition(x, dl, o, backend=backend),
-            fwd_bytes=6 * T * d * size,
-            bwd_bytes=7 * T * d * size,
-        )
-        out.append((case, dtype, "GB/s"))
-    swiglu = suites.OpCase(
-        "swiglu_linear",
-        f"{T}x{d} @ {d}x2x{I}",
-        lambda: [rand(T, d), rand(2 * I, d, scale=d**-0.5)],
-        lambda x, w, backend: ops.swiglu_linear(x, w, backend=backend),
-        fwd_flops=2.0 * T * d * 2 * I,
-        full_flops=6.0 * T * d * 2 * I,
-    )
-    out.append((swiglu, torch.bfloat16, "TFLOP/s"))
+        cases = {c.name: c for c in suites.op_cases(bench, device, dtype)}
+        out.append((cases["magicnorm_transition"], dtype, "GB/s"))
+    out.append((cases["swiglu_linear"], torch.bfloat16, "TFLOP/s"))
     return out
 
 
