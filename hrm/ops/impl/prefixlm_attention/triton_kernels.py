@@ -64,9 +64,16 @@ _SM80_CONFIGS = {
     (64, "fp32"): _cfg((32, 32, 8, 2), (64, 32, 8, 2), (32, 32, 8, 2)),
     (128, "fp32"): _cfg((32, 32, 8, 1), (16, 32, 8, 2), (32, 32, 8, 2)),
 }
+# sm_90a's 16-bit backward follows flex_attention's H100 defaults (torch 2.13's inductor
+# template heuristics: 64 query rows per dk/dv step over 128 keys per program, 128 query rows
+# per dq program over 64-key steps, 3 stages, 8 warps), the nearest measured prior: on the
+# first H200 run our backward took 8.2 ms on 64 x 64 tiles with 2 stages, flex_attention's
+# 4.0 on its own (docs/gpu-runs.md). At head dim 128 dk/dv takes 32 query rows per step and
+# 2 stages: 64 rows spill there (148 B), and 3 stages spill 8 B under Triton 3.6. The forward
+# takes flex's third stage at head dim 128. Untimed, as the others.
 _SM90_CONFIGS = {
-    (64, "16bit"): _cfg((128, 64, 4, 3), (64, 64, 4, 2), (64, 64, 4, 2)),
-    (128, "16bit"): _cfg((128, 64, 8, 2), (64, 64, 8, 2), (64, 64, 8, 2)),
+    (64, "16bit"): _cfg((128, 64, 4, 3), (128, 64, 8, 3), (64, 128, 8, 3)),
+    (128, "16bit"): _cfg((128, 64, 8, 3), (128, 64, 8, 3), (32, 128, 8, 2)),
     (64, "fp32"): _cfg((32, 16, 4, 2), (64, 32, 8, 2), (32, 16, 4, 2)),
     (128, "fp32"): _cfg((16, 16, 4, 1), (32, 32, 8, 3), (16, 16, 4, 1)),
 }
