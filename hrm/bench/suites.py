@@ -283,10 +283,8 @@ def decode_attention_case(
         f"{B}x{H}x{hd} over {S} cached",
         inputs,
         call,
-        fwd_bytes=(2 * visible + 7 * B)
-        * H
-        * hd
-        * dtype.itemsize,  # the visible keys and values; q, k, v, gate, out, writes
+        # the visible keys and values; q, k, v, gate, out, writes
+        fwd_bytes=(2 * visible + 7 * B) * H * hd * dtype.itemsize,
         tolerance=ATTENTION_TOLERANCE,
         inference_only=True,
     )

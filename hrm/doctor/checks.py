@@ -717,7 +717,6 @@ def cuda_kernels_section(device: torch.device, quick: bool, backends: list[str] 
     rows = [{"check": "libhrm_cuda kernels", "value": cuda_extension.kernels(), "status": INFO, "note": ""}]
     bench = QUICK_OPS if quick else CUDA_KERNELS
     for case, dtype, unit in cuda_kernel_cases(bench, device):
-        inputs = case.inputs()
         times: dict[str, float] = {}
         for backend in ("cuda", "triton"):
             if dispatch.unavailable_reason(backend) is not None or (backends is not None and backend not in backends):
@@ -725,18 +724,9 @@ def cuda_kernels_section(device: torch.device, quick: bool, backends: list[str] 
             check = f"{case.name} {case.shape} {str(dtype)[6:]} on {backend}"
             row = {"check": check, "value": None, "status": INFO, "note": ""}
             try:
-                xs = [x.detach().to(dtype).requires_grad_() for x in inputs]
-
-                def forward(xs=xs, backend=backend, call=case.call) -> None:
-                    with torch.no_grad():
-                        call(*xs, backend=backend)
-
-                def full(xs=xs, backend=backend, call=case.call) -> None:
-                    outs = suites._float_outputs(call(*xs, backend=backend))
-                    torch.autograd.grad(outs, xs, [torch.ones_like(o) for o in outs])
-
-                t_fwd = measure(forward, device=device, warmup=3, reps=20)
-                t_full = measure(full, device=device, warmup=3, reps=20)
+                run = suites.op_run(case, backend, dtype)
+                t_fwd = measure(run.forward, device=device, warmup=3, reps=20)
+                t_full = measure(run.full, device=device, warmup=3, reps=20)
                 times[backend] = t_full
                 if unit == "GB/s":
                     rates = (case.fwd_bytes / t_fwd / 1e9, (case.fwd_bytes + case.bwd_bytes) / t_full / 1e9)
@@ -746,11 +736,8 @@ def cuda_kernels_section(device: torch.device, quick: bool, backends: list[str] 
                     f"fwd {t_fwd * 1e3:.3f} ms ({rates[0]:.3g} {unit}), "
                     f"fwd+bwd {t_full * 1e3:.3f} ms ({rates[1]:.3g} {unit})"
                 )
-                error = suites.op_parity(case, inputs, backend, dtype)
-                if dtype == torch.float32:
-                    tolerance = case.tolerance
-                else:
-                    tolerance = REF_FACTOR * suites.op_parity(case, inputs, "torch", dtype) + FLOOR[dtype]
+                error = suites.op_parity(case, run.inputs, backend, dtype)
+                tolerance = suites.op_tolerance(case, run.inputs, dtype)
                 row["note"] = f"parity {error:.2g} (tolerance {tolerance:.2g})"
                 if backend == "cuda":
                     row["status"] = PASS if error <= tolerance else FAIL
