@@ -69,7 +69,7 @@ _SM80_CONFIGS = {
 # per dq program over 64-key steps, 3 stages, 8 warps), the nearest measured prior: on the
 # first H200 run our backward took 8.2 ms on 64 x 64 tiles with 2 stages, flex_attention's
 # 4.0 on its own (docs/gpu-runs.md). At head dim 128 dk/dv takes 32 query rows per step and
-# 2 stages: 64 rows spill there (148 B), and 3 stages spill 8 B under Triton 3.6. The forward
+# 2 stages: 64 rows spill there, and 3 stages spill under Triton 3.6 (docs/tuning.md). The forward
 # takes flex's third stage at head dim 128. Untimed, as the others.
 _SM90_CONFIGS = {
     (64, "16bit"): _cfg((128, 64, 4, 3), (128, 64, 8, 3), (64, 128, 8, 3)),
