@@ -501,7 +501,7 @@ def run_ops(
     progress bar on stderr (one tick per op, backend and dtype)."""
     from tqdm import tqdm
 
-    work = []  # (case, backend, dtype, tolerance), case by case
+    work = []  # (case, backend, dtype), case by case
     for dtype in dtypes:
         for case in op_cases(bench, device, dtype):
             chosen = [b for b in bench_backends(case.name) if backends is None or b in backends]

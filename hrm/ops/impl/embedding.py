@@ -38,7 +38,7 @@ class _EmbeddingIndexAdd(torch.autograd.Function):
         ctx.scale, ctx.num_rows, ctx.dtype = scale, weight.shape[0], weight.dtype
         if weight.device.type == "cpu" and weight.dtype in CPU_KERNEL_DTYPES:
             return _embedding_forward_cpu(ids, weight, scale)
-        return weight.index_select(0, ids.reshape(-1)).view(*ids.shape, weight.shape[1]) * scale
+        return embedding_reference(ids, weight, scale)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[None, Tensor, None]:
@@ -59,7 +59,7 @@ def _embedding_forward_cpu(ids: Tensor, weight: Tensor, scale: float) -> Tensor:
     if unavailable_reason("cpu") is None:
         cpp_extension.load()
         return torch.ops.hrm_ew.embedding_fwd(ids, weight, scale)
-    return F.embedding(ids, weight) * scale
+    return embedding_reference(ids, weight, scale)
 
 
 @_embedding_forward_cpu.register_fake
